@@ -1,0 +1,225 @@
+"""Atomic, verifiable training checkpoints.
+
+Layout: `output_dir/checkpoints/step_00000120/` holding
+  model.safetensors        trainable parameters and buffers (the frozen backbone is rebuilt
+                           from the recipe, so it is not duplicated in every checkpoint)
+  optimizer.pt             optimizer state incl. the SAM-family wrapper and the base optimizer
+  scheduler.pt             LR scheduler state
+  rng_rank{r}.pt           RNG states of process r (torch, numpy, python, cuda)
+  trainer.json             epoch / step / best metric / counters
+  MANIFEST.json            sha256 of every file above; written last = completeness marker
+
+A checkpoint is first written to `step_N.tmp/` and renamed when complete, so a kill at any
+moment leaves either the previous good checkpoint or a stray `.tmp` directory (ignored and
+removed). `.pt` files hold only tensors and plain containers and are read with
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger("ft_focal")
+
+MANIFEST = "MANIFEST.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plain_rng(state: dict[str, Any]) -> dict[str, Any]:
+    """numpy / python RNG states as tensors and lists so weights_only loading accepts them."""
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    py_version, py_state, py_gauss = state["python"]
+    plain = {
+        "torch": state["torch"],
+        "numpy": [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": [py_version, list(py_state), py_gauss],
+    }
+    if "cuda" in state:
+        plain["cuda"] = state["cuda"]
+    return plain
+
+
+def _from_plain_rng(plain: dict[str, Any]) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    py_version, py_state, py_gauss = plain["python"]
+    state = {
+        "torch": plain["torch"],
+        "numpy": (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached),
+        "python": (py_version, tuple(py_state), py_gauss),
+    }
+    if "cuda" in plain:
+        state["cuda"] = plain["cuda"]
+    return state
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters and all buffers, detached, contiguous, on the CPU."""
+    state = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            state[name] = param.detach().cpu().contiguous().clone()
+    for name, buf in model.named_buffers():
+        state[name] = buf.detach().cpu().contiguous().clone()
+    return state
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    missing = [name for name in state if name not in own]
+    if missing:
+        raise KeyError(f"checkpoint has tensors the model does not: {missing[:3]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            own[name].copy_(value.to(own[name].device, own[name].dtype))
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete-looking checkpoint directories, oldest first (by step number)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def verify(path: Path) -> Optional[str]:
+    """None when `path` is a complete, uncorrupted checkpoint, else what is wrong."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return "incomplete (no MANIFEST.json)"
+    try:
+        expected = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "MANIFEST.json is unreadable"
+    for name, digest in expected.items():
+        file = path / name
+        if not file.is_file():
+            return f"missing {name}"
+        if _sha256(file) != digest:
+            return f"checksum mismatch in {name}"
+    return None
+
+
+def latest_good(root: Path) -> Optional[Path]:
+    """The newest checkpoint that verifies; older ones are tried when newer ones are corrupt."""
+    for path in reversed(checkpoint_dirs(root)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        logger.warning("checkpoint %s is unusable (%s); trying the previous one", path, problem)
+    return None
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier=lambda: None,
+    keep: int = 2,
+) -> Path:
+    """Write a checkpoint atomically; every process writes its RNG state, rank 0 the rest.
+
+    `barrier` synchronises processes (accelerator.wait_for_everyone) so that rank 0 renames the
+    directory only after every process has written into it.
+    """
+    final = root / f"step_{step:08d}"
+    tmp = root / f"step_{step:08d}.tmp"
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save(_plain_rng(rng_state()), tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        save_file(trainable_state(model), str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "world_size": world_size}, indent=1))
+    barrier()
+    if rank == 0:
+        files = sorted(p.name for p in tmp.iterdir())
+        manifest = {name: _sha256(tmp / name) for name in files}
+        with open(tmp / MANIFEST, "w") as handle:
+            json.dump(manifest, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        prune(root, keep)
+    barrier()
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest `keep` GOOD checkpoints; never delete the only good one; drop stray .tmp."""
+    for stray in root.glob("step_*.tmp"):
+        shutil.rmtree(stray, ignore_errors=True)
+    dirs = checkpoint_dirs(root)
+    good = [p for p in dirs if verify(p) is None]
+    keep_set = set(good[-max(keep, 1):])  # the newest good one is always kept
+    for path in dirs:
+        if path not in keep_set:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank: int = 0,
+) -> dict:
+    """Restore everything saved by `save_checkpoint`; returns the trainer state."""
+    load_trainable_state(model, load_file(str(path / "model.safetensors")))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    trainer = json.loads((path / "trainer.json").read_text())
+    rng_file = path / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(_from_plain_rng(torch.load(rng_file, weights_only=True)))
+    else:
+        logger.warning("%s has no RNG state for process %d (different world size?)", path, rank)
+    return trainer

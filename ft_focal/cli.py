@@ -1,0 +1,91 @@
+"""`ft-focal train|eval|corrupt|check-data|export|push|report|sharpness` — thin dispatch.
+
+Each subcommand calls one library function. User mistakes (`UserError`, a missing file, a bad
+key) end with ONE line on stderr and exit code 2; no traceback. Set FT_FOCAL_DEBUG=1 to see
+the traceback of an error anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable, Optional
+
+from ft_focal.errors import UserError
+
+USAGE = """usage: ft-focal COMMAND ...
+
+commands:
+  train RECIPE.yaml [key=value ...] [--dry-run]   fine-tune (same as accelerate launch -m ft_focal.train)
+  eval MODEL_DIR [key=value ...] [--out FILE]      long-tail accuracy (+ --imagenet-c ROOT for CE / mCE)
+  corrupt RECIPE_OR_SPLIT --out DIR                render an ImageNet-C style set of a test split
+  check-data RECIPE.yaml [key=value ...]           verify every image of every split
+  export RUN_DIR EXPORT_DIR [--merge-lora]         Hub-ready folder (safetensors + model card)
+  push RUN_OR_EXPORT_DIR REPO_ID [--private]       upload to the Hugging Face Hub
+  report RUN_DIR [RUN_DIR ...]                     Markdown report / comparison of runs
+  sharpness MODEL_DIR [--groups many,medium,few]   Hessian eigenvalues / trace by shot group
+"""
+
+
+def setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_guarded(fn: Callable[[], int]) -> int:
+    """Run `fn`, turning user errors into one line on stderr and exit code 2."""
+    setup_logging()
+    try:
+        return int(fn() or 0)
+    except UserError as exc:
+        if os.environ.get("FT_FOCAL_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _lazy(module: str) -> Callable[[list[str]], int]:
+    def call(argv: list[str]) -> int:
+        import importlib
+
+        return importlib.import_module(module).main(argv)
+
+    return call
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": _lazy("ft_focal.train"),
+    "eval": _lazy("ft_focal.evaluate"),
+    "corrupt": _lazy("ft_focal.commands.corrupt"),
+    "check-data": _lazy("ft_focal.commands.check_data"),
+    "export": _lazy("ft_focal.hub"),
+    "push": _lazy("ft_focal.commands.push"),
+    "report": _lazy("ft_focal.report"),
+    "sharpness": _lazy("ft_focal.commands.sharpness"),
+}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        print(f"error: unknown command '{command}'{hint}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return COMMANDS[command](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

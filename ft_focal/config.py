@@ -1,0 +1,413 @@
+"""Typed recipes: YAML files plus `key=value` overrides, validated before anything heavy starts.
+
+A recipe is flat and explicit (no inheritance): sections `model`, `tuning`, `data`, `loss`,
+`optim`, `train`, `eval`, `hub`, and top-level `name`, `output_dir`, `seed`. Every key has a
+type; an unknown key or a value of the wrong type is a `UserError` naming the key (with the
+closest valid key suggested), so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from ft_focal.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and head.
+
+    family: "open_clip" | "hf_clip" (transformers CLIPVisionModel) | "hf_vit" (transformers ViT).
+    name: open_clip model name (e.g. "ViT-B-16") or, with `config`, a free label.
+    pretrained: weights on disk: a file (open_clip), "local-dir:/path" (open_clip), a directory
+        for `from_pretrained` (transformers); null = random init (tests, demo).
+    config: architecture overrides for a tiny custom model (open_clip `vision_cfg`/`text_cfg`
+        dict, or transformers config kwargs); null = the named architecture.
+    head: "cosine" (logits = head_scale * cos) | "linear".
+    head_init: "text" (CLIP text embeddings of "a photo of a {}.") | "random".
+    """
+
+    family: str = "open_clip"
+    name: str = "ViT-B-16"
+    pretrained: Optional[str] = None
+    config: Optional[dict] = None
+    head: str = "cosine"
+    head_init: str = "text"
+    head_scale: float = 25.0
+    prompt_template: str = "a photo of a {}."
+
+
+@dataclass
+class TuningConfig:
+    """What is trained: "full" | "lora" | "adaptformer" | "head" (linear probe).
+
+    lora_targets null = the family's default (open_clip: attn c_fc c_proj; hf_clip: q_proj k_proj
+    v_proj out_proj fc1 fc2; hf_vit: q_proj k_proj v_proj o_proj fc1 fc2).
+    adapter_bottleneck null = 2^max(0, floor(log2(C / 24))) (ALGORITHMS.md).
+    """
+
+    method: str = "adaptformer"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: Optional[list] = None
+    adapter_bottleneck: Optional[int] = None
+    adapter_scale_init: float = 1.0
+    train_head: bool = True
+
+
+@dataclass
+class DataConfig:
+    """Where images and labels come from.
+
+    dataset: "digits_lt" (embedded demo) | "split_file" (ImageNet-LT / iNat / Places-LT lists)
+        | "image_folder" | "hf" (Hugging Face datasets, local) | "cifar_lt" | "synthetic".
+    Split lists have lines `relative/path label`; classnames lines `<id> <name>`.
+    label_order: "given" | "alphabetical" (iNaturalist: remap labels to sorted class names).
+    imbalance_factor / imbalance_profile ("exp" | "step"): long-tailed subsampling of a balanced
+        training set (CIFAR-LT convention); null = use the data as given.
+    """
+
+    dataset: str = "digits_lt"
+    root: Optional[str] = None
+    train_list: Optional[str] = None
+    val_list: Optional[str] = None
+    test_list: Optional[str] = None
+    classnames: Optional[str] = None
+    num_classes: Optional[int] = None
+    label_order: str = "given"
+    hf_path: Optional[str] = None
+    hf_train_split: str = "train"
+    hf_val_split: Optional[str] = None
+    hf_test_split: str = "test"
+    image_key: str = "image"
+    label_key: str = "label"
+    imbalance_factor: Optional[float] = None
+    imbalance_profile: str = "exp"
+    val_fraction: float = 0.1
+    image_size: int = 224
+    test_resize: int = 224
+    train_crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
+    hflip: bool = True
+    num_workers: int = 2
+    skip_bad_images: bool = False
+    synthetic_num_classes: int = 10
+    synthetic_train_size: int = 64
+    synthetic_eval_size: int = 32
+
+
+@dataclass
+class LossConfig:
+    """Per-sample training loss (see ft_focal.losses); `la` is Focal-SAM's choice (tau 1)."""
+
+    name: str = "la"
+    tau: float = 1.0
+    beta: float = 0.9999
+    max_m: float = 0.5
+    s: float = 30.0
+    drw_epoch: Optional[int] = None
+    vs_gamma: float = 0.05
+    vs_tau: float = 0.75
+    focal_gamma: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer of the SAM family wrapping a base optimizer (see ft_focal.optim).
+
+    name: "erm" | "sam" | "asam" | "imbsam" | "ccsam" | "focal_sam" | "sse_sam".
+    Method keys that the chosen optimizer does not take are ignored only if left at null.
+    """
+
+    name: str = "focal_sam"
+    base: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    rho: Optional[float] = None
+    gamma: Optional[float] = None
+    lam: Optional[float] = None
+    tail_threshold: Optional[int] = None
+    tail_weight: Optional[float] = None
+    rho_head: Optional[float] = None
+    rho_tail: Optional[float] = None
+    switch_fraction: Optional[float] = None
+    scope: Optional[str] = None
+    flat_ratio: Optional[float] = None
+    sync_perturbation: bool = True
+    single_backward: Optional[bool] = None
+
+
+@dataclass
+class TrainConfig:
+    """The loop. batch_size is the GLOBAL batch (split over processes and accumulation steps)."""
+
+    epochs: int = 10
+    max_steps: Optional[int] = None
+    batch_size: int = 128
+    grad_accum_steps: int = 1
+    eval_batch_size: int = 256
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
+    mixed_precision: str = "no"
+    grad_clip: Optional[float] = None
+    save_every_steps: int = 500
+    keep_checkpoints: int = 2
+    log_every_steps: int = 10
+    eval_every_epochs: int = 1
+    max_bad_steps: int = 20
+    deterministic: bool = False
+    compile: bool = False
+    threads: Optional[int] = None
+
+
+@dataclass
+class EvalConfig:
+    """Model selection on `select_split`, final report on `test_split`."""
+
+    select_split: str = "val"
+    select_metric: str = "overall"
+    test_split: str = "test"
+    five_crop: bool = False
+    ece_bins: int = 15
+    many_threshold: int = 100
+    few_threshold: int = 20
+
+
+@dataclass
+class HubConfig:
+    push: bool = False
+    repo_id: Optional[str] = None
+    private: bool = False
+    revision: Optional[str] = None
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+
+
+SECTIONS: dict[str, type] = {
+    name: hint for name, hint in typing.get_type_hints(Recipe).items() if dataclasses.is_dataclass(hint)
+}
+
+CHOICES = {
+    "model.family": ("open_clip", "hf_clip", "hf_vit"),
+    "model.head": ("cosine", "linear"),
+    "model.head_init": ("text", "random"),
+    "tuning.method": ("full", "lora", "adaptformer", "head"),
+    "data.dataset": ("digits_lt", "split_file", "image_folder", "hf", "cifar_lt", "synthetic"),
+    "data.label_order": ("given", "alphabetical"),
+    "data.imbalance_profile": ("exp", "step"),
+    "loss.name": ("ce", "cb_ce", "la", "balanced_softmax", "ldam", "ldam_drw", "vs", "focal"),
+    "optim.name": ("erm", "sam", "asam", "imbsam", "ccsam", "focal_sam", "sse_sam"),
+    "optim.base": ("sgd", "adamw", "adam"),
+    "optim.scope": (None, "network", "classifier"),
+    "train.scheduler": ("cosine", "constant", "linear"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "eval.select_split": ("val", "test", "none"),
+    "eval.select_metric": ("overall", "many", "medium", "few"),
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else f" (valid: {', '.join(sorted(options))})"
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against the field type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if value is None:
+        raise UserError(f"recipe key '{key}': null is not allowed here (expected {_type_name(annotation)})")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif annotation is list or origin is list:
+        if isinstance(value, list):
+            return value
+    elif annotation is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    else:  # pragma: no cover - every field uses one of the types above
+        return value
+    raise UserError(
+        f"recipe key '{key}': expected {_type_name(annotation)}, got {type(value).__name__} {value!r}"
+    )
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _build_section(cls: type, section: str, values: dict) -> Any:
+    if not isinstance(values, dict):
+        raise UserError(f"recipe section '{section}' must be a mapping, got {type(values).__name__}")
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{section}.{key}"
+        if key not in types_:
+            raise UserError(f"unknown recipe key '{full}'" + _closest(key, list(types_)))
+        value = _coerce(full, value, types_[key])
+        if full in CHOICES and value not in CHOICES[full]:
+            valid = ", ".join(str(c) for c in CHOICES[full])
+            raise UserError(f"recipe key '{full}': {value!r} is not one of {valid}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
+    """Validate a plain mapping (from YAML) into a `Recipe`; raises UserError on any bad key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    top_types = _field_types(Recipe)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in top_types:
+            raise UserError(f"{source}: unknown recipe key '{key}'" + _closest(str(key), list(top_types)))
+        if key in SECTIONS:
+            kwargs[key] = _build_section(SECTIONS[key], key, value or {})
+        else:
+            kwargs[key] = _coerce(key, value, top_types[key])
+    recipe = Recipe(**kwargs)
+    validate(recipe)
+    return recipe
+
+
+def validate(recipe: Recipe) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    t = recipe.train
+    if t.batch_size < 1 or t.grad_accum_steps < 1 or t.eval_batch_size < 1:
+        raise UserError("recipe keys 'train.batch_size', 'train.grad_accum_steps', 'train.eval_batch_size' must be >= 1")
+    if t.epochs < 1 and not t.max_steps:
+        raise UserError("recipe key 'train.epochs' must be >= 1 (or set 'train.max_steps')")
+    if t.batch_size % t.grad_accum_steps:
+        raise UserError(
+            f"recipe key 'train.batch_size' ({t.batch_size}) must be divisible by 'train.grad_accum_steps' ({t.grad_accum_steps})"
+        )
+    if recipe.optim.lr <= 0:
+        raise UserError(f"recipe key 'optim.lr' must be > 0, got {recipe.optim.lr}")
+    if recipe.hub.push and not recipe.hub.repo_id:
+        raise UserError("recipe key 'hub.repo_id' is required when 'hub.push' is true")
+    if recipe.data.dataset == "split_file":
+        missing = [k for k in ("root", "train_list", "test_list") if getattr(recipe.data, k) is None]
+        if missing:
+            raise UserError("data.dataset=split_file needs " + ", ".join(f"'data.{k}'" for k in missing))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", parsed value); the value is parsed as YAML (`1e-3`, `[1, 2]`, `null`)."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' must look like key=value (e.g. optim.lr=0.01)")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads 5e-4 as a string (no dot); accept it as a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return key, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (raw or {}).items()}
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        if len(parts) == 1:
+            raw[parts[0]] = value
+        elif len(parts) == 2:
+            section = raw.setdefault(parts[0], {})
+            if not isinstance(section, dict):
+                raise UserError(f"override '{key}': '{parts[0]}' is not a section")
+            section[parts[1]] = value
+        else:
+            raise UserError(f"override '{key}': keys have the form section.key")
+    return raw
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file") from None
+    return raw or {}
+
+
+def load_recipe(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> Recipe:
+    """Read a recipe YAML, apply `key=value` overrides, validate. Raises UserError."""
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    recipe = recipe_from_dict(raw, source=str(path))
+    if "name" not in raw:
+        recipe.name = Path(path).stem
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
+    """Write the resolved recipe (every key, defaults included) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    os.replace(tmp, path)

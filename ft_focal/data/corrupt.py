@@ -1,0 +1,508 @@
+"""Render an ImageNet-C-style corrupted copy of any image set (resumable, parallel, deterministic).
+
+Pipeline per source image, as in Hendrycks & Dietterich's `make_imagenet_c.py`:
+decode -> RGB -> Resize(256) (shorter side, PIL bilinear) -> CenterCrop(224) -> corruption
+(`imagecorruptions.corrupt`) -> JPEG quality 85 (`optimize=True`), written to
+
+    out_dir/<corruption>/<severity>/<relative_out_path>.JPEG
+
+which is the layout `ft_focal.data.imagenet_c.scan_imagenet_c` reads. Small images (e.g. the
+8x8 digits of the demo) are upscaled by the same Resize(256).
+
+Properties:
+- Parallel: a `multiprocessing` pool of `workers` processes; one task = one source image, loaded
+  and resized ONCE, then every requested (corruption, severity) still missing for it.
+- Resumable: outputs that exist are skipped (images whose outputs all exist are never even
+  loaded). Each file is written to `<name>.tmp` in its final folder and `os.replace`d, so a
+  killed run never leaves a truncated `.JPEG`; leftover `*.tmp` files in the folders a run
+  touches are deleted at the start of the next run. Do not run two renders into the same
+  folders at the same time.
+- Deterministic: `imagecorruptions` draws from numpy's global RNG (and takes explicit seeds for
+  glass_blur / impulse_noise); the RNG is seeded before every call from a hash of
+  (relative_out_path, corruption, severity), so a rerun or a different worker count writes
+  byte-identical files.
+- Settings are recorded in `out_dir/render_info.json`; resuming with different settings
+  (quality, resize, crop, corruption package) is refused instead of mixing outputs.
+
+Note: `imagecorruptions` re-implements the ImageNet-C corruptions for arbitrary image sizes;
+the rendered images are ImageNet-C-like, not the released ImageNet-C files (numbers from a
+rendered set are comparable across models on that set, not to published ImageNet-C tables).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from ft_focal.data.imagenet_c import IMAGE_EXTENSIONS, load_rgb
+from ft_focal.errors import UserError
+
+__all__ = [
+    "available_corruptions",
+    "render_corruptions",
+    "prepare_image",
+    "corruption_seed",
+    "sources_from_folder",
+    "sources_from_split_list",
+    "sources_from_arrays",
+    "check_corruptions",
+]
+
+ImageSource = Union[str, os.PathLike, np.ndarray]
+INFO_FILE = "render_info.json"
+
+
+def available_corruptions() -> list[str]:
+    """The corruption names the installed `imagecorruptions` provides (19 for ImageNet-C)."""
+    try:
+        from imagecorruptions import get_corruption_names
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise UserError(
+            "the 'imagecorruptions' module is missing; install the package 'imagecorruptions-imaug'"
+        ) from None
+    return list(get_corruption_names("all"))
+
+
+def check_corruptions(corruptions: Sequence[str], severities: Sequence[int]) -> None:
+    """UserError if a corruption name is unknown to imagecorruptions or a severity is not 1..5."""
+    if isinstance(corruptions, str) or not corruptions:
+        raise UserError(f"corruptions must be a non-empty list of names, got {corruptions!r}")
+    valid = available_corruptions()
+    bad = [c for c in corruptions if c not in valid]
+    if bad:
+        raise UserError(f"unknown corruption(s) {', '.join(map(str, bad))}; valid: {', '.join(valid)}")
+    if len(set(corruptions)) != len(corruptions):
+        raise UserError(f"corruption requested twice in {list(corruptions)}")
+    if not severities:
+        raise UserError("no severities requested")
+    for s in severities:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 1 <= int(s) <= 5:
+            raise UserError(f"severity {s!r} is not an integer in 1..5")
+    if len(set(int(s) for s in severities)) != len(severities):
+        raise UserError(f"severity requested twice in {list(severities)}")
+
+
+def corruption_seed(relative_out_path: str, corruption: str, severity: int) -> int:
+    """A 32-bit seed from (image, corruption, severity), stable across runs and platforms."""
+    key = f"{relative_out_path}|{corruption}|{int(severity)}".encode("utf-8")
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
+
+
+# ----------------------------------------------------------------------------- one image
+
+def prepare_image(source: ImageSource, resize: Optional[int] = 256, crop: Optional[int] = 224) -> np.ndarray:
+    """Load `source` (path or uint8 array HxW / HxWx1 / HxWx3) -> RGB uint8 array after
+    Resize(`resize`) (shorter side, PIL bilinear, torchvision's arithmetic) and
+    CenterCrop(`crop`). `None` skips a step."""
+    from PIL import Image
+
+    if isinstance(source, np.ndarray):
+        arr = source
+        if arr.dtype != np.uint8:
+            raise UserError(f"image array has dtype {arr.dtype}; expected uint8 (0..255)")
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        if arr.ndim == 2:
+            img = Image.fromarray(np.ascontiguousarray(arr), mode="L").convert("RGB")
+        elif arr.ndim == 3 and arr.shape[2] == 3:
+            img = Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
+        else:
+            raise UserError(f"image array has shape {arr.shape}; expected HxW or HxWx3")
+    else:
+        img = load_rgb(os.fspath(source))
+    if resize is not None:
+        w, h = img.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = int(resize), int(int(resize) * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), Image.BILINEAR)
+    if crop is not None:
+        w, h = img.size
+        if w < crop or h < crop:
+            raise UserError(f"image of size {w}x{h} is smaller than the crop {crop}; set a resize >= crop")
+        top = int(round((h - crop) / 2.0))
+        left = int(round((w - crop) / 2.0))
+        img = img.crop((left, top, left + crop, top + crop))
+    out = np.asarray(img, dtype=np.uint8)
+    if out.shape[0] < 32 or out.shape[1] < 32:
+        raise UserError(f"image is {out.shape[1]}x{out.shape[0]} after preprocessing; imagecorruptions needs >= 32x32")
+    return out
+
+
+_SEED_KW: dict[str, bool] = {}
+
+
+def _takes_seed(name: str) -> bool:
+    if name not in _SEED_KW:
+        from imagecorruptions import corruption_dict
+
+        _SEED_KW[name] = "seed" in inspect.signature(corruption_dict[name]).parameters
+    return _SEED_KW[name]
+
+
+def corrupt_image(image: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
+    """`imagecorruptions.corrupt` with every random source seeded from `seed`."""
+    from imagecorruptions import corrupt
+
+    np.random.seed(seed)
+    kwargs = {"seed": seed} if _takes_seed(corruption) else {}
+    out = corrupt(image, corruption_name=corruption, severity=int(severity), **kwargs)
+    out = np.asarray(out)
+    if out.dtype != np.uint8:
+        out = np.clip(out, 0, 255).astype(np.uint8)
+    return out
+
+
+def _save_jpeg(arr: np.ndarray, path: str, quality: int) -> None:
+    from PIL import Image
+
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as fh:
+        Image.fromarray(arr).save(fh, format="JPEG", quality=quality, optimize=True)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- workers
+
+_CFG: dict[str, Any] = {}
+
+
+def _init_worker(cfg: dict[str, Any], limit_threads: bool) -> None:
+    _CFG.clear()
+    _CFG.update(cfg)
+    if limit_threads:
+        try:
+            import cv2
+
+            cv2.setNumThreads(1)
+        except Exception:  # pragma: no cover - cv2 comes with imagecorruptions
+            pass
+
+
+def _render_task(task: tuple[str, ImageSource, list[tuple[str, int]]]) -> tuple[str, int, list[str], int]:
+    """Render the missing outputs of one source image. Returns (rel, n_written, failures, n_jobs)."""
+    rel, source, jobs = task
+    out_dir, quality = _CFG["out_dir"], _CFG["quality"]
+    try:
+        image = prepare_image(source, _CFG["resize"], _CFG["crop"])
+    except UserError as exc:
+        return rel, 0, [f"{_describe(rel, source)}: {exc}"], len(jobs)
+    except Exception as exc:  # decoding problems, odd arrays: report, keep going
+        return rel, 0, [f"{_describe(rel, source)}: {type(exc).__name__}: {' '.join(str(exc).split())}"], len(jobs)
+    written = 0
+    failures: list[str] = []
+    for corruption, severity in jobs:
+        path = os.path.join(out_dir, corruption, str(severity), rel + ".JPEG")
+        try:
+            arr = corrupt_image(image, corruption, severity, corruption_seed(rel, corruption, severity))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _save_jpeg(arr, path, quality)
+            written += 1
+        except Exception as exc:
+            failures.append(f"{rel} {corruption}/{severity}: {type(exc).__name__}: {' '.join(str(exc).split())}")
+    return rel, written, failures, len(jobs)
+
+
+def _describe(rel: str, source: ImageSource) -> str:
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"array for {rel}"
+
+
+# ----------------------------------------------------------------------------- driver
+
+def _normalise_rel(rel: Any, index: int) -> str:
+    if not isinstance(rel, (str, os.PathLike)):
+        raise UserError(f"source {index}: relative output path must be a string, got {type(rel).__name__}")
+    text = os.fspath(rel).replace("\\", "/")
+    p = PurePosixPath(text)
+    if not text or p.is_absolute() or any(part in ("..", "") for part in text.split("/")):
+        raise UserError(f"source {index}: relative output path {text!r} must be relative, without '..' or empty parts")
+    if p.suffix.lower() in IMAGE_EXTENSIONS:
+        p = p.with_suffix("")
+    return str(p)
+
+
+def _settings(corruption_package: str, quality: int, resize: Optional[int], crop: Optional[int]) -> dict[str, Any]:
+    return {
+        "corruption_package": corruption_package,
+        "jpeg_quality": quality,
+        "jpeg_optimize": True,
+        "resize": resize,
+        "resize_interpolation": "bilinear",
+        "crop": crop,
+        "seed": "sha256(relative_out_path|corruption|severity)[:4], numpy global RNG seeded per call",
+    }
+
+
+def _package_version() -> str:
+    from importlib import metadata
+
+    for dist in ("imagecorruptions-imaug", "imagecorruptions"):
+        try:
+            return f"{dist}=={metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return "imagecorruptions (unknown version)"
+
+
+def _check_info(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    info_path = out_dir / INFO_FILE
+    if not info_path.is_file():
+        return {}
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{info_path}: unreadable; delete it to resume this render") from None
+    old = info.get("settings", {})
+    diff = [k for k in ("corruption_package", "jpeg_quality", "resize", "crop") if old.get(k) != settings[k]]
+    if diff:
+        k = diff[0]
+        raise UserError(
+            f"{out_dir}: was rendered with {k}={old.get(k)!r}, this run has {k}={settings[k]!r}; "
+            "use the same settings to resume, or a new out_dir"
+        )
+    return info
+
+
+def render_corruptions(
+    sources: Sequence[tuple[str, ImageSource]],
+    out_dir: str | os.PathLike,
+    corruptions: Sequence[str],
+    severities: Sequence[int] = (1, 2, 3, 4, 5),
+    workers: int = 2,
+    quality: int = 85,
+    progress: bool = True,
+    resize: Optional[int] = 256,
+    crop: Optional[int] = 224,
+    strict: bool = True,
+    mp_context: Optional[str] = None,
+) -> dict[str, Any]:
+    """Write out_dir/<corruption>/<severity>/<relative_out_path>.JPEG for every source.
+
+    Args:
+        sources: (relative_out_path, image) pairs; relative_out_path like "<class_dir>/<stem>"
+            (a trailing image extension is dropped, ".JPEG" is always added); image is a file
+            path or a uint8 numpy array HxW / HxWx3.
+        corruptions: imagecorruptions names (see `available_corruptions()`).
+        severities: subset of 1..5.
+        workers: processes; <= 1 renders in the calling process.
+        quality: JPEG quality (85 = ImageNet-C).
+        resize, crop: Resize(shorter side) and CenterCrop sizes (256 / 224 = ImageNet-C).
+        strict: raise a UserError after the run if any image failed (all others are written
+            first, so a rerun only redoes the failures); False returns them in the summary.
+        mp_context: multiprocessing start method; default "fork" where available.
+
+    Returns a summary dict: images, outputs_total, written, skipped, failed (list of messages),
+    tmp_removed, seconds, outputs_per_second, settings.
+    """
+    check_corruptions(corruptions, severities)
+    severities = [int(s) for s in severities]
+    if not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise UserError(f"JPEG quality must be an integer in 1..100, got {quality!r}")
+    out_dir = Path(out_dir)
+
+    # -- validate sources (all of them, before any work)
+    tasks_in: list[tuple[str, ImageSource]] = []
+    seen: dict[str, int] = {}
+    missing_files: list[str] = []
+    for i, item in enumerate(sources):
+        try:
+            rel, src = item
+        except (TypeError, ValueError):
+            raise UserError(f"source {i}: expected a (relative_out_path, image) pair") from None
+        rel = _normalise_rel(rel, i)
+        if rel in seen:
+            raise UserError(f"sources {seen[rel]} and {i} both write '{rel}.JPEG'")
+        seen[rel] = i
+        if isinstance(src, np.ndarray):
+            if src.dtype != np.uint8:
+                raise UserError(f"source {i} ('{rel}'): image array has dtype {src.dtype}; expected uint8")
+        elif isinstance(src, (str, os.PathLike)):
+            if not os.path.isfile(src):
+                missing_files.append(os.fspath(src))
+        else:
+            raise UserError(f"source {i} ('{rel}'): image must be a file path or a uint8 array, got {type(src).__name__}")
+        tasks_in.append((rel, src))
+    if missing_files:
+        more = f" (and {len(missing_files) - 1} more)" if len(missing_files) > 1 else ""
+        raise UserError(f"{missing_files[0]}: source image not found{more}")
+    if not tasks_in:
+        raise UserError("no source images to corrupt")
+
+    settings = _settings(_package_version(), quality, resize, crop)
+    info = _check_info(out_dir, settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- what is already done: one directory listing per output folder; remove stale *.tmp
+    t0 = time.perf_counter()
+    listing: dict[str, set[str]] = {}
+    tmp_removed = 0
+
+    def existing(folder: str) -> set[str]:
+        nonlocal tmp_removed
+        names = listing.get(folder)
+        if names is None:
+            names = set()
+            try:
+                with os.scandir(folder) as it:
+                    for e in it:
+                        if e.name.endswith(".tmp"):
+                            try:
+                                os.remove(e.path)
+                                tmp_removed += 1
+                            except OSError:
+                                pass
+                        else:
+                            names.add(e.name)
+            except FileNotFoundError:
+                pass
+            listing[folder] = names
+        return names
+
+    tasks: list[tuple[str, ImageSource, list[tuple[str, int]]]] = []
+    skipped = 0
+    for rel, src in tasks_in:
+        parent, name = os.path.split(rel)
+        jobs = []
+        for c in corruptions:
+            for s in severities:
+                if name + ".JPEG" in existing(os.path.join(out_dir, c, str(s), parent)):
+                    skipped += 1
+                else:
+                    jobs.append((c, s))
+        if jobs:
+            tasks.append((rel, src, jobs))
+    total = sum(len(j) for _, _, j in tasks)
+
+    info_out = {
+        "settings": settings,
+        "corruptions": sorted(set(info.get("corruptions", [])) | set(corruptions)),
+        "severities": sorted(set(info.get("severities", [])) | set(severities)),
+        "layout": "<corruption>/<severity>/<relative_out_path>.JPEG",
+    }
+    tmp_info = out_dir / (INFO_FILE + ".tmp")
+    tmp_info.write_text(json.dumps(info_out, indent=2) + "\n")
+    os.replace(tmp_info, out_dir / INFO_FILE)
+
+    # -- render
+    cfg = {"out_dir": os.fspath(out_dir), "quality": quality, "resize": resize, "crop": crop}
+    written = 0
+    failures: list[str] = []
+    bar = None
+    if progress and total:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="corrupt", unit="img", dynamic_ncols=True, file=sys.stderr)
+    try:
+        if total and workers > 1 and len(tasks) > 1:
+            if "glass_blur" in corruptions:
+                _warm_glass_blur()  # compile numba once here; forked workers inherit it
+            method = mp_context or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            ctx = mp.get_context(method)
+            with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(cfg, True)) as pool:
+                for _, n, fails, njobs in pool.imap_unordered(_render_task, tasks, chunksize=1):
+                    written += n
+                    failures.extend(fails)
+                    if bar is not None:
+                        bar.update(njobs)
+        elif total:
+            _init_worker(cfg, False)
+            for task in tasks:
+                _, n, fails, njobs = _render_task(task)
+                written += n
+                failures.extend(fails)
+                if bar is not None:
+                    bar.update(njobs)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    summary = {
+        "out_dir": os.fspath(out_dir),
+        "images": len(tasks_in),
+        "outputs_total": len(tasks_in) * len(corruptions) * len(severities),
+        "written": written,
+        "skipped": skipped,
+        "failed": failures,
+        "tmp_removed": tmp_removed,
+        "seconds": seconds,
+        "outputs_per_second": written / seconds if seconds > 0 else 0.0,
+        "settings": settings,
+    }
+    if failures and strict:
+        more = f" ({len(failures)} failures in total; rerun to retry them)" if len(failures) > 1 else ""
+        raise UserError(f"corruption rendering failed for {failures[0]}{more}")
+    return summary
+
+
+def _warm_glass_blur() -> None:
+    try:
+        corrupt_image(np.zeros((32, 32, 3), np.uint8), "glass_blur", 1, 0)
+    except Exception:  # the real call reports the failure with its file name
+        pass
+
+
+# ----------------------------------------------------------------------------- sources
+
+def sources_from_folder(root: str | os.PathLike) -> list[tuple[str, str]]:
+    """(relative path without extension, file path) for every image under `root`
+    (e.g. an ImageNet val folder `root/<wnid>/<image>.JPEG`), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: image folder not found")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
+                full = os.path.join(dirpath, f)
+                rel = os.path.relpath(full, root).replace(os.sep, "/")
+                out.append((str(PurePosixPath(rel).with_suffix("")), full))
+    if not out:
+        raise UserError(f"{root}: no images found")
+    return out
+
+
+def sources_from_split_list(root: str | os.PathLike, split_list: str | os.PathLike, strip_prefix: int = 1) -> list[tuple[str, str]]:
+    """Sources from a split list (`val/n01440764/x.JPEG 0` lines): output path keeps the last
+    path components after dropping `strip_prefix` leading ones (-> `n01440764/x`)."""
+    from ft_focal.data.imagenet_c import _open_text
+
+    root, split_list = Path(root), Path(split_list)
+    if not split_list.is_file():
+        raise UserError(f"{split_list}: split list not found")
+    out = []
+    with _open_text(split_list) as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            rel = line.rsplit(maxsplit=1)[0] if len(line.split()) > 1 else line
+            parts = PurePosixPath(rel).parts
+            if len(parts) <= strip_prefix:
+                raise UserError(f"{split_list} line {lineno}: path {rel!r} has fewer than {strip_prefix + 1} parts")
+            out.append((str(PurePosixPath(*parts[strip_prefix:]).with_suffix("")), os.fspath(root / rel)))
+    if not out:
+        raise UserError(f"{split_list}: split list is empty")
+    return out
+
+
+def sources_from_arrays(images: Sequence[np.ndarray], labels: Sequence[int], class_dirs: Optional[Sequence[str]] = None, prefix: str = "img") -> list[tuple[str, np.ndarray]]:
+    """Sources from in-memory images (e.g. scikit-learn digits scaled to uint8): image i goes
+    to `<class_dirs[labels[i]]>/<prefix>_<i:06d>`; class_dirs default to the label as text."""
+    if len(images) != len(labels):
+        raise UserError(f"{len(images)} images but {len(labels)} labels")
+    out = []
+    for i, (img, y) in enumerate(zip(images, labels)):
+        d = class_dirs[int(y)] if class_dirs is not None else str(int(y))
+        out.append((f"{d}/{prefix}_{i:06d}", np.asarray(img)))
+    return out

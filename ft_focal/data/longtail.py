@@ -1,0 +1,87 @@
+"""Class counts and long-tailed subsampling of a balanced dataset.
+
+`longtail_counts` follows the CIFAR-LT convention of Cao et al. (LDAM-DRW) and Cui et al.,
+which the Focal-SAM / LIFT / ImbSAM codes reuse:
+
+* exp:  n_c = int(n_max * (1 / IF) ** (c / (C - 1)))  (truncated; CIFAR-10 IF 100 gives
+  5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50 and CIFAR-100 IF 100 sums to 10847);
+* step: the first C // 2 classes keep n_max, the others int(n_max / IF).
+
+Class 0 is the most frequent. Every count is at least 1. `subsample_longtail` keeps the first
+n_c images of each class in an order shuffled with a given seed (LDAM shuffles each class with
+seed 0 and keeps the first n_c).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ft_focal.errors import UserError
+
+log = logging.getLogger("ft_focal.data")
+
+
+def longtail_counts(n_max: int, num_classes: int, imbalance_factor: float, profile: str = "exp") -> list[int]:
+    """Per-class counts of a long-tailed split (class 0 the largest), see the module docstring."""
+    if imbalance_factor is None or not imbalance_factor >= 1:
+        raise UserError(f"data.imbalance_factor must be >= 1 (n_max / n_min), got {imbalance_factor}")
+    if n_max < 1 or num_classes < 1:
+        raise UserError(f"long-tailed counts need n_max >= 1 and num_classes >= 1, got {n_max}, {num_classes}")
+    ratio = 1.0 / float(imbalance_factor)
+    if profile == "exp":
+        if num_classes == 1:
+            counts = [int(n_max)]
+        else:
+            counts = [int(n_max * ratio ** (c / (num_classes - 1.0))) for c in range(num_classes)]
+    elif profile == "step":
+        head = num_classes // 2 if num_classes > 1 else 1
+        counts = [int(n_max) if c < head else int(n_max * ratio) for c in range(num_classes)]
+    else:
+        raise UserError(f"data.imbalance_profile: {profile!r} is not one of exp, step")
+    return [max(1, n) for n in counts]
+
+
+def class_counts_from_labels(labels: Iterable[int], num_classes: int) -> list[int]:
+    """Number of samples per class (index = label); classes without samples count 0."""
+    labels = np.asarray(list(labels) if not isinstance(labels, np.ndarray) else labels, dtype=np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(f"labels must lie in 0..{num_classes - 1}, found {labels.min()}..{labels.max()}")
+    return np.bincount(labels, minlength=num_classes).astype(int).tolist()
+
+
+def subsample_longtail(labels: Sequence[int], counts: Sequence[int], seed: int) -> np.ndarray:
+    """Indices (sorted) keeping the first counts[c] samples of each class in a seeded order.
+
+    A class with fewer samples than asked keeps all of them (logged).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    keep = []
+    short = []
+    for c, n_c in enumerate(counts):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        if len(idx) < n_c:
+            short.append((c, len(idx), n_c))
+        keep.append(idx[:n_c])
+    if short:
+        c, have, want = short[0]
+        log.warning("long-tailed subsampling: %d class(es) have fewer images than the profile asks "
+                    "(e.g. class %d: %d < %d); they keep all their images", len(short), c, have, want)
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
+def longtail_subsample_balanced(labels: Sequence[int], num_classes: int, imbalance_factor: float,
+                                profile: str, seed: int, n_max: int | None = None) -> tuple[np.ndarray, list[int]]:
+    """Make a (roughly) balanced labelled set long-tailed: returns (kept indices, target counts).
+
+    n_max defaults to the size of the largest class (CIFAR: 5000 / 500).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if n_max is None:
+        n_max = int(np.bincount(labels, minlength=num_classes).max()) if labels.size else 1
+    counts = longtail_counts(n_max, num_classes, imbalance_factor, profile)
+    return subsample_longtail(labels, counts, seed), counts

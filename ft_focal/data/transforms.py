@@ -1,0 +1,97 @@
+"""Image transforms of the CLIP fine-tuning protocol (LIFT / Focal-SAM, ALGORITHMS.md).
+
+`preprocess` comes from the model: {"image_size": int, "mean": [3], "std": [3],
+"interpolation": "bicubic"}.
+
+* train: RandomResizedCrop(image_size, scale=data.train_crop_scale, interpolation)
+  + RandomHorizontalFlip (if data.hflip) + ToTensor + Normalize(mean, std).
+* test:  Resize(R) + CenterCrop(image_size) + ToTensor + Normalize(mean, std).
+* five-crop (LIFT's optional test-time ensemble): Resize(R5) + FiveCrop(image_size), each crop
+  ToTensor + Normalize, stacked to a tensor [5, 3, H, W] (the evaluation averages the logits).
+
+`data.test_resize` (and LIFT's 248 for five-crop) are stated for a 224 crop, as in the
+papers. For another image size the same crop ratio is kept: R = round(test_resize *
+image_size / 224) (e.g. image_size 336 with test_resize 256 -> Resize(384)); at 224 it is
+exactly `data.test_resize`. Resize(R) resizes the SHORTER side to R.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+from ft_focal.errors import UserError
+
+REFERENCE_CROP = 224
+FIVE_CROP_RESIZE = 248  # LIFT: Resize(248) + FiveCrop(224)
+
+_INTERPOLATION = {
+    "bicubic": InterpolationMode.BICUBIC,
+    "bilinear": InterpolationMode.BILINEAR,
+    "nearest": InterpolationMode.NEAREST,
+    "lanczos": InterpolationMode.LANCZOS,
+    "box": InterpolationMode.BOX,
+    "hamming": InterpolationMode.HAMMING,
+}
+
+
+def _preprocess_values(preprocess: dict, data_cfg=None) -> tuple[int, list, list, InterpolationMode]:
+    if not isinstance(preprocess, dict):
+        raise TypeError("preprocess must be a dict with image_size, mean, std, interpolation")
+    size = preprocess.get("image_size", getattr(data_cfg, "image_size", REFERENCE_CROP))
+    if isinstance(size, (tuple, list)):
+        size = int(size[0])
+    size = int(size)
+    mean = [float(x) for x in preprocess.get("mean", (0.48145466, 0.4578275, 0.40821073))]
+    std = [float(x) for x in preprocess.get("std", (0.26862954, 0.26130258, 0.27577711))]
+    name = str(preprocess.get("interpolation", "bicubic")).lower()
+    if name not in _INTERPOLATION:
+        raise UserError(f"image interpolation {name!r} is not one of {', '.join(_INTERPOLATION)}")
+    return size, mean, std, _INTERPOLATION[name]
+
+
+def scaled_resize(resize: int, image_size: int) -> int:
+    """The resize for `image_size` keeping the ratio `resize` : 224 (identity at 224)."""
+    if image_size == REFERENCE_CROP:
+        return int(resize)
+    return max(int(image_size), int(round(resize * image_size / REFERENCE_CROP)))
+
+
+def build_transform(preprocess: dict, data_cfg, train: bool):
+    """The training or test transform (PIL RGB image -> float tensor [3, H, W])."""
+    size, mean, std, interp = _preprocess_values(preprocess, data_cfg)
+    normalize = T.Normalize(mean=mean, std=std)
+    if train:
+        scale = tuple(float(s) for s in getattr(data_cfg, "train_crop_scale", (0.08, 1.0)))
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise UserError(f"data.train_crop_scale must be [min, max] with 0 < min <= max <= 1, got {list(scale)}")
+        steps = [T.RandomResizedCrop(size, scale=scale, interpolation=interp)]
+        if getattr(data_cfg, "hflip", True):
+            steps.append(T.RandomHorizontalFlip())
+        return T.Compose(steps + [T.ToTensor(), normalize])
+    resize = scaled_resize(getattr(data_cfg, "test_resize", REFERENCE_CROP), size)
+    if resize < size:
+        resize = size
+    return T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(size), T.ToTensor(), normalize])
+
+
+class _StackCrops:
+    """Apply ToTensor + Normalize to each crop and stack them: [n, 3, H, W] (picklable)."""
+
+    def __init__(self, mean, std):
+        self.to_tensor = T.ToTensor()
+        self.normalize = T.Normalize(mean=mean, std=std)
+
+    def __call__(self, crops):
+        return torch.stack([self.normalize(self.to_tensor(c)) for c in crops])
+
+    def __repr__(self) -> str:
+        return f"StackCrops(ToTensor + {self.normalize!r})"
+
+
+def build_five_crop_transform(preprocess: dict, data_cfg=None):
+    """LIFT's test-time ensemble: Resize(248 for 224) + FiveCrop(image_size) -> [5, 3, H, W]."""
+    size, mean, std, interp = _preprocess_values(preprocess, data_cfg)
+    resize = scaled_resize(FIVE_CROP_RESIZE, size)
+    return T.Compose([T.Resize(resize, interpolation=interp), T.FiveCrop(size), _StackCrops(mean, std)])

@@ -1,0 +1,270 @@
+"""Evaluation of a classifier: long-tail accuracy by shot group, calibration, ImageNet-C.
+
+`predict` runs a model over a dataset on one or several processes and returns the logits of
+EVERY sample exactly once in dataset order: process r takes indices i with i % world == r, and
+the shards are gathered (padded to equal length for the collective, then trimmed), so an
+uneven split neither duplicates nor drops a sample.
+
+Command line: `ft-focal eval MODEL_DIR [key=value ...] --out FILE.json`
+(or `accelerate launch -m ft_focal.evaluate MODEL_DIR ...` for several processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ft_focal.errors import UserError
+from ft_focal.metrics import expected_calibration_error, long_tail_accuracy
+from ft_focal.sampling import eval_batches, unshard
+
+logger = logging.getLogger("ft_focal")
+
+
+def _gather_shards(local: torch.Tensor, accelerator: Any, total: int) -> torch.Tensor:
+    """All-gather per-process shards of shape [n_r, ...] and interleave them to [total, ...]."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return local
+    world = accelerator.num_processes
+    longest = len(range(0, total, world))
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    gathered = accelerator.gather(padded.to(accelerator.device)).cpu()
+    parts = list(gathered.reshape(world, longest, *local.shape[1:]))
+    return unshard(parts, [total])
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    batch_size: int = 256,
+    accelerator: Any = None,
+    num_workers: int = 0,
+    collate_fn=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [N, C] (float32, CPU) and labels [N] (int64) for every sample of `dataset`.
+
+    Items may be (image [3,H,W], label) or five-crop (crops [K,3,H,W], label); the logits of
+    the K crops are averaged (the CLIP protocol's optional test-time ensemble).
+    """
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    batches = eval_batches(len(dataset), batch_size, rank, world)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=collate_fn,
+    )
+    was_training = model.training
+    model.eval()
+    logits_parts, label_parts = [], []
+    autocast = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
+    with autocast:
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            if images.dim() == 5:  # [B, K, 3, H, W]: average over the K crops
+                b, k = images.shape[:2]
+                out = model(images.flatten(0, 1)).float().view(b, k, -1).mean(1)
+            else:
+                out = model(images).float()
+            logits_parts.append(out.cpu())
+            label_parts.append(torch.as_tensor(labels).long().cpu())
+    model.train(was_training)
+    num_classes = _num_outputs(model, logits_parts)
+    local_logits = torch.cat(logits_parts) if logits_parts else torch.zeros(0, num_classes)
+    local_labels = torch.cat(label_parts) if label_parts else torch.zeros(0, dtype=torch.long)
+    logits = _gather_shards(local_logits, accelerator, len(dataset))
+    labels = _gather_shards(local_labels, accelerator, len(dataset))
+    return logits, labels
+
+
+def _num_outputs(model: torch.nn.Module, parts: list[torch.Tensor]) -> int:
+    if parts:
+        return parts[0].shape[-1]
+    num = getattr(model, "num_classes", None)
+    return int(num) if num is not None else 0
+
+
+def summarize(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    class_counts: list[int],
+    many: int = 100,
+    few: int = 20,
+    ece_bins: int = 15,
+) -> dict:
+    """Accuracy overall / many / medium / few / per class (fractions) and ECE of one split."""
+    result = long_tail_accuracy(logits, labels, class_counts, num_classes=len(class_counts), many=many, few=few)
+    result["ece"] = float(expected_calibration_error(logits, labels, n_bins=ece_bins)) if len(labels) else None
+    return result
+
+
+def evaluate_split(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    class_counts: list[int],
+    eval_cfg: Any,
+    batch_size: int,
+    accelerator: Any = None,
+    num_workers: int = 0,
+    collate_fn=None,
+) -> dict:
+    logits, labels = predict(model, dataset, batch_size, accelerator, num_workers, collate_fn)
+    return summarize(logits, labels, class_counts, eval_cfg.many_threshold, eval_cfg.few_threshold, eval_cfg.ece_bins)
+
+
+def evaluate_saved(
+    model_dir: str,
+    overrides: Optional[list[str]] = None,
+    split: Optional[str] = None,
+    five_crop: Optional[bool] = None,
+    imagenet_c: Optional[str] = None,
+    baseline: Optional[str] = None,
+    accelerator: Any = None,
+) -> dict:
+    """Evaluate a saved model folder on its recipe's test split (and optionally a -C set)."""
+    from ft_focal.data import build_datasets
+    from ft_focal.saved import load_model_dir
+
+    saved = load_model_dir(model_dir, overrides)
+    recipe = saved.recipe
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    model = saved.model.to(device)
+    bundle = build_datasets(recipe.data, saved.preprocess, recipe.seed)
+    split = split or recipe.eval.test_split
+    use_five_crop = recipe.eval.five_crop if five_crop is None else five_crop
+    dataset = bundle.eval_dataset(split, five_crop=use_five_crop)
+    if dataset is None:
+        raise UserError(f"{model_dir}: the recipe has no '{split}' split")
+    result: dict = {
+        "model_dir": str(model_dir),
+        "recipe": recipe.name,
+        "split": split,
+        "world_size": accelerator.num_processes if accelerator is not None else 1,
+        "five_crop": bool(use_five_crop),
+        "preprocessing": describe_preprocess(saved.preprocess, recipe.data, use_five_crop),
+    }
+    result[split] = evaluate_split(
+        model, dataset, saved.class_counts, recipe.eval, recipe.train.eval_batch_size, accelerator,
+        recipe.data.num_workers,
+    )
+    if split != "test":
+        result["test"] = result[split]
+    if imagenet_c:
+        result["corruption"] = evaluate_corruption_set(saved, model, imagenet_c, result[split]["overall"], baseline, accelerator)
+    return result
+
+
+def describe_preprocess(preprocess: dict, data_cfg: Any, five_crop: bool = False) -> str:
+    size = preprocess.get("image_size", data_cfg.image_size)
+    if five_crop:
+        return f"Resize({round(size * 248 / 224)}) + FiveCrop({size}), logits averaged; mean {preprocess.get('mean')} std {preprocess.get('std')}"
+    resize = max(data_cfg.test_resize, size)
+    return (
+        f"Resize({resize}, {preprocess.get('interpolation', 'bicubic')}) + CenterCrop({size}); "
+        f"mean {preprocess.get('mean')} std {preprocess.get('std')}"
+    )
+
+
+def evaluate_corruption_set(saved: Any, model: torch.nn.Module, root: str, clean_accuracy: Optional[float],
+                            baseline: Optional[str], accelerator: Any = None) -> dict:
+    """CE / mCE on an ImageNet-C-layout folder; `baseline` = "alexnet" or a baseline run's JSON."""
+    from ft_focal.data import build_transform
+    from ft_focal.data.imagenet_c import class_to_label_for
+    from ft_focal.robustness import evaluate_corruptions, summarize_corruptions
+
+    class_to_label = class_to_label_for(root, saved.classnames, getattr(saved, "wnids", None))
+    transform = build_transform(saved.preprocess, saved.recipe.data, train=False)
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(images.to(device))
+
+    raw = evaluate_corruptions(run, root, class_to_label, None, None, transform,
+                               batch_size=saved.recipe.train.eval_batch_size,
+                               num_workers=saved.recipe.data.num_workers, accelerator=accelerator)
+    clean_error = None if clean_accuracy is None else 1.0 - clean_accuracy
+    base, base_clean = "alexnet", None
+    if baseline and baseline != "alexnet":
+        base, base_clean = load_baseline_errors(baseline)
+    summary = summarize_corruptions(raw["errors"], clean_error, baseline=base, baseline_clean_error=base_clean)
+    return {**raw, **summary, "baseline": baseline or "alexnet"}
+
+
+def load_baseline_errors(path: str) -> tuple[dict, Optional[float]]:
+    """Per-corruption errors and the clean error of a baseline run's evaluation JSON."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{path}: baseline metrics file not found")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: corrupt JSON ({exc})") from None
+    corruption = data.get("corruption", {})
+    if "errors" not in corruption:
+        raise UserError(f"{path}: has no 'corruption.errors' (evaluate the baseline with --imagenet-c first)")
+    clean = corruption.get("clean_error")
+    if clean is None and data.get("test", {}).get("overall") is not None:
+        clean = 1.0 - data["test"]["overall"]
+    return corruption["errors"], clean
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from ft_focal.cli import run_guarded
+
+    return run_guarded(lambda: _main(argv))
+
+
+def _main(argv: Optional[list[str]]) -> int:
+    parser = argparse.ArgumentParser(prog="ft-focal eval", description="Evaluate a trained / exported model.")
+    parser.add_argument("model_dir", help="a run's final/ folder or an export folder")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides key=value (e.g. data.root=/data/imagenet)")
+    parser.add_argument("--out", help="write the metrics JSON here (default MODEL_DIR/eval.json)")
+    parser.add_argument("--split", help="split to evaluate (default: the recipe's test split)")
+    parser.add_argument("--five-crop", action="store_true", default=None, help="LIFT test-time five-crop ensemble")
+    parser.add_argument("--imagenet-c", help="root of an ImageNet-C layout folder to evaluate as well")
+    parser.add_argument("--baseline", help="'alexnet' (default) or a baseline run's eval JSON for custom -C sets")
+    parser.add_argument("--no-report", action="store_true", help="do not write the Markdown report / plots")
+    args = parser.parse_args(argv)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    result = evaluate_saved(args.model_dir, args.overrides, args.split, args.five_crop, args.imagenet_c,
+                            args.baseline, accelerator)
+    if accelerator.is_main_process:
+        out = Path(args.out) if args.out else Path(args.model_dir) / "eval.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, out)
+        if not args.no_report:
+            from ft_focal.report import write_eval_report
+
+            write_eval_report(result, out.parent, class_counts_path=Path(args.model_dir) / "class_counts.json")
+        test = result["test"]
+        print(f"{result['split']}: overall {test['overall']:.4f} many {_fmt(test['many'])} "
+              f"medium {_fmt(test['medium'])} few {_fmt(test['few'])} -> {out}")
+        if "corruption" in result and result["corruption"].get("mCE") is not None:
+            print(f"mCE {result['corruption']['mCE']:.2f}")
+    return 0
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

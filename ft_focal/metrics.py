@@ -1,0 +1,358 @@
+"""Evaluation metrics: long-tail accuracy by shot group, calibration, ImageNet-C CE / mCE.
+
+Plain numbers in, plain (JSON-serialisable) numbers out; accepts numpy arrays or torch tensors.
+Imports nothing else from ft_focal.
+
+Units: accuracies and the calibration error are FRACTIONS in [0, 1]; corruption errors (CE, mCE,
+relative CE / mCE, mean errors) are PERCENT, as in Hendrycks & Dietterich (2019).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "shot_groups",
+    "long_tail_accuracy",
+    "expected_calibration_error",
+    "load_alexnet_errors",
+    "BENCHMARK_CORRUPTIONS",
+    "EXTRA_CORRUPTIONS",
+    "ALL_CORRUPTIONS",
+    "ALEXNET_CLEAN_ERROR",
+    "mean_corruption_error",
+    "errors_from_accuracy_table",
+]
+
+#: The 15 corruptions averaged in mCE, in the order of Hendrycks & Dietterich (2019).
+BENCHMARK_CORRUPTIONS: tuple[str, ...] = (
+    "gaussian_noise", "shot_noise", "impulse_noise",
+    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "frost", "fog", "brightness",
+    "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+)
+#: The 4 held-out corruptions of ImageNet-C (reported, never part of mCE).
+EXTRA_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+ALL_CORRUPTIONS: tuple[str, ...] = BENCHMARK_CORRUPTIONS + EXTRA_CORRUPTIONS
+#: Clean top-1 error of AlexNet on ImageNet val (torchvision's AlexNet: 56.52 % accuracy).
+ALEXNET_CLEAN_ERROR: float = 0.4348
+NUM_SEVERITIES = 5
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch.Tensor without importing torch
+        x = x.detach().cpu()
+        if hasattr(x, "float") and x.is_floating_point():
+            x = x.double()
+        x = x.numpy()
+    return np.asarray(x)
+
+
+def _none_if_nan(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+# ----------------------------------------------------------------------------- long tail
+
+def shot_groups(class_counts: Sequence[int], many: int = 100, few: int = 20) -> np.ndarray:
+    """Shot group of every class from its TRAINING count.
+
+    ``"many"`` if ``n_c > many``, ``"few"`` if ``n_c < few``, ``"medium"`` otherwise (so
+    ``n_c = 100`` and ``n_c = 20`` are both medium). Returns a string array of shape ``[C]``.
+    """
+    counts = _to_numpy(class_counts).astype(np.float64).reshape(-1)
+    if few > many:
+        raise ValueError(f"few threshold ({few}) must not exceed many threshold ({many})")
+    groups = np.full(counts.shape, "medium", dtype=object)
+    groups[counts > many] = "many"
+    groups[counts < few] = "few"
+    return groups.astype(str)
+
+
+def long_tail_accuracy(
+    predictions_or_logits: Any,
+    labels: Any,
+    class_counts: Sequence[int],
+    num_classes: int | None = None,
+    many: int = 100,
+    few: int = 20,
+) -> dict[str, Any]:
+    """Overall and shot-group top-1 accuracy.
+
+    Args:
+        predictions_or_logits: predicted class ids ``[N]`` (integers) or scores ``[N, C]``
+            (logits or probabilities; the argmax is taken).
+        labels: true class ids ``[N]``.
+        class_counts: TRAINING count per class ``[C]`` (defines the shot groups).
+        num_classes: ``C``; defaults to ``len(class_counts)`` and must agree with it.
+        many, few: shot-group thresholds (see :func:`shot_groups`).
+
+    Returns a JSON-serialisable dict (fractions in [0, 1]):
+        ``overall``: plain sample accuracy (correct / N).
+        ``many`` / ``medium`` / ``few``: mean over the group's classes of the per-class accuracy
+            (the convention of Decoupling's and LIFT's ``shot_acc``); classes without test
+            samples are left out; ``None`` when no class of the group has a test sample.
+        ``mean_per_class``: mean per-class accuracy over all classes with test samples.
+        ``per_class``: list of ``C`` per-class accuracies, ``None`` for classes without test
+            samples.
+        ``group_num_classes``: number of classes with test samples per group.
+        ``num_samples``: N.
+    """
+    counts = _to_numpy(class_counts).reshape(-1)
+    C = int(counts.size) if num_classes is None else int(num_classes)
+    if counts.size != C:
+        raise ValueError(f"class_counts has {counts.size} entries but num_classes is {C}")
+    scores = _to_numpy(predictions_or_logits)
+    if scores.ndim == 2:
+        if scores.shape[1] != C:
+            raise ValueError(f"logits have {scores.shape[1]} columns, expected {C} classes")
+        preds = scores.argmax(axis=1)
+    elif scores.ndim == 1:
+        preds = scores
+        if preds.size and not np.all(np.equal(np.mod(preds, 1), 0)):
+            raise ValueError("1-D predictions must be integer class ids")
+        preds = preds.astype(np.int64)
+    else:
+        raise ValueError(f"predictions must be [N] or [N, C], got shape {scores.shape}")
+    y = _to_numpy(labels).reshape(-1).astype(np.int64)
+    if y.shape[0] != preds.shape[0]:
+        raise ValueError(f"{preds.shape[0]} predictions but {y.shape[0]} labels")
+    if y.size and (y.min() < 0 or y.max() >= C):
+        raise ValueError(f"labels must be in [0, {C}), found {y.min()}..{y.max()}")
+
+    correct = preds == y
+    total_c = np.bincount(y, minlength=C).astype(np.float64)
+    correct_c = np.bincount(y, weights=correct.astype(np.float64), minlength=C)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.where(total_c > 0, correct_c / np.maximum(total_c, 1), np.nan)
+
+    groups = shot_groups(counts, many=many, few=few)
+    result: dict[str, Any] = {
+        "overall": float(correct.mean()) if y.size else None,
+    }
+    group_num: dict[str, int] = {}
+    for g in ("many", "medium", "few"):
+        vals = per_class[(groups == g) & (total_c > 0)]
+        group_num[g] = int(vals.size)
+        result[g] = float(vals.mean()) if vals.size else None
+    valid = per_class[total_c > 0]
+    result["mean_per_class"] = float(valid.mean()) if valid.size else None
+    result["per_class"] = [_none_if_nan(float(a)) for a in per_class]
+    result["group_num_classes"] = group_num
+    result["num_samples"] = int(y.size)
+    return result
+
+
+def expected_calibration_error(
+    logits_or_probs: Any, labels: Any, n_bins: int = 15, inputs: str = "auto"
+) -> float:
+    """Expected calibration error (Guo et al., 2017) of top-1 confidence, as a fraction.
+
+    ``ECE = sum_b (|B_b| / N) * |acc(B_b) - conf(B_b)|`` over ``n_bins`` equal-width bins
+    ``(k/n, (k+1)/n]`` of the max softmax probability.
+
+    Args:
+        logits_or_probs: ``[N, C]`` scores.
+        labels: ``[N]`` class ids.
+        inputs: ``"logits"`` (softmax applied), ``"probs"`` (used as is) or ``"auto"``
+            (probabilities if every row is non-negative and sums to 1 within 1e-4).
+    """
+    scores = _to_numpy(logits_or_probs).astype(np.float64)
+    y = _to_numpy(labels).reshape(-1).astype(np.int64)
+    if scores.ndim != 2 or scores.shape[0] != y.shape[0]:
+        raise ValueError(f"expected scores [N, C] and labels [N], got {scores.shape} and {y.shape}")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    if inputs not in ("auto", "logits", "probs"):
+        raise ValueError(f"inputs must be 'auto', 'logits' or 'probs', got {inputs!r}")
+    if y.size == 0:
+        return 0.0
+    is_prob = inputs == "probs" or (
+        inputs == "auto" and scores.min() >= 0 and np.allclose(scores.sum(1), 1.0, atol=1e-4)
+    )
+    if is_prob:
+        probs = scores
+    else:
+        z = scores - scores.max(axis=1, keepdims=True)
+        probs = np.exp(z)
+        probs /= probs.sum(axis=1, keepdims=True)
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y).astype(np.float64)
+    # bin k holds confidences in (k/n, (k+1)/n]; confidence 0 (impossible for a softmax) -> bin 0
+    idx = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    ece = 0.0
+    for k in range(n_bins):
+        m = idx == k
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+# ----------------------------------------------------------------------------- ImageNet-C
+
+@lru_cache(maxsize=1)
+def _alexnet_table() -> tuple[tuple[str, tuple[float, ...]], ...]:
+    csv_file = resources.files("ft_focal").joinpath("resources").joinpath("alexnet_errors.csv")
+    text = csv_file.read_text(encoding="utf-8")
+    rows = list(csv.reader(io.StringIO(text)))
+    header, body = rows[0], [r for r in rows[1:] if r]
+    if header[:1] != ["corruption"] or len(header) != 1 + NUM_SEVERITIES:
+        raise ValueError(f"alexnet_errors.csv: unexpected header {header}")
+    return tuple((r[0].strip(), tuple(float(v) for v in r[1:])) for r in body)
+
+
+def load_alexnet_errors() -> dict[str, list[float]]:
+    """AlexNet top-1 errors on ImageNet-C (fractions), corruption -> [severity 1..5].
+
+    The 15 benchmark corruptions only (the mCE normaliser); read from the packaged
+    ``ft_focal/resources/alexnet_errors.csv``. Returns a fresh copy.
+    """
+    return {name: list(vals) for name, vals in _alexnet_table()}
+
+
+def _validate_errors(errors: Mapping[str, Sequence[float]], what: str) -> dict[str, np.ndarray]:
+    if not isinstance(errors, Mapping):
+        raise ValueError(f"{what} must map corruption name -> 5 errors, got {type(errors).__name__}")
+    out: dict[str, np.ndarray] = {}
+    for name, vals in errors.items():
+        arr = _to_numpy(vals).astype(np.float64).reshape(-1)
+        if arr.size != NUM_SEVERITIES:
+            raise ValueError(
+                f"{what}: corruption {name!r} has {arr.size} values, expected {NUM_SEVERITIES} "
+                "(severities 1..5)"
+            )
+        if not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 1:
+            raise ValueError(
+                f"{what}: corruption {name!r} has errors outside [0, 1] (fractions expected): "
+                f"{arr.tolist()}"
+            )
+        out[str(name)] = arr
+    return out
+
+
+def _check_clean(value: float | None, what: str) -> float | None:
+    if value is None:
+        return None
+    v = float(value)
+    if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+        raise ValueError(f"{what} must be a fraction in [0, 1], got {value}")
+    return v
+
+
+def mean_corruption_error(
+    errors: Mapping[str, Sequence[float]],
+    baseline: str | Mapping[str, Sequence[float]] = "alexnet",
+    clean_error: float | None = None,
+    baseline_clean_error: float | None = None,
+) -> dict[str, Any]:
+    """Corruption errors and mCE of Hendrycks & Dietterich (2019), in PERCENT.
+
+    ``CE_c = 100 * sum_s E_{s,c} / sum_s B_{s,c}``;
+    ``relative CE_c = 100 * sum_s (E_{s,c} - E_clean) / sum_s (B_{s,c} - B_clean)``;
+    ``mCE`` / ``relative_mCE`` = mean over the 15 :data:`BENCHMARK_CORRUPTIONS` present.
+
+    Args:
+        errors: corruption -> five top-1 errors (fractions, severities 1..5).
+        baseline: ``"alexnet"`` (the packaged table, clean error :data:`ALEXNET_CLEAN_ERROR`)
+            or a mapping of the same shape (e.g. a baseline run of your own on a custom -C set).
+        clean_error: the model's clean top-1 error (fraction); enables the relative metrics.
+        baseline_clean_error: the baseline's clean error; defaults to 0.4348 for AlexNet and is
+            required for relative metrics with a custom baseline.
+
+    Returns (JSON-serialisable):
+        ``CE``: {corruption: CE} for the benchmark corruptions present;
+        ``mCE``: mean of ``CE`` (``None`` if none present);
+        ``mCE_complete``: whether all 15 were present; ``missing``: the absent ones (a
+        benchmark corruption counts as absent when either the model or the baseline lacks it);
+        ``mean_error``: {corruption: mean top-1 error over severities, percent} for every
+        corruption in ``errors``;
+        ``extra_CE``: CE of every other corruption (the 4 extras, custom names) that the
+        baseline covers -- never part of mCE (AlexNet has no extras, so it is empty then);
+        ``no_baseline``: non-benchmark corruptions without a baseline entry;
+        when ``clean_error`` is given: ``relative_CE``, ``relative_mCE``, ``extra_relative_CE``,
+        ``clean_error`` and ``baseline_clean_error`` (the latter two in percent).
+
+    Raises ValueError naming the corruption when errors are outside [0, 1] or not 5 per
+    corruption, and when a relative-CE denominator is not positive.
+    """
+    errs = _validate_errors(errors, "errors")
+    if isinstance(baseline, str):
+        if baseline.lower() != "alexnet":
+            raise ValueError(f"unknown baseline {baseline!r}; use 'alexnet' or a dict of errors")
+        base = _validate_errors(load_alexnet_errors(), "alexnet table")
+        base_clean = ALEXNET_CLEAN_ERROR if baseline_clean_error is None else baseline_clean_error
+    else:
+        base = _validate_errors(baseline, "baseline")
+        base_clean = baseline_clean_error
+    clean = _check_clean(clean_error, "clean_error")
+    base_clean = _check_clean(base_clean, "baseline_clean_error")
+    if clean is not None and base_clean is None:
+        raise ValueError("relative mCE with a custom baseline needs baseline_clean_error")
+
+    def ce(name: str) -> float:
+        denom = base[name].sum()
+        if denom <= 0:
+            raise ValueError(f"baseline errors of corruption {name!r} sum to 0; CE undefined")
+        return float(100.0 * errs[name].sum() / denom)
+
+    def rel_ce(name: str) -> float:
+        denom = float((base[name] - base_clean).sum())
+        if denom <= 0:
+            raise ValueError(
+                f"corruption {name!r}: baseline corrupted errors do not exceed its clean error "
+                f"({base_clean}); relative CE undefined"
+            )
+        return float(100.0 * (errs[name] - clean).sum() / denom)
+
+    bench = [c for c in BENCHMARK_CORRUPTIONS if c in errs and c in base]
+    missing = [c for c in BENCHMARK_CORRUPTIONS if c not in bench]
+    others = [c for c in errs if c not in BENCHMARK_CORRUPTIONS]
+    extras = [c for c in others if c in base]
+
+    out: dict[str, Any] = {}
+    out["CE"] = {c: ce(c) for c in bench}
+    out["mCE"] = float(np.mean(list(out["CE"].values()))) if bench else None
+    out["mCE_complete"] = not missing
+    out["missing"] = missing
+    out["mean_error"] = {c: float(100.0 * errs[c].mean()) for c in errs}
+    out["extra_CE"] = {c: ce(c) for c in extras}
+    out["no_baseline"] = [c for c in others if c not in base]
+    if clean is not None:
+        out["relative_CE"] = {c: rel_ce(c) for c in bench}
+        out["relative_mCE"] = (
+            float(np.mean(list(out["relative_CE"].values()))) if bench else None
+        )
+        out["extra_relative_CE"] = {c: rel_ce(c) for c in extras}
+        out["clean_error"] = 100.0 * clean
+        out["baseline_clean_error"] = 100.0 * base_clean
+    return out
+
+
+def errors_from_accuracy_table(
+    accuracies: Mapping[str, Sequence[float] | Mapping[int, float]],
+) -> dict[str, list[float]]:
+    """Convert top-1 accuracies (fractions) to errors: corruption -> [1 - acc_s, s = 1..5].
+
+    Each value is a list of 5 accuracies (severities 1..5) or a mapping severity (1..5, int or
+    str) -> accuracy. Raises ValueError naming the corruption when a severity is missing.
+    """
+    out: dict[str, list[float]] = {}
+    for name, accs in accuracies.items():
+        if isinstance(accs, Mapping):
+            by_sev = {int(k): float(v) for k, v in accs.items()}
+            missing = [s for s in range(1, NUM_SEVERITIES + 1) if s not in by_sev]
+            if missing:
+                raise ValueError(f"corruption {name!r}: missing severities {missing}")
+            vals = [by_sev[s] for s in range(1, NUM_SEVERITIES + 1)]
+        else:
+            vals = [float(v) for v in _to_numpy(accs).reshape(-1)]
+        out[str(name)] = [1.0 - v for v in vals]
+    _validate_errors(out, "accuracies")
+    return out

@@ -1,0 +1,52 @@
+"""Classifier heads: cosine (logits = scale * cos(f, w_c), LIFT / Focal-SAM CLIP runs) and linear.
+
+`init_head_from_text` writes normalize(normalize(text(c)) @ proj^T) into the head's weight
+(ALGORITHMS.md, "CLIP fine-tuning protocol"); the text embeddings come from the backbone's
+text encoder, which is used once and then dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CosineHead(nn.Module):
+    """logits = scale * <f / |f|, w_c / |w_c|>, so |logits| <= scale. `scale` is fixed (not trained)."""
+
+    def __init__(self, in_features: int, num_classes: int, scale: float = 25.0):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = num_classes
+        self.scale = float(scale)
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.linear(F.normalize(features, dim=-1), F.normalize(self.weight, dim=-1))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale}"
+
+
+def build_head(kind: str, in_features: int, num_classes: int, scale: float) -> nn.Module:
+    if kind == "cosine":
+        return CosineHead(in_features, num_classes, scale)
+    head = nn.Linear(in_features, num_classes)
+    nn.init.normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def class_prompts(classnames: list, template: str) -> list:
+    """"a photo of a {}." with underscores in class names turned into spaces."""
+    return [template.format(str(name).replace("_", " ")) for name in classnames]
+
+
+@torch.no_grad()
+def init_head_from_text(head: nn.Module, text_weights: torch.Tensor) -> None:
+    """Copy unit-norm class embeddings [C, D] (already mapped to the feature space) into the head."""
+    head.weight.copy_(text_weights.to(head.weight.dtype))
+    if getattr(head, "bias", None) is not None:
+        head.bias.zero_()

@@ -1,0 +1,205 @@
+"""What is trained: full fine-tuning, head only, LoRA (peft) or AdaptFormer.
+
+LoRA is injected into the BACKBONE with `peft.inject_adapter_in_model`, so parameter names are
+the backbone's own plus `lora_A.default` / `lora_B.default` (`base_layer` for the wrapped
+weights) and a rebuild with the same config yields identical state_dict keys.
+
+AdaptFormer (ALGORITHMS.md): in every block h <- h + MLP(LN(h)) + s * Up(ReLU(Down(x_a))), the
+adapter parallel to the MLP; Up zero-initialised (the model starts as the frozen backbone),
+Down Kaiming-normal (a = sqrt(5), as LIFT), s a learnable scalar. The block's MLP module is
+replaced by `AdaptFormerMLP` so the block's own forward is unchanged. `adapter_norm`:
+  "shared": x_a = LN(h), the block's own (frozen) LayerNorm output that feeds the MLP; every
+            trainable adapter weight lives in the two nn.Linear modules (down, up) + scale.
+  "own":    x_a = LN_a(h) with the adapter's own trainable LayerNorm, exactly as LIFT
+            (shijxcs/LIFT models/peft_modules.py AdaptFormer); the block's LayerNorm is moved
+            into the wrapper (the block gets nn.Identity) so the wrapper sees h.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ft_focal.errors import UserError
+
+logger = logging.getLogger("ft_focal")
+
+DEFAULT_LORA_TARGETS = {
+    # open_clip <= 3.3 blocks use nn.MultiheadAttention: peft wraps it as a whole ("attn"),
+    # LoRA on in_proj and out_proj. Targeting "out_proj" alone would train nothing.
+    "open_clip": ["attn", "c_fc", "c_proj"],
+    "hf_clip": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "hf_vit": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
+}
+
+
+def default_lora_targets(family: str) -> list:
+    try:
+        return list(DEFAULT_LORA_TARGETS[family])
+    except KeyError:
+        raise UserError(f"model.family: '{family}' is not one of {', '.join(DEFAULT_LORA_TARGETS)}") from None
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def _open_clip_lora_plan(backbone: nn.Module, targets: list) -> tuple[list, list]:
+    """Split the requested targets into module targets and parameter targets for open_clip.
+
+    Blocks with nn.MultiheadAttention take the module target "attn". Newer open_clip blocks
+    (custom `Attention` with an `in_proj_weight` parameter, e.g. qk_norm models) cannot be
+    wrapped as a module: there "attn" becomes `out_proj` (a Linear) + target_parameters
+    ["in_proj_weight"] (peft ParamWrapper)."""
+    has_mha = any(isinstance(m, nn.MultiheadAttention) for m in backbone.modules())
+    custom_attn = [
+        n for n, m in backbone.named_modules()
+        if n.endswith("attn") and not isinstance(m, nn.MultiheadAttention) and hasattr(m, "in_proj_weight")
+    ]
+    if has_mha or not custom_attn or "attn" not in targets:
+        return targets, []
+    modules = [t for t in targets if t != "attn"] + ["attn.out_proj"]
+    return modules, ["in_proj_weight"]
+
+
+def _check_dead_mha_targets(backbone: nn.Module) -> None:
+    """A LoRA Linear on the out_proj of an un-wrapped nn.MultiheadAttention is never called."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in backbone.named_modules():
+        if isinstance(module, nn.MultiheadAttention) and not isinstance(module, BaseTunerLayer):
+            if isinstance(module.out_proj, BaseTunerLayer):
+                raise UserError(
+                    f"tuning.lora_targets: '{name}.out_proj' is inside nn.MultiheadAttention, whose forward never "
+                    "calls it (LoRA there trains nothing); target the attention module itself (e.g. 'attn')"
+                )
+
+
+def apply_lora(backbone: nn.Module, family: str, tuning_cfg) -> object:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = list(tuning_cfg.lora_targets or default_lora_targets(family))
+    if not targets or not all(isinstance(t, str) for t in targets):
+        raise UserError("tuning.lora_targets: must be a non-empty list of module names")
+    target_parameters: list = []
+    if family == "open_clip":
+        targets, target_parameters = _open_clip_lora_plan(backbone, targets)
+    kwargs = dict(
+        r=int(tuning_cfg.lora_rank),
+        lora_alpha=float(tuning_cfg.lora_alpha),
+        lora_dropout=float(tuning_cfg.lora_dropout),
+        target_modules=targets,
+        bias="none",
+    )
+    if target_parameters:
+        kwargs["target_parameters"] = target_parameters
+    if tuning_cfg.lora_rank < 1:
+        raise UserError(f"tuning.lora_rank: must be >= 1, got {tuning_cfg.lora_rank}")
+    config = LoraConfig(**kwargs)
+    try:
+        inject_adapter_in_model(config, backbone)
+    except ValueError as exc:
+        names = sorted({n.rsplit(".", 1)[-1] for n, _ in backbone.named_modules() if n})
+        first = str(exc).strip().splitlines()[0][:200]
+        raise UserError(
+            f"tuning.lora_targets {targets}: {first} (module names in this backbone: {', '.join(names[:40])})"
+        ) from None
+    _check_dead_mha_targets(backbone)
+    n_lora = sum(p.numel() for n, p in backbone.named_parameters() if "lora_" in n)
+    if n_lora == 0:
+        raise UserError(f"tuning.lora_targets {targets}: no LoRA weights were created")
+    wrapped = sorted({n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if hasattr(m, "lora_A")})
+    logger.info("LoRA r=%d alpha=%g on %s (%d params)", config.r, config.lora_alpha, ", ".join(wrapped), n_lora)
+    return config
+
+
+def merge_lora_(backbone: nn.Module) -> bool:
+    """Merge every LoRA layer into its base weights in place and unwrap it. Returns True if any."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = [n for n, m in backbone.named_modules() if isinstance(m, BaseTunerLayer)]
+    done: list = []
+    for name in names:
+        if any(name.startswith(d + ".") for d in done):
+            continue  # nested (e.g. out_proj of a wrapped MultiheadAttention): handled by its parent
+        parent_name, _, attr = name.rpartition(".")
+        parent = backbone.get_submodule(parent_name) if parent_name else backbone
+        module = getattr(parent, attr)
+        if hasattr(module, "unload_and_optionally_merge_module"):
+            new = module.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
+        else:
+            module.merge()
+            new = module.get_base_layer()
+        setattr(parent, attr, new)
+        done.append(name)
+    if hasattr(backbone, "peft_config"):
+        try:
+            del backbone.peft_config
+        except AttributeError:  # pragma: no cover
+            pass
+    return bool(done)
+
+
+# --------------------------------------------------------------------------- AdaptFormer
+
+
+class AdaptFormerMLP(nn.Module):
+    """Block MLP + parallel bottleneck adapter: mlp(LN(h)) + scale * up(relu(down(x_a)))."""
+
+    def __init__(
+        self,
+        mlp: nn.Module,
+        dim: int,
+        bottleneck: int,
+        scale_init: float = 1.0,
+        block_norm: Optional[nn.Module] = None,
+    ):
+        super().__init__()
+        self.mlp = mlp
+        # adapter_norm="own": the block's LayerNorm lives here and the adapter has its own LN
+        self.block_norm = block_norm
+        if block_norm is not None:
+            eps = getattr(block_norm, "eps", 1e-5)
+            self.adapter_norm = nn.LayerNorm(dim, eps=eps)
+        else:
+            self.adapter_norm = None
+        self.down = nn.Linear(dim, bottleneck)
+        self.up = nn.Linear(bottleneck, dim)
+        self.scale = nn.Parameter(torch.full((1,), float(scale_init)))
+        nn.init.kaiming_normal_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def adapter(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.up(F.relu(self.down(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.block_norm is None:  # x = LN(h)
+            return self.mlp(x) + self.adapter(x)
+        return self.mlp(self.block_norm(x)) + self.adapter(self.adapter_norm(x))  # x = h
+
+
+def apply_adaptformer(blocks: list, mlp_attr: str, norm_attr: str, dim: int, bottleneck: int,
+                      scale_init: float, adapter_norm: str = "shared") -> int:
+    if bottleneck < 1:
+        raise UserError(f"tuning.adapter_bottleneck: must be >= 1, got {bottleneck}")
+    if adapter_norm not in ("shared", "own"):
+        raise UserError(f"tuning.adapter_norm: '{adapter_norm}' is not one of shared, own")
+    if not blocks:
+        raise UserError("tuning.method=adaptformer: no transformer blocks found in this backbone")
+    for block in blocks:
+        mlp = getattr(block, mlp_attr)
+        block_norm = None
+        if adapter_norm == "own":
+            block_norm = getattr(block, norm_attr)
+            setattr(block, norm_attr, nn.Identity())
+        setattr(block, mlp_attr, AdaptFormerMLP(mlp, dim, bottleneck, scale_init, block_norm))
+        ref = next(mlp.parameters(), None)
+        if ref is not None:
+            getattr(block, mlp_attr).to(device=ref.device, dtype=ref.dtype)
+    return len(blocks)

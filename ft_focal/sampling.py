@@ -1,0 +1,130 @@
+"""Deterministic, resumable data order for one or many processes.
+
+Why not a shuffled DataLoader: exact resume needs the data order and every augmentation to be
+a pure function of (seed, epoch, position), independent of how many steps ran before a crash
+and of DataLoader worker scheduling. Here:
+  * epoch e visits `torch.randperm(N, generator=seed + e)`, cut into GLOBAL batches
+    (the last incomplete global batch is dropped, as with drop_last=True);
+  * global batch s is split into equal contiguous slices, one per process, and each slice into
+    `accumulation` micro-batches;
+  * the augmentation of sample i in epoch e is seeded from (seed, epoch, i) (`SeededDataset`).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+def steps_per_epoch(dataset_size: int, global_batch: int) -> int:
+    return dataset_size // global_batch
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Yields this process's micro-batches (lists of indices) from global step `start_step` on.
+
+    Args:
+        dataset_size: N samples. global_batch: samples per optimizer step over all processes.
+        rank / world_size: this process. accumulation: micro-batches per optimizer step.
+        seed / epoch: the permutation. start_step: first global step of the epoch to yield.
+    """
+
+    def __init__(
+        self,
+        dataset_size: int,
+        global_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        accumulation: int = 1,
+        seed: int = 0,
+        epoch: int = 0,
+        start_step: int = 0,
+    ) -> None:
+        if global_batch % (world_size * accumulation):
+            raise ValueError(
+                f"global batch {global_batch} is not divisible by processes x accumulation = {world_size * accumulation}"
+            )
+        self.dataset_size = dataset_size
+        self.global_batch = global_batch
+        self.rank = rank
+        self.world_size = world_size
+        self.accumulation = accumulation
+        self.seed = seed
+        self.epoch = epoch
+        self.start_step = start_step
+
+    def permutation(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.dataset_size, generator=generator)
+
+    def __len__(self) -> int:
+        return max(0, steps_per_epoch(self.dataset_size, self.global_batch) - self.start_step) * self.accumulation
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.permutation()
+        per_process = self.global_batch // self.world_size
+        micro = per_process // self.accumulation
+        for step in range(self.start_step, steps_per_epoch(self.dataset_size, self.global_batch)):
+            start = step * self.global_batch + self.rank * per_process
+            mine = order[start : start + per_process].tolist()
+            for k in range(self.accumulation):
+                yield mine[k * micro : (k + 1) * micro]
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so the random transform of item i in epoch e is seeded by (seed, e, i).
+
+    The global RNG of the calling process is forked, so drawing augmentations never disturbs
+    the training RNG (dropout etc.), whether the item is loaded in the main process or a worker.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        import random
+
+        import numpy as np
+
+        item_seed = (self.seed * 1_000_003 + self.epoch * 7_919 + index * 104_729) % (2**63 - 1)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed)
+            random.seed(item_seed)
+            np.random.seed(item_seed % (2**32))
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+def shard_indices(size: int, rank: int, world_size: int) -> list[int]:
+    """Indices of an evaluation shard: i % world_size == rank (uneven sizes allowed, no padding)."""
+    return list(range(rank, size, world_size))
+
+
+def eval_batches(size: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    indices = shard_indices(size, rank, world_size)
+    return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+
+
+def unshard(parts: list[torch.Tensor], sizes: Optional[list[int]] = None) -> torch.Tensor:
+    """Inverse of `shard_indices`: interleave per-rank results back into dataset order."""
+    world = len(parts)
+    total = sum(p.shape[0] for p in parts) if sizes is None else sum(sizes)
+    out = parts[0].new_empty((total, *parts[0].shape[1:]))
+    for rank, part in enumerate(parts):
+        count = len(range(rank, total, world))
+        out[rank::world] = part[:count]
+    return out

@@ -1,0 +1,119 @@
+"""A trained model on disk: the `final/` folder of a run (also the core of an export).
+
+  model.safetensors   the whole classifier's state dict (backbone + adapters + head)
+  recipe.yaml         the resolved recipe (architecture, tuning, data, protocol)
+  classnames.json     class names in label order
+  class_counts.json   training-set count per class (shot groups are defined from these)
+  preprocess.json     image size, mean / std, interpolation, test resize
+
+Everything needed to rebuild the classifier without the original pretrained weights file:
+the architecture comes from the recipe with random init, then the saved tensors are loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
+
+from ft_focal.config import Recipe, load_recipe, save_recipe
+from ft_focal.errors import UserError
+
+WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class SavedModel:
+    """A reloaded classifier with what is needed to use and evaluate it."""
+
+    model: torch.nn.Module
+    recipe: Recipe
+    classnames: list[str]
+    class_counts: list[int]
+    preprocess: dict
+    path: Path
+
+    def transform(self):
+        """The test-time transform (Resize + CenterCrop + Normalize) of this model."""
+        from ft_focal.data import build_transform
+
+        return build_transform(self.preprocess, self.recipe.data, train=False)
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def save_model_dir(
+    directory: str | os.PathLike,
+    model: torch.nn.Module,
+    recipe: Recipe,
+    classnames: list[str],
+    class_counts: list[int],
+    preprocess: dict,
+) -> Path:
+    """Write a reloadable model folder; each file is written to a temporary name then renamed."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (WEIGHTS + ".tmp")
+    st_save_model(model, str(tmp))
+    os.replace(tmp, directory / WEIGHTS)
+    save_recipe(recipe, directory / "recipe.yaml")
+    _write_json(directory / "classnames.json", list(classnames))
+    _write_json(directory / "class_counts.json", [int(c) for c in class_counts])
+    _write_json(directory / "preprocess.json", dict(preprocess))
+    return directory
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        raise UserError(f"{path}: missing (not a model folder written by ft_focal?)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: corrupt JSON ({exc})") from None
+
+
+def load_model_dir(directory: str | os.PathLike, overrides: Optional[list[str]] = None) -> SavedModel:
+    """Rebuild the classifier of a `final/` or export folder and load its weights (CPU)."""
+    from ft_focal.models import build_classifier
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory}: model folder not found")
+    recipe = load_recipe(directory / "recipe.yaml", overrides or [])
+    classnames = _read_json(directory / "classnames.json")
+    class_counts = _read_json(directory / "class_counts.json")
+    preprocess = _read_json(directory / "preprocess.json")
+    if len(classnames) != len(class_counts):
+        raise UserError(
+            f"{directory}: classnames.json has {len(classnames)} classes but class_counts.json {len(class_counts)}"
+        )
+    model = build_classifier(recipe.model, recipe.tuning, len(classnames), classnames, load_weights=False)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"{weights}: weights file missing")
+    try:
+        missing, unexpected = st_load_model(model, str(weights), strict=False)
+    except SafetensorError as exc:
+        raise UserError(f"{weights}: corrupt safetensors file ({exc})") from None
+    except RuntimeError as exc:  # shape mismatch, e.g. a head of another size
+        first = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in first if "size mismatch" in line), first[-1] if first else str(exc))
+        raise UserError(f"{weights}: does not fit the model built from recipe.yaml ({detail})") from None
+    if missing or unexpected:
+        raise UserError(
+            f"{weights}: tensors do not match the model built from recipe.yaml "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    model.eval()
+    return SavedModel(model, recipe, classnames, [int(c) for c in class_counts], preprocess, directory)
