@@ -43,7 +43,13 @@ def run_guarded(fn: Callable[[], int]) -> int:
     except UserError as exc:
         if os.environ.get("FT_FOCAL_DEBUG"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        lines = str(exc).strip().splitlines() or ["(no message)"]
+        print(f"error: {lines[-1] if len(lines) > 1 and 'Traceback' in lines[0] else lines[0]}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        if os.environ.get("FT_FOCAL_DEBUG"):
+            raise
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

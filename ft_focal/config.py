@@ -53,6 +53,8 @@ class TuningConfig:
     lora_targets null = the family's default (open_clip: attn c_fc c_proj; hf_clip: q_proj k_proj
     v_proj out_proj fc1 fc2; hf_vit: q_proj k_proj v_proj o_proj fc1 fc2).
     adapter_bottleneck null = 2^max(0, floor(log2(C / 24))) (ALGORITHMS.md).
+    adapter_norm: "shared" = the adapter reads the block's own LN(h) (the MLP input);
+        "own" = the adapter has its own trainable LayerNorm on h (LIFT's AdaptFormer).
     """
 
     method: str = "adaptformer"
@@ -62,6 +64,7 @@ class TuningConfig:
     lora_targets: Optional[list] = None
     adapter_bottleneck: Optional[int] = None
     adapter_scale_init: float = 1.0
+    adapter_norm: str = "shared"
     train_head: bool = True
 
 
@@ -103,6 +106,7 @@ class DataConfig:
     synthetic_num_classes: int = 10
     synthetic_train_size: int = 64
     synthetic_eval_size: int = 32
+    split_seed: Optional[int] = 0  # seed of data splits / long-tailed subsampling (null = the run seed)
 
 
 @dataclass
@@ -216,6 +220,7 @@ CHOICES = {
     "model.head": ("cosine", "linear"),
     "model.head_init": ("text", "random"),
     "tuning.method": ("full", "lora", "adaptformer", "head"),
+    "tuning.adapter_norm": ("shared", "own"),
     "data.dataset": ("digits_lt", "split_file", "image_folder", "hf", "cifar_lt", "synthetic"),
     "data.label_order": ("given", "alphabetical"),
     "data.imbalance_profile": ("exp", "step"),

@@ -42,6 +42,20 @@ def _gather_shards(local: torch.Tensor, accelerator: Any, total: int) -> torch.T
     return unshard(parts, [total])
 
 
+def _collate_keep_bad(items: list) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """Stack a batch; an unreadable image (None, with data.skip_bad_images) keeps its slot as label -1.
+
+    Keeping the slot keeps every process's shard aligned with the dataset order for the gather.
+    """
+    good = [item for item in items if item is not None]
+    labels = torch.tensor([-1 if item is None else int(item[1]) for item in items], dtype=torch.long)
+    if not good:
+        return None, labels
+    template = torch.zeros_like(good[0][0])
+    images = torch.stack([template if item is None else item[0] for item in items])
+    return images, labels
+
+
 @torch.no_grad()
 def predict(
     model: torch.nn.Module,
@@ -51,10 +65,12 @@ def predict(
     num_workers: int = 0,
     collate_fn=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [N, C] (float32, CPU) and labels [N] (int64) for every sample of `dataset`.
+    """Logits [N, C] (float32, CPU) and labels [N] (int64) for every readable sample of `dataset`.
 
     Items may be (image [3,H,W], label) or five-crop (crops [K,3,H,W], label); the logits of
-    the K crops are averaged (the CLIP protocol's optional test-time ensemble).
+    the K crops are averaged (the CLIP protocol's optional test-time ensemble). Images skipped
+    as unreadable (data.skip_bad_images) are left out of the result. `collate_fn` is accepted
+    for symmetry with training and ignored: evaluation keeps unreadable slots to stay aligned.
     """
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
@@ -65,7 +81,7 @@ def predict(
         batch_sampler=batches,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        collate_fn=collate_fn,
+        collate_fn=_collate_keep_bad,
     )
     was_training = model.training
     model.eval()
@@ -73,6 +89,10 @@ def predict(
     autocast = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
     with autocast:
         for images, labels in loader:
+            if images is None:  # the whole batch was unreadable
+                logits_parts.append(None)
+                label_parts.append(labels)
+                continue
             images = images.to(device, non_blocking=True)
             if images.dim() == 5:  # [B, K, 3, H, W]: average over the K crops
                 b, k = images.shape[:2]
@@ -80,14 +100,16 @@ def predict(
             else:
                 out = model(images).float()
             logits_parts.append(out.cpu())
-            label_parts.append(torch.as_tensor(labels).long().cpu())
+            label_parts.append(labels)
     model.train(was_training)
-    num_classes = _num_outputs(model, logits_parts)
+    num_classes = _num_outputs(model, [p for p in logits_parts if p is not None])
+    logits_parts = [torch.zeros(len(l), num_classes) if p is None else p for p, l in zip(logits_parts, label_parts)]
     local_logits = torch.cat(logits_parts) if logits_parts else torch.zeros(0, num_classes)
     local_labels = torch.cat(label_parts) if label_parts else torch.zeros(0, dtype=torch.long)
     logits = _gather_shards(local_logits, accelerator, len(dataset))
     labels = _gather_shards(local_labels, accelerator, len(dataset))
-    return logits, labels
+    readable = labels >= 0
+    return logits[readable], labels[readable]
 
 
 def _num_outputs(model: torch.nn.Module, parts: list[torch.Tensor]) -> int:
@@ -107,7 +129,7 @@ def summarize(
 ) -> dict:
     """Accuracy overall / many / medium / few / per class (fractions) and ECE of one split."""
     result = long_tail_accuracy(logits, labels, class_counts, num_classes=len(class_counts), many=many, few=few)
-    result["ece"] = float(expected_calibration_error(logits, labels, n_bins=ece_bins)) if len(labels) else None
+    result["ece"] = float(expected_calibration_error(logits, labels, n_bins=ece_bins, inputs="logits")) if len(labels) else None
     return result
 
 
@@ -168,14 +190,14 @@ def evaluate_saved(
 
 
 def describe_preprocess(preprocess: dict, data_cfg: Any, five_crop: bool = False) -> str:
-    size = preprocess.get("image_size", data_cfg.image_size)
+    """The test-time transform in words, as `ft_focal.data.build_transform` builds it."""
+    from ft_focal.hub import describe_transform
+
+    text = describe_transform(preprocess, data_cfg)
     if five_crop:
-        return f"Resize({round(size * 248 / 224)}) + FiveCrop({size}), logits averaged; mean {preprocess.get('mean')} std {preprocess.get('std')}"
-    resize = max(data_cfg.test_resize, size)
-    return (
-        f"Resize({resize}, {preprocess.get('interpolation', 'bicubic')}) + CenterCrop({size}); "
-        f"mean {preprocess.get('mean')} std {preprocess.get('std')}"
-    )
+        size = preprocess.get("image_size", data_cfg.image_size)
+        text = f"Resize({round(248 * size / 224)}) + FiveCrop({size}), logits averaged; " + text.split(" + ", 2)[-1]
+    return text
 
 
 def evaluate_corruption_set(saved: Any, model: torch.nn.Module, root: str, clean_accuracy: Optional[float],

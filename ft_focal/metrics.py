@@ -219,7 +219,9 @@ def load_alexnet_errors() -> dict[str, list[float]]:
 
 def _validate_errors(errors: Mapping[str, Sequence[float]], what: str) -> dict[str, np.ndarray]:
     if not isinstance(errors, Mapping):
-        raise ValueError(f"{what} must map corruption name -> 5 errors, got {type(errors).__name__}")
+        raise ValueError(
+            f"{what} must map corruption name -> 5 errors, got {type(errors).__name__}"
+        )
     out: dict[str, np.ndarray] = {}
     for name, vals in errors.items():
         arr = _to_numpy(vals).astype(np.float64).reshape(-1)

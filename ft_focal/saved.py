@@ -5,6 +5,7 @@
   classnames.json     class names in label order
   class_counts.json   training-set count per class (shot groups are defined from these)
   preprocess.json     image size, mean / std, interpolation, test resize
+  wnids.json          ImageNet synset ids in label order (when known; maps ImageNet-C folders)
 
 Everything needed to rebuild the classifier without the original pretrained weights file:
 the architecture comes from the recipe with random init, then the saved tensors are loaded.
@@ -12,6 +13,7 @@ the architecture comes from the recipe with random init, then the saved tensors 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ class SavedModel:
     class_counts: list[int]
     preprocess: dict
     path: Path
+    wnids: Optional[list[str]] = None
 
     def transform(self):
         """The test-time transform (Resize + CenterCrop + Normalize) of this model."""
@@ -60,6 +63,7 @@ def save_model_dir(
     classnames: list[str],
     class_counts: list[int],
     preprocess: dict,
+    wnids: Optional[list[str]] = None,
 ) -> Path:
     """Write a reloadable model folder; each file is written to a temporary name then renamed."""
     directory = Path(directory)
@@ -67,10 +71,17 @@ def save_model_dir(
     tmp = directory / (WEIGHTS + ".tmp")
     st_save_model(model, str(tmp))
     os.replace(tmp, directory / WEIGHTS)
+    # The recipe that reloads the folder: the resolved architecture with no weights file, so the
+    # folder stays loadable when the original pretrained weights are not on this machine.
+    rebuild = getattr(model, "rebuild_config", None)
+    if rebuild is not None:
+        recipe = dataclasses.replace(recipe, model=rebuild)
     save_recipe(recipe, directory / "recipe.yaml")
     _write_json(directory / "classnames.json", list(classnames))
     _write_json(directory / "class_counts.json", [int(c) for c in class_counts])
     _write_json(directory / "preprocess.json", dict(preprocess))
+    if wnids:
+        _write_json(directory / "wnids.json", list(wnids))
     return directory
 
 
@@ -116,4 +127,5 @@ def load_model_dir(directory: str | os.PathLike, overrides: Optional[list[str]] 
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
     model.eval()
-    return SavedModel(model, recipe, classnames, [int(c) for c in class_counts], preprocess, directory)
+    wnids = _read_json(directory / "wnids.json") if (directory / "wnids.json").is_file() else None
+    return SavedModel(model, recipe, classnames, [int(c) for c in class_counts], preprocess, directory, wnids)

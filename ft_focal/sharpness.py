@@ -91,7 +91,9 @@ def _loss_and_count(loss_fn: LossFn, batch: Any) -> tuple[torch.Tensor | None, f
     return loss, n
 
 
-def _grads(outputs: torch.Tensor, params: list[torch.Tensor], create_graph: bool) -> list[torch.Tensor]:
+def _grads(
+    outputs: torch.Tensor, params: list[torch.Tensor], create_graph: bool
+) -> list[torch.Tensor]:
     gs = torch.autograd.grad(outputs, params, create_graph=create_graph, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
 
@@ -157,7 +159,9 @@ def hessian_vector_product(
     return [a / total for a in acc]
 
 
-def _hvp_flat(loss_fn: LossFn, params: list[torch.Tensor], v: torch.Tensor, batches: Batches) -> torch.Tensor:
+def _hvp_flat(
+    loss_fn: LossFn, params: list[torch.Tensor], v: torch.Tensor, batches: Batches
+) -> torch.Tensor:
     return _flat(hessian_vector_product(loss_fn, params, _unflat(v, params), batches)).to(v.dtype)
 
 
@@ -272,8 +276,10 @@ def _lanczos(loss_fn, params, batches, k, iters, gen):
     order = np.argsort(theta)[::-1][:k]
     Qm = torch.stack(Q[: len(alphas)], dim=1)  # [P, m]
     vals = [float(theta[i]) for i in order]
-    vecs = [(Qm @ torch.as_tensor(S[:, i], dtype=torch.float64, device=Qm.device)).to(params[0].dtype)
-            for i in order]
+    vecs = [
+        (Qm @ torch.as_tensor(S[:, i], dtype=torch.float64, device=Qm.device)).to(params[0].dtype)
+        for i in order
+    ]
     if len(vals) < k:  # Krylov space exhausted (rank-deficient start); pad with zeros
         vals += [0.0] * (k - len(vals))
         vecs += [torch.zeros(P, dtype=params[0].dtype, device=params[0].device)] * (k - len(vecs))
@@ -355,7 +361,9 @@ def _mean_loss(loss_fn: LossFn, batches: Batches) -> float:
     return total / count
 
 
-def _mean_grad(loss_fn: LossFn, params: list[torch.Tensor], batches: Batches) -> tuple[list[torch.Tensor], float]:
+def _mean_grad(
+    loss_fn: LossFn, params: list[torch.Tensor], batches: Batches
+) -> tuple[list[torch.Tensor], float]:
     acc = [torch.zeros_like(p) for p in params]
     total, loss_sum = 0.0, 0.0
     for batch in _iterate(batches):
@@ -372,7 +380,9 @@ def _mean_grad(loss_fn: LossFn, params: list[torch.Tensor], batches: Batches) ->
     return [a / total for a in acc], loss_sum / total
 
 
-def _first_order(loss_fn: LossFn, params: list[torch.Tensor], batches: Batches, rho: float) -> dict[str, float]:
+def _first_order(
+    loss_fn: LossFn, params: list[torch.Tensor], batches: Batches, rho: float
+) -> dict[str, float]:
     grads, loss0 = _mean_grad(loss_fn, params, batches)
     gnorm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
     backup = [p.detach().clone() for p in params]

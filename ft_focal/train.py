@@ -127,7 +127,7 @@ def train(recipe: Recipe, bundle: Any = None) -> dict:
     """Run a recipe to the end (resuming from its last good checkpoint); returns metrics.json."""
     from accelerate.utils import set_seed
 
-    from ft_focal.data import build_datasets, collate_skip_bad
+    from ft_focal.data import build_datasets
     from ft_focal.evaluate import evaluate_split
     from ft_focal.models import build_classifier, preprocess_for
     from ft_focal.saved import save_model_dir
@@ -195,7 +195,7 @@ def train(recipe: Recipe, bundle: Any = None) -> dict:
 
     # 5. The loop. Each update: load the micro-batches, one optimizer call, one scheduler step.
     train_set = SeededDataset(bundle.train, recipe.seed)
-    collate = collate_skip_bad if recipe.data.skip_bad_images else None
+    collate = bundle.collate_fn
     started = time.time()
     progress = _progress(accelerator, total_steps, state["step"])
     while state["step"] < total_steps:
@@ -210,6 +210,12 @@ def train(recipe: Recipe, bundle: Any = None) -> dict:
         wrapped.train()
         for _ in range(first, n_steps_epoch):
             micro = [next(batches) for _ in range(cfg.grad_accum_steps)]
+            micro = [m for m in micro if m is not None]  # None: every image of it was unreadable and skipped
+            if not micro:
+                state["step"] += 1
+                scheduler.step()
+                progress.update(1)
+                continue
             closures, targets = [], []
             for images, labels in micro:
                 images, labels = images.to(accelerator.device), labels.to(accelerator.device)
@@ -238,7 +244,7 @@ def train(recipe: Recipe, bundle: Any = None) -> dict:
         if epoch_done and bundle.val is not None and recipe.eval.select_split == "val" and (
                 (epoch + 1) % cfg.eval_every_epochs == 0 or state["step"] >= total_steps):
             val = evaluate_split(model, bundle.eval_dataset("val"), class_counts, recipe.eval, cfg.eval_batch_size,
-                                 accelerator, recipe.data.num_workers)
+                                 accelerator, recipe.data.num_workers, collate)
             score = val[recipe.eval.select_metric]
             state["history"].append({"epoch": epoch, "step": state["step"], "val": _short(val)})
             accelerator.log({f"val/{k}": v for k, v in _short(val).items() if v is not None}, step=state["step"])
@@ -258,6 +264,7 @@ def train(recipe: Recipe, bundle: Any = None) -> dict:
         ckpt.load_trainable_state(model, load_file(str(out / "best_model.safetensors")))
         selected = f"best on val ({recipe.eval.select_metric}) at epoch {state['best_epoch']}"
     results = {"recipe": recipe.name, "world_size": world, "selected": selected, "class_counts": class_counts,
+               "skipped_images": bundle.skipped_images() if hasattr(bundle, "skipped_images") else {},
                "optimizer": recipe.optim.name, "updates": state["step"], "train_seconds": round(train_seconds, 2),
                "skipped_steps": optimizer.skipped_steps, "pass_counts": dict(optimizer.pass_counts),
                "history": state["history"]}
@@ -265,12 +272,13 @@ def train(recipe: Recipe, bundle: Any = None) -> dict:
         dataset = bundle.eval_dataset(split, five_crop=recipe.eval.five_crop and split != "val")
         if dataset is not None:
             results[split] = evaluate_split(model, dataset, class_counts, recipe.eval, cfg.eval_batch_size,
-                                            accelerator, recipe.data.num_workers)
+                                            accelerator, recipe.data.num_workers, collate)
     results["test"] = results.get(recipe.eval.test_split)
 
     # 7. Artefacts: final/ (safetensors + what reloads it), metrics.json, the report.
     if accelerator.is_main_process:
-        final = save_model_dir(out / "final", model, recipe, bundle.classnames, class_counts, preprocess)
+        final = save_model_dir(out / "final", model, recipe, bundle.classnames, class_counts, preprocess,
+                               getattr(bundle, "wnids", None))
         _write_json(out / "metrics.json", results)
         _write_json(final / "metrics.json", results)
         try:

@@ -6,3 +6,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("ACCELERATE_USE_CPU", "1")
+
+# Tests use tiny models: one intra-op thread is as fast as two and does not thrash when the
+# two cores are shared (pytest plus a DataLoader worker or a second process).
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

@@ -196,7 +196,9 @@ def _render_task(task: tuple[str, ImageSource, list[tuple[str, int]]]) -> tuple[
     try:
         image = prepare_image(source, _CFG["resize"], _CFG["crop"])
     except UserError as exc:
-        return rel, 0, [f"{_describe(rel, source)}: {exc}"], len(jobs)
+        where = _describe(rel, source)
+        msg = str(exc) if str(exc).startswith(where) else f"{where}: {exc}"
+        return rel, 0, [msg], len(jobs)
     except Exception as exc:  # decoding problems, odd arrays: report, keep going
         return rel, 0, [f"{_describe(rel, source)}: {type(exc).__name__}: {' '.join(str(exc).split())}"], len(jobs)
     written = 0

@@ -6,8 +6,8 @@ the bundle). Construction is deterministic and uses no global random state.
 
 Bad images: by default a missing / corrupt image raises `DataError` naming the file (and the
 list line). With `data.skip_bad_images: true` the dataset returns `None` for it instead, logs a
-warning for the first few, and counts it in `dataset.bad_count`, a counter in shared memory so
-that images skipped inside DataLoader worker processes are counted too. Use
+warning for the first few, and counts it in `dataset.bad_count`, a counter in shared memory (a
+torch tensor) so that images skipped inside DataLoader worker processes are counted too. Use
 `collate_skip_bad` (also `bundle.collate_fn`) as the DataLoader's collate_fn: it drops the
 `None` samples (and returns `None` when a whole batch is bad).
 """
@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import multiprocessing
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -27,13 +25,20 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from ft_focal.data.images import DataError, array_to_pil, open_rgb, to_rgb
-from ft_focal.data.longtail import class_counts_from_labels
+from ft_focal.data.longtail import class_counts_from_labels, longtail_counts
 from ft_focal.data.transforms import build_five_crop_transform, build_transform
 from ft_focal.errors import UserError
 
 log = logging.getLogger("ft_focal.data")
 
 _MAX_BAD_WARNINGS = 10
+_COUNTER_SLOTS = 129  # one per DataLoader worker (id modulo 128) + one for the main process
+
+
+def _new_counter() -> torch.Tensor:
+    """Skipped-image counter in shared memory: visible to the main process whatever the worker
+    start method (fork, spawn, forkserver), since torch shares such tensors with its workers."""
+    return torch.zeros(_COUNTER_SLOTS, dtype=torch.int64).share_memory_()
 
 
 class LabelledImages(Dataset):
@@ -45,7 +50,7 @@ class LabelledImages(Dataset):
         self.transform = transform
         self.skip_bad = bool(skip_bad)
         self.name = name
-        self._bad = multiprocessing.Value("l", 0) if self.skip_bad else None
+        self._bad = _new_counter() if self.skip_bad else None
         self._warned = 0
 
     def __len__(self) -> int:
@@ -76,8 +81,9 @@ class LabelledImages(Dataset):
         return img, int(self.labels[i])
 
     def _record_bad(self, exc: Exception) -> None:
-        with self._bad.get_lock():
-            self._bad.value += 1
+        info = torch.utils.data.get_worker_info()
+        slot = (info.id % (_COUNTER_SLOTS - 1)) if info is not None else _COUNTER_SLOTS - 1
+        self._bad[slot] += 1  # one slot per worker process: no lock needed
         self._warned += 1
         if self._warned <= _MAX_BAD_WARNINGS:
             more = " (further bad images of this split in this process are counted, not logged)" \
@@ -87,11 +93,11 @@ class LabelledImages(Dataset):
     @property
     def bad_count(self) -> int:
         """Images skipped so far (all processes sharing this dataset; 0 without skip_bad)."""
-        return int(self._bad.value) if self._bad is not None else 0
+        return int(self._bad.sum()) if self._bad is not None else 0
 
     def _copy(self) -> "LabelledImages":
         new = copy.copy(self)
-        new._bad = multiprocessing.Value("l", 0) if self.skip_bad else None
+        new._bad = _new_counter() if self.skip_bad else None
         new._warned = 0
         return new
 
@@ -324,8 +330,8 @@ def _warn_empty_classes(counts: list, classnames: list) -> int:
 
 def finish_bundle(train: LabelledImages, val: Optional[LabelledImages], test: LabelledImages,
                   classnames: list, wnids: Optional[list], preprocess: dict, data_cfg,
-                  info: dict) -> DataBundle:
-    """Attach transforms, count classes, fill `splits_info`."""
+                  info: dict, class_counts: Optional[list] = None) -> DataBundle:
+    """Attach transforms, count classes (unless `class_counts` is given), fill `splits_info`."""
     num_classes = len(classnames)
     train_tf = build_transform(preprocess, data_cfg, train=True)
     test_tf = build_transform(preprocess, data_cfg, train=False)
@@ -334,13 +340,13 @@ def finish_bundle(train: LabelledImages, val: Optional[LabelledImages], test: La
         train = train.with_transform(train_tf)
         val = val.with_transform(test_tf) if val is not None else None
         test = test.with_transform(test_tf)
-    counts = class_counts_from_labels(train.labels, num_classes)
+    counts = class_counts_from_labels(train.labels, num_classes) if class_counts is None else list(class_counts)
     n_empty = _warn_empty_classes(counts, classnames)
     info = dict(info)
     info.update(
         num_classes=num_classes,
         sizes={"train": len(train), "val": len(val) if val is not None else 0, "test": len(test)},
-        train_images=int(sum(counts)),
+        train_images=len(train),
         empty_train_classes=n_empty,
         max_class_count=int(max(counts)) if counts else 0,
         min_class_count=int(min(counts)) if counts else 0,
@@ -375,20 +381,28 @@ def spread_counts(total: int, num_classes: int, imbalance_factor: float) -> list
     return (base + add).tolist()
 
 
+SYNTHETIC_N_MAX = 500
+
+
 def synthetic_bundle(num_classes: int, preprocess: dict, train_size: int = 64, eval_size: int = 32,
                      seed: int = 0, imbalance_factor: float = 100, data_cfg=None) -> DataBundle:
     """Random images over `num_classes` classes (the REAL class count of a recipe, for --dry-run).
 
-    Training labels follow the exp long-tail profile with `imbalance_factor`, spread over
-    `train_size` samples (every class gets one when train_size >= num_classes, otherwise the
-    tail classes get none); `class_counts` are the counts of these labels. Validation and test
-    hold `eval_size` samples each, labels cycling over the classes (balanced).
+    `class_counts` are NOMINAL: the exp long-tail profile of a real dataset with this many
+    classes, `longtail_counts(500, num_classes, imbalance_factor)` (IF 100: 500 down to 5, so
+    every class is non-empty and the many / medium / few groups are all present), so that the
+    losses and optimizers see realistic counts. The `train_size` random training images have
+    labels spread along the same profile (largest remainder; every class gets one when
+    train_size >= num_classes); their actual counts are in `splits_info["train_label_counts"]`.
+    Validation and test hold `eval_size` samples each, labels cycling over the classes.
     """
     if num_classes < 1:
         raise UserError(f"synthetic data needs at least one class, got {num_classes}")
     size = int(preprocess.get("image_size", 224) if isinstance(preprocess, dict) else 224)
-    counts = spread_counts(int(train_size), num_classes, imbalance_factor)
-    train_labels = np.repeat(np.arange(num_classes), counts)
+    factor = float(imbalance_factor) if imbalance_factor else 1.0
+    nominal = longtail_counts(SYNTHETIC_N_MAX, num_classes, max(1.0, factor))
+    actual = spread_counts(int(train_size), num_classes, factor)
+    train_labels = np.repeat(np.arange(num_classes), actual)
     train_labels = train_labels[np.random.default_rng(seed).permutation(len(train_labels))]
     eval_labels = np.arange(int(eval_size)) % num_classes
     train = SyntheticDataset(train_labels, size, seed=seed * 3 + 0, name="synthetic/train")
@@ -397,12 +411,15 @@ def synthetic_bundle(num_classes: int, preprocess: dict, train_size: int = 64, e
     classnames = [f"class_{c}" for c in range(num_classes)]
     info = {"dataset": "synthetic", "sources": {"train": "random tensors", "val": "random tensors",
                                                 "test": "random tensors"},
-            "imbalance_factor": imbalance_factor}
+            "imbalance_factor": factor,
+            "class_counts": f"nominal: longtail_counts({SYNTHETIC_N_MAX}, {num_classes}, {factor:g})",
+            "train_label_counts": actual}
 
     class _Cfg:  # transforms are not used by synthetic data; defaults for the five-crop builder
-        test_resize, hflip, train_crop_scale, image_size = 224, True, [0.08, 1.0], size
+        test_resize, hflip, train_crop_scale, image_size, skip_bad_images = 224, True, [0.08, 1.0], size, False
 
-    return finish_bundle(train, val, test, classnames, None, preprocess, data_cfg or _Cfg(), info)
+    return finish_bundle(train, val, test, classnames, None, preprocess, data_cfg or _Cfg(), info,
+                         class_counts=nominal)
 
 
 def build_datasets(data_cfg, preprocess: dict, seed: int = 0) -> DataBundle:

@@ -37,6 +37,8 @@ __all__ = [
     "ImageNetCDataset",
     "load_rgb",
     "class_folders",
+    "class_to_label_for",
+    "discover_corruptions",
 ]
 
 #: File suffixes treated as images (compared case-insensitively).
@@ -351,3 +353,52 @@ def class_folders(root: str | os.PathLike) -> list[str]:
         for s in sorted(p for p in c.iterdir() if p.is_dir()):
             return sorted(p.name for p in s.iterdir() if p.is_dir() and not p.name.startswith("."))
     return []
+
+
+def discover_corruptions(root: str | os.PathLike, known_order: Sequence[str] = ()) -> list[str]:
+    """Corruption folders present under `root`: names in `known_order` first (in that order),
+    then any other folder, sorted. Hidden folders and files (e.g. render_info.json) are skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: ImageNet-C root folder not found")
+    present = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    if not present:
+        raise UserError(f"{root}: no corruption folders found (expected root/<corruption>/<severity>/<class>/<image>)")
+    ordered = [c for c in known_order if c in present]
+    return ordered + sorted(present - set(ordered))
+
+
+def class_to_label_for(
+    root: str | os.PathLike,
+    classnames: Optional[Sequence[str]] = None,
+    wnids: Optional[Sequence[str]] = None,
+) -> dict[str, int]:
+    """Class folder -> label for an ImageNet-C-layout folder, in the model's label order.
+
+    - `wnids` given (ImageNet-style models: wnid i = label i): `wnid_mapping(wnids)`.
+    - else the class folders found under the first subset of `root` are matched to `classnames`
+      (label i = classnames[i]): exactly, or with spaces written as underscores, or as the label
+      number itself ("0", "1", ... as written by `sources_from_arrays`).
+    A folder that matches nothing is a UserError naming it.
+    """
+    if wnids:
+        return wnid_mapping(list(wnids))
+    folders = class_folders(root)
+    if not folders:
+        raise UserError(f"{root}: no class folders found under <corruption>/<severity>/")
+    if not classnames:
+        raise UserError(f"{root}: the model has neither wnids nor class names to map the class folders to labels")
+    names = [str(n) for n in classnames]
+    candidates = [
+        {n: i for i, n in enumerate(names)},
+        {n.replace(" ", "_"): i for i, n in enumerate(names)},
+        {str(i): i for i in range(len(names))},
+    ]
+    for mapping in candidates:
+        if len(mapping) == len(names) and all(f in mapping for f in folders):
+            return mapping
+    unknown = next(f for f in folders if f not in candidates[0] and f not in candidates[1] and f not in candidates[2])
+    raise UserError(
+        f"{root}: class folder '{unknown}' matches no class name of the model (nor a label number 0..{len(names) - 1}); "
+        "pass the wnids / class list the folders use"
+    )

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -177,8 +178,25 @@ def _instantiate_open_clip(cfg: dict):
         raise UserError(f"model.config: not a valid open_clip model config ({_one_line(exc)})") from None
 
 
-def _resolve_open_clip(model_cfg) -> tuple[dict, Optional[str], dict, Optional[str]]:
-    """-> (architecture cfg, checkpoint path or None, preprocess overrides, tokenizer source)."""
+def _instantiate_open_clip_visual(cfg: dict):
+    """Only the vision tower (same class and parameter names as CLIP(...).visual): for rebuilds and
+    random-init models whose text tower would be thrown away unused."""
+    from open_clip.model import _build_vision_tower
+
+    vision_cfg = copy.deepcopy(cfg.get("vision_cfg", {}))
+    if "timm_model_name" in vision_cfg:
+        _instantiate_open_clip(cfg)  # raises the UserError
+    try:
+        return _build_vision_tower(cfg["embed_dim"], vision_cfg, bool(cfg.get("quick_gelu", False)), None)
+    except (TypeError, ValueError, KeyError, AssertionError) as exc:
+        raise UserError(f"model.config: not a valid open_clip model config ({_one_line(exc)})") from None
+
+
+def _resolve_open_clip(model_cfg, load_weights: bool = True) -> tuple[dict, Optional[str], dict, Optional[str]]:
+    """-> (architecture cfg, checkpoint path or None, preprocess overrides, tokenizer source).
+
+    load_weights=False touches no weight file (a local-dir's open_clip_config.json is read only
+    when model.config does not already give the architecture)."""
     import open_clip
 
     pretrained = model_cfg.pretrained
@@ -186,7 +204,9 @@ def _resolve_open_clip(model_cfg) -> tuple[dict, Optional[str], dict, Optional[s
     checkpoint: Optional[str] = None
     tokenizer_source: Optional[str] = None
 
-    if pretrained and pretrained.startswith("local-dir:"):
+    if pretrained and pretrained.startswith("local-dir:") and not load_weights and model_cfg.config:
+        cfg = {}
+    elif pretrained and pretrained.startswith("local-dir:"):
         directory = Path(os.path.expanduser(pretrained[len("local-dir:"):]))
         if not directory.is_dir():
             raise UserError(f"model.pretrained: directory not found: {directory}")
@@ -200,9 +220,9 @@ def _resolve_open_clip(model_cfg) -> tuple[dict, Optional[str], dict, Optional[s
             raise UserError(f"{cfg_path}: not a valid open_clip config ({_one_line(exc)})") from None
         preprocess_over = dict(raw.get("preprocess_cfg") or {})
         found = _open_clip_checkpoint_in_dir(directory)
-        if found is None:
+        if found is None and load_weights:
             raise UserError(f"model.pretrained: no weights (*.safetensors, *.bin, *.pth) in {directory}")
-        checkpoint = str(found)
+        checkpoint = str(found) if found is not None else None
         tokenizer_source = "local-dir:" + str(directory)
     else:
         base = open_clip.get_model_config(model_cfg.name.replace("/", "-"))
@@ -212,21 +232,28 @@ def _resolve_open_clip(model_cfg) -> tuple[dict, Optional[str], dict, Optional[s
                 "(see open_clip.list_models()); give model.config for a custom architecture"
             )
         cfg = copy.deepcopy(base) if base else {}
-        if base is not None and not model_cfg.config:
-            tokenizer_source = model_cfg.name.replace("/", "-")
+        if base is not None and "text_cfg" not in (model_cfg.config or {}):
+            tokenizer_source = model_cfg.name.replace("/", "-")  # the built-in model's own tokenizer
         if pretrained:
             path = Path(os.path.expanduser(pretrained))
             if path.is_file():
                 checkpoint = str(path)
+            elif path.is_dir() and load_weights:
+                raise UserError(
+                    f"model.pretrained: {pretrained} is a directory; use 'local-dir:{pretrained}' for an open_clip "
+                    "model folder (open_clip_config.json + weights) or give the weights file"
+                )
             else:
                 tag_cfg = open_clip.pretrained.get_pretrained_cfg(model_cfg.name.replace("/", "-"), pretrained)
-                if tag_cfg and not _looks_like_path(pretrained):
+                if tag_cfg and not _looks_like_path(pretrained) and not path.exists():
                     if "quick_gelu" in tag_cfg:
                         cfg["quick_gelu"] = bool(tag_cfg["quick_gelu"])
                     for key in ("mean", "std", "interpolation", "resize_mode"):
                         if key in tag_cfg:
                             preprocess_over[key] = tag_cfg[key]
                     checkpoint = "tag:" + pretrained
+                elif not load_weights:
+                    checkpoint = None  # rebuilding: the file is not needed
                 else:
                     raise UserError(f"model.pretrained: file not found: {pretrained}")
     if model_cfg.config:
@@ -254,13 +281,68 @@ def _load_open_clip_weights(model, checkpoint: str, model_cfg) -> None:
         if not checkpoint:
             raise UserError(f"model.pretrained: weights '{tag}' of {model_cfg.name} are not on disk")
     try:
-        open_clip.load_checkpoint(model, checkpoint, strict=True)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*TorchScript archive.*")
+                open_clip.load_checkpoint(model, checkpoint, strict=True)
+        except RuntimeError as exc:
+            if "TorchScript" not in str(exc):
+                raise
+            _load_torchscript_checkpoint(model, checkpoint)
     except UserError:
         raise
     except Exception as exc:
         raise UserError(
             f"model.pretrained: cannot load {checkpoint} into open_clip model '{model_cfg.name}' ({_one_line(exc)})"
         ) from None
+
+
+def _load_torchscript_checkpoint(model, checkpoint: str) -> None:
+    """OpenAI's original CLIP files (e.g. ~/.cache/clip/ViT-B-16.pt) are TorchScript archives, which
+    torch.load(weights_only=True) refuses; their state_dict has open_clip's parameter names."""
+    from open_clip.model import resize_pos_embed
+
+    logger.info("%s is a TorchScript archive (OpenAI CLIP format): reading its state_dict", checkpoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        state_dict = torch.jit.load(checkpoint, map_location="cpu").state_dict()
+    own = model.state_dict()
+    state_dict = {k: v for k, v in state_dict.items()
+                  if k in own or k not in ("input_resolution", "context_length", "vocab_size", "attn_mask")}
+    resize_pos_embed(state_dict, model)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _encode_text(model, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip encode_text(normalize=True), with the padding after the longest prompt cut off.
+
+    For the standard CLIP text tower (causal mask, pooled at the EOT token) the tokens after
+    the EOT never influence it, so running only the first L positions is exact and several
+    times faster than the full context (77) for short prompts."""
+    import open_clip
+    from open_clip.transformer import text_global_pool
+
+    pool = getattr(model, "text_pool_type", None)
+    eos_id = getattr(model, "text_eos_id", None)
+    mask = getattr(model, "attn_mask", None)
+    if type(model) is not open_clip.CLIP or mask is None or pool not in ("argmax", "eos") or (
+        pool == "eos" and eos_id is None
+    ):
+        return model.encode_text(tokens, normalize=True)
+    if pool == "argmax":
+        last = tokens.argmax(dim=-1)
+    else:
+        last = (tokens == eos_id).int().argmax(dim=-1)
+    length = int(last.max()) + 1
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, pool, eos_token_id=eos_id)
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
+    return F.normalize(x, dim=-1)
 
 
 def _open_clip_tokenizer(cfg: dict, tokenizer_source: Optional[str]):
@@ -278,15 +360,26 @@ def _open_clip_tokenizer(cfg: dict, tokenizer_source: Optional[str]):
 
 
 def load_open_clip(model_cfg, load_weights: bool) -> LoadedBackbone:
-    cfg, checkpoint, preprocess_over, tokenizer_source = _resolve_open_clip(model_cfg)
-    model = _instantiate_open_clip(cfg)
-    if load_weights and checkpoint:
+    cfg, checkpoint, preprocess_over, tokenizer_source = _resolve_open_clip(model_cfg, load_weights)
+    needs_full_model = (load_weights and (checkpoint or model_cfg.head_init == "text")) or "multimodal_cfg" in cfg
+    if not needs_full_model:
+        visual = _instantiate_open_clip_visual(cfg)
+        model = None
+    else:
+        model = _instantiate_open_clip(cfg)
+        visual = model.visual
+    if model is not None and load_weights and checkpoint:
+        if "openai" in checkpoint.lower() and not cfg.get("quick_gelu", False):
+            logger.warning(
+                "model.pretrained %s looks like OpenAI CLIP weights, which were trained with QuickGELU; "
+                "model.name '%s' uses nn.GELU (use the '-quickgelu' model name, e.g. ViT-B-16-quickgelu)",
+                checkpoint, model_cfg.name,
+            )
         _load_open_clip_weights(model, checkpoint, model_cfg)
         logger.info("open_clip %s: weights loaded from %s", model_cfg.name, checkpoint)
     elif load_weights:
         logger.info("open_clip %s: random initialisation (model.pretrained is null)", model_cfg.name)
 
-    visual = model.visual
     if not hasattr(visual, "ln_post") or not hasattr(visual, "transformer"):
         raise UserError(
             f"model.name: open_clip model '{model_cfg.name}' has no ViT vision tower (ln_post); "
@@ -299,6 +392,8 @@ def load_open_clip(model_cfg, load_weights: bool) -> LoadedBackbone:
     reason = ""
     if not load_weights:
         reason = "rebuilding without weights"
+    elif model is None:
+        reason = "head_init is not 'text'"
     elif proj is None:
         reason = "the vision tower has no projection"
     elif not hasattr(model, "encode_text"):
@@ -316,10 +411,13 @@ def load_open_clip(model_cfg, load_weights: bool) -> LoadedBackbone:
             def text_encoder(prompts: list, batch_size: int = 256) -> torch.Tensor:
                 text_model.eval()
                 chunks = []
+                tokens = tokenizer(list(prompts))
+                order = torch.argsort((tokens != 0).sum(dim=-1))  # similar lengths share a batch
                 for i in range(0, len(prompts), batch_size):
-                    tokens = tokenizer(prompts[i:i + batch_size])
-                    chunks.append(text_model.encode_text(tokens, normalize=True).float())
-                return _proj_map(torch.cat(chunks), proj.t())
+                    chunks.append(_encode_text(text_model, tokens[order[i:i + batch_size]]).float())
+                emb = torch.empty(len(prompts), chunks[0].shape[-1])
+                emb[order] = torch.cat(chunks)
+                return _proj_map(emb, proj.t())
 
     visual.proj = None  # features are taken before the projection; it is not part of the classifier
     preprocess = _preprocess(

@@ -70,8 +70,11 @@ def _check_dead_mha_targets(backbone: nn.Module) -> None:
     """A LoRA Linear on the out_proj of an un-wrapped nn.MultiheadAttention is never called."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    wrapped = {n for n, m in backbone.named_modules() if isinstance(m, BaseTunerLayer)}
     for name, module in backbone.named_modules():
         if isinstance(module, nn.MultiheadAttention) and not isinstance(module, BaseTunerLayer):
+            if name.endswith(".base_layer") and name[: -len(".base_layer")] in wrapped:
+                continue  # the MultiheadAttention inside peft's LoRA MultiheadAttention wrapper
             if isinstance(module.out_proj, BaseTunerLayer):
                 raise UserError(
                     f"tuning.lora_targets: '{name}.out_proj' is inside nn.MultiheadAttention, whose forward never "
@@ -121,27 +124,29 @@ def merge_lora_(backbone: nn.Module) -> bool:
     """Merge every LoRA layer into its base weights in place and unwrap it. Returns True if any."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    names = [n for n, m in backbone.named_modules() if isinstance(m, BaseTunerLayer)]
-    done: list = []
-    for name in names:
-        if any(name.startswith(d + ".") for d in done):
-            continue  # nested (e.g. out_proj of a wrapped MultiheadAttention): handled by its parent
-        parent_name, _, attr = name.rpartition(".")
-        parent = backbone.get_submodule(parent_name) if parent_name else backbone
-        module = getattr(parent, attr)
-        if hasattr(module, "unload_and_optionally_merge_module"):
-            new = module.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
-        else:
-            module.merge()
-            new = module.get_base_layer()
-        setattr(parent, attr, new)
-        done.append(name)
+    merged_any = False
+    for _ in range(16):  # nested tuner layers (a LoRA Linear inside a ParamWrapper) surface after a pass
+        names = [n for n, m in backbone.named_modules() if isinstance(m, BaseTunerLayer)]
+        outer = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+        if not outer:
+            break
+        for name in outer:
+            parent_name, _, attr = name.rpartition(".")
+            parent = backbone.get_submodule(parent_name) if parent_name else backbone
+            module = getattr(parent, attr)
+            if hasattr(module, "unload_and_optionally_merge_module"):
+                new = module.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
+            else:
+                module.merge()
+                new = module.get_base_layer()
+            setattr(parent, attr, new)
+            merged_any = True
     if hasattr(backbone, "peft_config"):
         try:
             del backbone.peft_config
         except AttributeError:  # pragma: no cover
             pass
-    return bool(done)
+    return merged_any
 
 
 # --------------------------------------------------------------------------- AdaptFormer

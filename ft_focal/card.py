@@ -1,0 +1,520 @@
+"""The model card (`README.md`) of an export: YAML front matter for the Hub + a Markdown body.
+
+Front matter (read by the Hub): `library_name: ft_focal` (the weights are loaded by
+`ft_focal.load_model`, not by transformers / open_clip / peft directly; a LoRA export also
+carries a peft adapter, hence the `peft` tag), `tags`, `base_model` (only when the backbone's
+pretrained weights are known to come from a Hub repository; never a guess), `datasets` (only
+Hub dataset ids), `metrics`, `pipeline_tag: image-classification` and a `model-index` with the
+test accuracy overall / many / medium / few exactly as in metrics.json (fractions in [0, 1])
+and, when an ImageNet-C evaluation exists (eval.json with "corruption"), its mCE (percent).
+
+The body states what a reader needs to trust the numbers: optimizer and its hyperparameters,
+the tuning method, precision, number of processes, the evaluation protocol (split, transforms,
+model selection), framework versions, citations and how to load the model. No token or
+credential is ever read here.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+# ----------------------------------------------------------------------------- base model
+
+# open_clip (model name, pretrained tag) -> the Hub repository of those weights. OpenAI weights
+# map to OpenAI's own repositories (the same weights in transformers format); other tags fall
+# back to open_clip's own `hf_hub` entry (e.g. laion/CLIP-ViT-B-32-laion2B-s34B-b79K).
+OPEN_CLIP_HUB = {
+    ("ViT-B-32", "openai"): "openai/clip-vit-base-patch32",
+    ("ViT-B-16", "openai"): "openai/clip-vit-base-patch16",
+    ("ViT-L-14", "openai"): "openai/clip-vit-large-patch14",
+    ("ViT-L-14-336", "openai"): "openai/clip-vit-large-patch14-336",
+    ("ViT-B-32", "laion2b_s34b_b79k"): "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+    ("ViT-B-16", "laion2b_s34b_b88k"): "laion/CLIP-ViT-B-16-laion2B-s34B-b88K",
+    ("ViT-L-14", "laion2b_s32b_b82k"): "laion/CLIP-ViT-L-14-laion2B-s32B-b82K",
+}
+# The file names of OpenAI's original CLIP releases (open_clip loads them from a path).
+OPENAI_FILES = {
+    "ViT-B-32.pt": "openai/clip-vit-base-patch32",
+    "ViT-B-16.pt": "openai/clip-vit-base-patch16",
+    "ViT-L-14.pt": "openai/clip-vit-large-patch14",
+    "ViT-L-14-336px.pt": "openai/clip-vit-large-patch14-336",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_CACHE_DIR = re.compile(r"models--([A-Za-z0-9_.-]+)--([A-Za-z0-9_.-]+)")
+
+
+def _hub_id_from_path(path: str) -> Optional[str]:
+    """`.../models--org--name/snapshots/<sha>/...` (the HF cache layout) -> "org/name"."""
+    match = _CACHE_DIR.search(path)
+    return f"{match.group(1)}/{match.group(2)}" if match else None
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return bool(_HUB_ID.match(text)) and not os.path.exists(text)
+
+
+def _name_or_path_of(directory: Path) -> Optional[str]:
+    for name in ("config.json", "open_clip_config.json"):
+        cfg = directory / name
+        if cfg.is_file():
+            try:
+                value = json.loads(cfg.read_text()).get("_name_or_path")
+            except (ValueError, AttributeError, OSError):
+                continue
+            if isinstance(value, str) and _looks_like_hub_id(value):
+                return value
+    return None
+
+
+def base_model_id(model_cfg: Any) -> Optional[str]:
+    """The Hub id of the backbone's pretrained weights, or None when it is not known.
+
+    open_clip: a pretrained tag -> the table above, else open_clip's `hf_hub` of the tag; a
+    file / `local-dir:` -> the HF cache layout of its path, OpenAI's original file names, or a
+    `_name_or_path` in the folder's config. transformers: a hub id used from the cache -> itself;
+    a directory -> its config's `_name_or_path`, else the HF cache layout. Random init -> None.
+    """
+    pretrained = getattr(model_cfg, "pretrained", None)
+    if not pretrained:
+        return None
+    family = getattr(model_cfg, "family", "open_clip")
+    name = str(getattr(model_cfg, "name", "")).replace("/", "-")
+    if family == "open_clip":
+        if pretrained.startswith("local-dir:"):
+            directory = Path(os.path.expanduser(pretrained[len("local-dir:"):]))
+            return _hub_id_from_path(str(directory.resolve() if directory.exists() else directory)) or (
+                _name_or_path_of(directory) if directory.is_dir() else None)
+        path = Path(os.path.expanduser(pretrained))
+        if path.exists() or "/" in pretrained or os.sep in pretrained or path.suffix:
+            found = _hub_id_from_path(str(path.resolve() if path.exists() else path))
+            if found:
+                return found
+            if path.name in OPENAI_FILES and OPENAI_FILES[path.name].endswith(_openai_suffix(name)):
+                return OPENAI_FILES[path.name]
+            return _name_or_path_of(path.parent) if path.is_file() else None
+        tag = pretrained.lower()
+        if (name, tag) in OPEN_CLIP_HUB:
+            return OPEN_CLIP_HUB[(name, tag)]
+        try:
+            import open_clip
+
+            cfg = open_clip.pretrained.get_pretrained_cfg(name, pretrained) or {}
+        except Exception:  # noqa: BLE001 - an unknown tag simply has no known base model
+            cfg = {}
+        hub = str(cfg.get("hf_hub") or "").strip("/")
+        return hub if _HUB_ID.match(hub) else None
+    # transformers families
+    path = Path(os.path.expanduser(pretrained))
+    if path.is_dir():
+        return _name_or_path_of(path) or _hub_id_from_path(str(path.resolve()))
+    if _looks_like_hub_id(pretrained):
+        return pretrained
+    return _hub_id_from_path(pretrained)
+
+
+def _openai_suffix(name: str) -> str:
+    return {"ViT-B-32": "patch32", "ViT-B-16": "patch16", "ViT-L-14": "patch14",
+            "ViT-L-14-336": "patch14-336"}.get(name, "\0")
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+def dataset_info(recipe: Any) -> tuple[str, Optional[str]]:
+    """(a human-readable dataset name, its Hub dataset id or None)."""
+    data = recipe.data
+    kind = data.dataset
+    if kind == "hf" and data.hf_path:
+        hub = data.hf_path if _looks_like_hub_id(data.hf_path) or "/" not in data.hf_path and not os.path.exists(
+            data.hf_path) else None
+        return (data.hf_path if hub else Path(data.hf_path).name), hub
+    if kind == "digits_lt":
+        return "digits-LT (scikit-learn digits, long-tailed)", None
+    if kind == "synthetic":
+        return "synthetic (random images, tests only)", None
+    if kind == "cifar_lt":
+        n = data.num_classes or 10
+        factor = f" IF {data.imbalance_factor:g}" if data.imbalance_factor else ""
+        return f"CIFAR-{n}-LT{factor}", None
+    text = " ".join(str(v) for v in (data.root, data.train_list, data.test_list, recipe.name) if v).lower()
+    for pattern, label in ((r"imagenet[_-]?lt", "ImageNet-LT"), (r"(^|[^a-z])inat", "iNaturalist 2018"),
+                           (r"places[_-]?lt|(^|[^a-z])places", "Places-LT")):
+        if re.search(pattern, text):
+            return label, None
+    root = Path(str(data.root or "data")).name
+    return root or kind, None
+
+
+# ----------------------------------------------------------------------------- methods
+
+OPTIMIZERS = {
+    "erm": ("ERM (plain base optimizer)", [], []),
+    "sam": ("SAM", ["sam", "sharpness-aware-minimization"], ["sam"]),
+    "asam": ("ASAM (adaptive SAM)", ["asam", "sharpness-aware-minimization"], ["sam", "asam"]),
+    "imbsam": ("ImbSAM", ["imbsam", "sharpness-aware-minimization"], ["sam", "imbsam"]),
+    "ccsam": ("CC-SAM", ["cc-sam", "sharpness-aware-minimization"], ["sam", "ccsam"]),
+    "focal_sam": ("Focal-SAM", ["focal-sam", "sharpness-aware-minimization"], ["sam"]),
+    "sse_sam": ("SSE-SAM", ["sse-sam", "sharpness-aware-minimization"], ["sam", "imbsam", "ssesam"]),
+}
+
+BIBTEX = {
+    "focal_sam": """@inproceedings{li2025focalsam,
+  title     = {Focal-{SAM}: Focal Sharpness-Aware Minimization for Long-Tailed Classification},
+  author    = {Li, Sicong and Xu, Qianqian and Yang, Zhiyong and Wang, Zitai and Zhang, Linchao and
+               Cao, Xiaochun and Huang, Qingming},
+  booktitle = {Proceedings of the 42nd International Conference on Machine Learning (ICML)},
+  year      = {2025}
+}""",
+    "sam": """@inproceedings{foret2021sam,
+  title     = {Sharpness-Aware Minimization for Efficiently Improving Generalization},
+  author    = {Foret, Pierre and Kleiner, Ariel and Mobahi, Hossein and Neyshabur, Behnam},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2021}
+}""",
+    "asam": """@inproceedings{kwon2021asam,
+  title     = {{ASAM}: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of Deep Neural Networks},
+  author    = {Kwon, Jungmin and Kim, Jeongseop and Park, Hyunseo and Choi, In Kwon},
+  booktitle = {Proceedings of the 38th International Conference on Machine Learning (ICML)},
+  year      = {2021}
+}""",
+    "imbsam": """@inproceedings{zhou2023imbsam,
+  title     = {{ImbSAM}: A Closer Look at Sharpness-Aware Minimization in Class-Imbalanced Recognition},
+  author    = {Zhou, Yixuan and Qu, Yi and Xu, Xing and Shen, Hengtao},
+  booktitle = {Proceedings of the IEEE/CVF International Conference on Computer Vision (ICCV)},
+  year      = {2023}
+}""",
+    "ccsam": """@inproceedings{zhou2023ccsam,
+  title     = {Class-Conditional Sharpness-Aware Minimization for Deep Long-Tailed Recognition},
+  author    = {Zhou, Zhipeng and Li, Lanqing and Zhao, Peilin and Heng, Pheng-Ann and Gong, Wei},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2023}
+}""",
+    "ssesam": """@inproceedings{lyu2025ssesam,
+  title     = {{SSE-SAM}: Balancing Head and Tail Classes Gradually through Stage-Wise {SAM}},
+  author    = {Lyu, Xingyu and Xu, Qianqian and Yang, Zhiyong and Lyu, Shaojie and Huang, Qingming},
+  booktitle = {Proceedings of the AAAI Conference on Artificial Intelligence},
+  year      = {2025}
+}""",
+}
+
+TUNING = {
+    "full": ("full fine-tuning", []),
+    "head": ("linear probe (head only)", ["linear-probe"]),
+    "lora": ("LoRA (peft)", ["peft", "lora"]),
+    "adaptformer": ("AdaptFormer", ["adaptformer", "parameter-efficient-fine-tuning"]),
+}
+
+FAMILIES = {
+    "open_clip": ("open_clip", ["clip", "open_clip", "vision-transformer"]),
+    "hf_clip": ("transformers CLIPVisionModel", ["clip", "transformers", "vision-transformer"]),
+    "hf_vit": ("transformers ViTModel", ["vit", "transformers", "vision-transformer"]),
+}
+
+# Optimizer hyperparameters worth stating, by method (recipe `optim` keys).
+METHOD_KEYS = ("rho", "gamma", "lam", "tail_threshold", "tail_weight", "rho_head", "rho_tail", "switch_fraction",
+               "scope", "flat_ratio", "sync_perturbation", "single_backward")
+LOSS_KEYS = {
+    "ce": (), "focal": ("focal_gamma",), "cb_ce": ("beta",), "la": ("tau",), "balanced_softmax": (),
+    "ldam": ("max_m", "s"), "ldam_drw": ("max_m", "s", "beta", "drw_epoch"), "vs": ("vs_gamma", "vs_tau"),
+}
+LOSS_NAMES = {
+    "ce": "cross-entropy", "focal": "focal loss", "cb_ce": "class-balanced cross-entropy",
+    "la": "logit-adjusted cross-entropy", "balanced_softmax": "balanced softmax", "ldam": "LDAM",
+    "ldam_drw": "LDAM + DRW", "vs": "vector-scaling loss",
+}
+
+PACKAGES = (("torch", "torch"), ("torchvision", "torchvision"), ("open_clip", "open_clip_torch"),
+            ("transformers", "transformers"), ("peft", "peft"), ("accelerate", "accelerate"),
+            ("safetensors", "safetensors"), ("huggingface_hub", "huggingface_hub"))
+
+
+def framework_versions() -> dict:
+    import ft_focal
+
+    versions = {}
+    for label, dist in PACKAGES:
+        try:
+            versions[label] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[label] = "not installed"
+    versions["ft_focal"] = getattr(ft_focal, "__version__", "unknown")
+    return versions
+
+
+# ----------------------------------------------------------------------------- card
+
+
+def _default_lora_targets(family: str) -> str:
+    try:
+        from ft_focal.models import default_lora_targets
+
+        return ", ".join(default_lora_targets(family)) + " (the family default)"
+    except Exception:  # noqa: BLE001 - the card only describes
+        return "the family default"
+
+
+def _optimizer_tag(name: str) -> str:
+    return OPTIMIZERS.get(name, (name, [], []))[0]
+
+
+def _metric(value: float, label: str, metric_type: str = "accuracy") -> dict:
+    return {"type": metric_type, "value": value, "name": label}
+
+
+def front_matter(recipe: Any, metrics: dict, eval_result: Optional[dict], info: dict) -> dict:
+    """The YAML front matter as a dict (see the module docstring)."""
+    tuning = info.get("trained_tuning", recipe.tuning.method)
+    opt_label, opt_tags, _ = OPTIMIZERS.get(recipe.optim.name, (recipe.optim.name, [recipe.optim.name], []))
+    _, family_tags = FAMILIES.get(recipe.model.family, (recipe.model.family, []))
+    tuning_tags = list(TUNING.get(tuning, (tuning, []))[1])
+    if info.get("merged_lora"):
+        tuning_tags = ["lora", "merged-lora"]
+    tags = ["ft_focal", "image-classification", "long-tail", *opt_tags, *family_tags, *tuning_tags]
+    if recipe.loss.name in ("la", "balanced_softmax"):
+        tags.append("logit-adjustment")
+    tags = list(dict.fromkeys(t for t in tags if t))
+
+    data_name, data_hub = dataset_info(recipe)
+    meta: dict = {"library_name": "ft_focal", "tags": tags}
+    base = info.get("base_model")
+    if base:
+        meta["base_model"] = base
+    if data_hub:
+        meta["datasets"] = [data_hub]
+    meta["metrics"] = ["accuracy"]
+    meta["pipeline_tag"] = "image-classification"
+
+    results = []
+    test = (metrics or {}).get("test") or {}
+    split = recipe.eval.test_split
+    accuracy = [
+        _metric(test[key], label)
+        for key, label in (("overall", f"Top-1 accuracy ({split}, overall)"),
+                           ("many", f"Top-1 accuracy ({split}, many-shot)"),
+                           ("medium", f"Top-1 accuracy ({split}, medium-shot)"),
+                           ("few", f"Top-1 accuracy ({split}, few-shot)"))
+        if test.get(key) is not None
+    ]
+    dataset_entry = {"name": data_name, "type": data_hub or recipe.data.dataset, "split": split}
+    if accuracy:
+        results.append({
+            "task": {"type": "image-classification", "name": "Long-tailed image classification"},
+            "dataset": dataset_entry,
+            "metrics": accuracy,
+        })
+    corruption = (eval_result or {}).get("corruption") or {}
+    if corruption.get("mCE") is not None:
+        metrics_c = [_metric(float(corruption["mCE"]), "mCE (%, lower is better)", "mCE")]
+        if corruption.get("relative_mCE") is not None:
+            metrics_c.append(_metric(float(corruption["relative_mCE"]), "relative mCE (%)",
+                                     "relative-mCE"))
+        results.append({
+            "task": {"type": "image-classification", "name": "Robustness to common corruptions"},
+            "dataset": {"name": "ImageNet-C", "type": "imagenet-c",
+                        "args": {"baseline": str(corruption.get("baseline", "alexnet"))}},
+            "metrics": metrics_c,
+        })
+    if results:
+        meta["model-index"] = [{"name": recipe.name, "results": results}]
+    return meta
+
+
+def _pct(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def render_card(recipe: Any, metrics: dict, eval_result: Optional[dict], info: dict) -> str:
+    """README.md text: YAML front matter + body. `recipe` is the recipe the run was TRAINED with.
+
+    info keys: base_model, trained_tuning, merged_lora, adapter (bool), adapter_module,
+    parameter_counts, preprocess, files, transforms (text), repo_id (optional)."""
+    meta = front_matter(recipe, metrics, eval_result, info)
+    versions = framework_versions()
+    tuning = info.get("trained_tuning", recipe.tuning.method)
+    opt = recipe.optim
+    opt_label = _optimizer_tag(opt.name)
+    data_name, _ = dataset_info(recipe)
+    family_label = FAMILIES.get(recipe.model.family, (recipe.model.family, []))[0]
+    test = (metrics or {}).get("test") or {}
+    val = (metrics or {}).get("val") or {}
+    lines: list[str] = []
+    add = lines.append
+
+    add(f"# {recipe.name}")
+    add("")
+    base = info.get("base_model")
+    backbone = f"{family_label} `{recipe.model.name}`" + (f" (pretrained: [{base}](https://huggingface.co/{base}))"
+                                                          if base else "")
+    add(f"An image classifier fine-tuned on **{data_name}** from {backbone} with **{TUNING.get(tuning, (tuning,))[0]}** "
+        f"under the **{opt_label}** optimizer, trained and exported with "
+        f"ft_focal {versions['ft_focal']}.")
+    if info.get("merged_lora"):
+        add("")
+        add("The LoRA adapter was **merged** into the backbone weights: `model.safetensors` is a plain model "
+            "(its `recipe.yaml` says `tuning.method: full` so that it rebuilds without peft; it was trained "
+            "with LoRA, see the training section).")
+    add("")
+
+    # ---- results
+    add("## Results")
+    add("")
+    add(f"Top-1 accuracy (%) on the **{recipe.eval.test_split}** split; shot groups from the training counts "
+        f"(many: n > {recipe.eval.many_threshold}, few: n < {recipe.eval.few_threshold}, medium otherwise); "
+        "group accuracies are means of per-class accuracies.")
+    add("")
+    add("| split | overall | many | medium | few | ECE (%) |")
+    add("|---|---|---|---|---|---|")
+    rows = [(recipe.eval.test_split, test)]
+    if val and recipe.eval.test_split != "val":
+        rows.insert(0, ("val", val))
+    for name, res in rows:
+        ece = res.get("ece")
+        add(f"| {name} | {_pct(res.get('overall'))} | {_pct(res.get('many'))} | {_pct(res.get('medium'))} | "
+            f"{_pct(res.get('few'))} | {'n/a' if ece is None else f'{100 * ece:.2f}'} |")
+    corruption = (eval_result or {}).get("corruption") or {}
+    if corruption.get("mCE") is not None:
+        add("")
+        rel = corruption.get("relative_mCE")
+        add(f"ImageNet-C: **mCE {corruption['mCE']:.2f}%**" + (f", relative mCE {rel:.2f}%" if rel is not None else "")
+            + f" (normalised by the {corruption.get('baseline', 'alexnet')} errors, 15 benchmark corruptions x "
+              "5 severities).")
+    add("")
+
+    # ---- training
+    add("## Training")
+    add("")
+    add(f"- **Optimizer**: {opt_label} (`optim.name: {opt.name}`) wrapping {opt.base.upper()} with lr {opt.lr:g}"
+        + (f", momentum {opt.momentum:g}" + (" (Nesterov)" if opt.nesterov else "") if opt.base == "sgd" else "")
+        + f", weight decay {opt.weight_decay:g}.")
+    method = [f"`{k}` = {_fmt_value(getattr(opt, k))}" for k in METHOD_KEYS
+              if getattr(opt, k, None) is not None and k not in ("sync_perturbation", "single_backward")]
+    if method:
+        add(f"- **{opt_label} hyperparameters**: " + ", ".join(method) + ".")
+    loss = recipe.loss
+    loss_args = [f"`{k}` = {_fmt_value(getattr(loss, k))}" for k in LOSS_KEYS.get(loss.name, ())
+                 if getattr(loss, k, None) is not None]
+    add(f"- **Loss**: {LOSS_NAMES.get(loss.name, loss.name)} (`loss.name: {loss.name}`"
+        + ("; " + ", ".join(loss_args) if loss_args else "") + ").")
+    tr = recipe.train
+    length = f"{tr.max_steps} updates (train.max_steps)" if tr.max_steps else f"{tr.epochs} epochs"
+    updates = metrics.get("updates") if metrics else None
+    add(f"- **Schedule**: {length}" + (f", {updates} updates run" if updates is not None else "")
+        + f"; global batch {tr.batch_size} (gradient accumulation {tr.grad_accum_steps}); "
+        f"{tr.scheduler} learning-rate schedule, {tr.warmup_steps} warm-up steps"
+        + (f"; gradient clipping {tr.grad_clip:g}" if tr.grad_clip else "") + ".")
+    tun = recipe.tuning
+    detail = ""
+    if tuning == "lora":
+        detail = (f": rank {tun.lora_rank}, alpha {tun.lora_alpha:g}, dropout {tun.lora_dropout:g}, targets "
+                  f"{', '.join(tun.lora_targets) if tun.lora_targets else _default_lora_targets(recipe.model.family)}")
+    elif tuning == "adaptformer":
+        detail = (f": bottleneck {tun.adapter_bottleneck or '2^max(0, floor(log2(C / 24)))'}, "
+                  f"scale init {tun.adapter_scale_init:g}")
+    counts = info.get("parameter_counts") or {}
+    count_text = ""
+    if counts.get("total"):
+        count_text = (f"; {counts['trainable']:,} trainable of {counts['total']:,} parameters "
+                      f"({100 * counts['trainable'] / counts['total']:.2f}%)")
+    add(f"- **Tuning**: {TUNING.get(tuning, (tuning,))[0]}{detail}; head: {recipe.model.head} "
+        f"(scale {recipe.model.head_scale:g}) initialised from `{recipe.model.head_init}`"
+        + ("" if tun.train_head else ", frozen") + f"{count_text}.")
+    add(f"- **Precision**: `{tr.mixed_precision}` mixed precision"
+        if tr.mixed_precision != "no" else "- **Precision**: float32 (no mixed precision).")
+    world = metrics.get("world_size") if metrics else None
+    add(f"- **Processes**: {world if world is not None else 'unknown'} (Accelerate)"
+        + (f"; training took {metrics['train_seconds']:.0f} s" if metrics and metrics.get("train_seconds") else "")
+        + (f"; {metrics['skipped_steps']} updates skipped (non-finite)" if metrics and metrics.get("skipped_steps")
+           else "") + ".")
+    add(f"- **Seed**: {recipe.seed}.")
+    add("")
+
+    # ---- evaluation protocol
+    add("## Evaluation protocol")
+    add("")
+    add(f"- **Test split**: `{recipe.eval.test_split}` of {data_name}"
+        + (f" ({test.get('num_samples')} images)" if test.get("num_samples") is not None else "") + ".")
+    add(f"- **Transforms**: {info.get('transforms', 'see preprocess.json')}"
+        + ("; test-time five-crop ensemble (logits averaged)" if recipe.eval.five_crop else "") + ".")
+    selected = (metrics or {}).get("selected", "unknown")
+    note = ("selected on the validation split; the test split was not used for selection"
+            if str(selected).startswith("best on val") else
+            "the last weights of training (no selection)" if selected == "last" else str(selected))
+    add(f"- **Model selection**: `{selected}` — {note}.")
+    if corruption:
+        add(f"- **ImageNet-C**: {(eval_result or {}).get('preprocessing', 'same transforms')}; "
+            f"baseline {corruption.get('baseline', 'alexnet')}.")
+    add("")
+
+    # ---- files and use
+    add("## Files")
+    add("")
+    for name, what in info.get("files", []):
+        add(f"- `{name}`: {what}")
+    add("")
+    add("## How to use")
+    add("")
+    source = info.get("repo_id") or "EXPORT_DIR_OR_REPO_ID"
+    add("```python")
+    add("import ft_focal")
+    add("from PIL import Image")
+    add("")
+    add(f'm = ft_focal.load_model("{source}")   # a folder or a Hub repo id (uses the local cache offline)')
+    add('print(m.predict([Image.open("image.jpg")]))   # class names; m.logits(...) / m.predict_proba(...)')
+    add("model, transform = m.model, m.transform()   # torch module (eval mode) and its test transform")
+    add("```")
+    add("")
+    add("Evaluate it again (from a local copy of this folder): `ft-focal eval EXPORT_DIR` "
+        "(reads `recipe.yaml` for the data; override paths with `data.root=...`).")
+    if info.get("adapter"):
+        add("")
+        add(f"The LoRA adapter alone is in peft's format (`adapter_config.json`, `adapter_model.safetensors`); it "
+            f"applies to `{info.get('adapter_module', 'model.backbone')}`, the backbone wrapper of ft_focal "
+            "without the head:")
+        add("")
+        add("```python")
+        add("from peft import PeftModel")
+        add("backbone = PeftModel.from_pretrained(plain_backbone, EXPORT_DIR)   # plain_backbone: the same "
+            "wrapper without LoRA")
+        add("```")
+        add("")
+        add("The head and every other trained tensor outside the adapter are in `trained_tensors.safetensors`.")
+    add("")
+
+    # ---- versions and citations
+    add("## Framework versions")
+    add("")
+    add("At export time:")
+    add("")
+    for name, version in versions.items():
+        add(f"- {name} {version}")
+    add("")
+    add("## Citation")
+    add("")
+    keys = ["focal_sam"] + [k for k in OPTIMIZERS.get(opt.name, ("", [], []))[2] if k != "focal_sam"]
+    add("```bibtex")
+    add("\n\n".join(BIBTEX[k] for k in dict.fromkeys(keys)))
+    add("```")
+    add("")
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
+    return f"---\n{front}---\n\n" + "\n".join(lines)
+
+
+def read_front_matter(text: str) -> dict:
+    """Parse the YAML front matter of a model card (tests, tooling)."""
+    if not text.startswith("---\n"):
+        return {}
+    end = text.index("\n---\n", 4)
+    return yaml.safe_load(text[4:end]) or {}

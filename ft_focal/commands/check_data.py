@@ -1,0 +1,32 @@
+"""`ft-focal check-data RECIPE.yaml [key=value ...] [--workers N]`: verify every image of every split.
+
+Lists ALL problems at once (file: what is wrong) and exits 1 when there is any, 0 when clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from ft_focal.cli import run_guarded
+
+    def run() -> int:
+        from ft_focal.config import load_recipe
+        from ft_focal.data import check_data
+
+        parser = argparse.ArgumentParser(prog="ft-focal check-data", description=__doc__)
+        parser.add_argument("recipe")
+        parser.add_argument("overrides", nargs="*")
+        parser.add_argument("--workers", type=int, default=4)
+        args = parser.parse_args(argv)
+        recipe = load_recipe(args.recipe, args.overrides)
+        problems = check_data(recipe.data, args.workers)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(problems)} problem(s) found" if problems else "all images readable")
+        return 1 if problems else 0
+
+    return run_guarded(run)

@@ -1,0 +1,341 @@
+"""One builder per `data.dataset` source; each returns the untransformed splits (`RawData`).
+
+`finish` then applies, in this order: long-tailed subsampling of the training split
+(`data.imbalance_factor`, for sources that are not long-tailed already), the alphabetical
+label remap (`data.label_order: alphabetical`), the transforms and the class counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ft_focal.data.datasets import (ArrayDataset, DataBundle, FileListDataset, HFImageDataset,
+                                    LabelledImages, finish_bundle)
+from ft_focal.data.longtail import longtail_counts, subsample_longtail
+from ft_focal.data.splits import (ClassNames, alphabetical_permutation, parse_classnames,
+                                  parse_split_list, resolve_path, WNID_RE)
+from ft_focal.errors import UserError
+
+log = logging.getLogger("ft_focal.data")
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class RawData:
+    train: LabelledImages
+    val: Optional[LabelledImages]
+    test: LabelledImages
+    classnames: list
+    wnids: Optional[list] = None
+    info: dict = field(default_factory=dict)
+    longtail_done: bool = False  # the source already applied data.imbalance_factor
+
+
+def _declared(cfg) -> Optional[int]:
+    """data.num_classes, when the recipe states it (checked against the data)."""
+    n = getattr(cfg, "num_classes", None)
+    if n is not None and n < 1:
+        raise UserError(f"data.num_classes must be >= 1, got {n}")
+    return n
+
+
+def _skip(cfg) -> bool:
+    return bool(getattr(cfg, "skip_bad_images", False))
+
+
+def _load_classnames(cfg) -> Optional[ClassNames]:
+    if not cfg.classnames:
+        return None
+    return parse_classnames(resolve_path(cfg.classnames, "data.classnames", cfg.root))
+
+
+def _require_root(cfg, kind: str) -> Path:
+    if not cfg.root:
+        raise UserError(f"data.dataset={kind} needs 'data.root'")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"data.root: directory not found: {cfg.root}")
+    return root
+
+
+# ----------------------------------------------------------------------------- split lists
+
+
+def split_list_paths(cfg) -> dict:
+    """{split: resolved list path or None}; train and test are required."""
+    out = {}
+    for split in ("train", "val", "test"):
+        value = getattr(cfg, f"{split}_list")
+        if value is None:
+            if split != "val":
+                raise UserError(f"data.dataset=split_file needs 'data.{split}_list'")
+            out[split] = None
+        else:
+            out[split] = resolve_path(value, f"data.{split}_list", cfg.root)
+    return out
+
+
+def from_split_files(cfg, seed: int) -> RawData:
+    root = _require_root(cfg, "split_file")
+    names = _load_classnames(cfg)
+    num_classes = len(names.names) if names is not None else _declared(cfg)
+    lists = {s: (parse_split_list(p, num_classes) if p is not None else None)
+             for s, p in split_list_paths(cfg).items()}
+    if names is None:
+        if num_classes is None:
+            num_classes = 1 + max(int(l.labels.max()) for l in lists.values() if l is not None and len(l))
+        classnames = [f"class_{c}" for c in range(num_classes)]
+        log.warning("data.classnames not set: %d classes named class_0.. (a text-initialised head needs "
+                    "real class names)", num_classes)
+        wnids = None
+    else:
+        classnames, wnids = names.names, names.ids
+    ds = {s: (FileListDataset(str(root), l.paths, l.labels, origin=l.source, lines=l.lines,
+                              skip_bad=_skip(cfg), name=s) if l is not None else None)
+          for s, l in lists.items()}
+    info = {"dataset": "split_file", "root": str(root),
+            "sources": {s: (l.source if l is not None else None) for s, l in lists.items()},
+            "classnames_file": names.source if names is not None else None}
+    return RawData(ds["train"], ds["val"], ds["test"], classnames, wnids, info)
+
+
+# ---------------------------------------------------------------------------- image folder
+
+
+def _scan_class_dir(d: Path) -> list[str]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
+        dirnames.sort()
+        for f in sorted(filenames):
+            if f.lower().endswith(IMG_EXTENSIONS):
+                files.append(os.path.join(dirpath, f))
+    return files
+
+
+def _class_dirs(split_dir: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+def from_image_folder(cfg, seed: int) -> RawData:
+    """root/<split>/<class>/... ; classes = sorted class folders of train (or a classnames file)."""
+    root = _require_root(cfg, "image_folder")
+    if not (root / "train").is_dir():
+        raise UserError(f"data.root: {root} has no 'train' directory (expected root/train/<class>/<image>)")
+    folders = _class_dirs(root / "train")
+    if not folders:
+        raise UserError(f"{root / 'train'}: no class folders")
+    names = _load_classnames(cfg)
+    if names is not None and names.ids is not None:
+        index = {w: i for i, w in enumerate(names.ids)}
+        unknown = [f for f in folders if f not in index]
+        if unknown:
+            raise UserError(f"{root / 'train' / unknown[0]}: class folder not in {names.source} ({len(unknown)} such folders)")
+        classnames, wnids = names.names, names.ids
+    elif names is not None:
+        if len(names.names) != len(folders):
+            raise UserError(f"{names.source}: {len(names.names)} class names for {len(folders)} class folders in {root / 'train'}")
+        index = {f: i for i, f in enumerate(folders)}
+        classnames, wnids = names.names, None
+    else:
+        index = {f: i for i, f in enumerate(folders)}
+        classnames = list(folders)
+        wnids = list(folders) if all(WNID_RE.match(f) for f in folders) else None
+
+    split_dirs = {"train": root / "train", "val": root / "val", "test": root / "test"}
+    if not split_dirs["test"].is_dir():
+        if split_dirs["val"].is_dir():
+            log.warning("%s has no 'test' directory: using 'val' as the test split (no validation split)", root)
+            split_dirs["test"], split_dirs["val"] = split_dirs["val"], None
+        else:
+            raise UserError(f"data.root: {root} has neither a 'test' nor a 'val' directory")
+    elif not split_dirs["val"].is_dir():
+        split_dirs["val"] = None
+    ds, sources = {}, {}
+    for split, d in split_dirs.items():
+        if d is None:
+            ds[split], sources[split] = None, None
+            continue
+        paths, labels = [], []
+        for folder in _class_dirs(d):
+            if folder not in index:
+                raise UserError(f"{d / folder}: class folder not among the training classes")
+            files = _scan_class_dir(d / folder)
+            paths += [p.encode("utf-8") for p in files]
+            labels += [index[folder]] * len(files)
+        if not paths:
+            raise UserError(f"{d}: no images found (extensions {', '.join(IMG_EXTENSIONS)})")
+        ds[split] = FileListDataset("", np.array(paths, dtype=np.bytes_), labels, skip_bad=_skip(cfg), name=split)
+        sources[split] = str(d)
+    info = {"dataset": "image_folder", "root": str(root), "sources": sources}
+    return RawData(ds["train"], ds["val"], ds["test"], classnames, wnids, info)
+
+
+# ------------------------------------------------------------------------ Hugging Face
+
+
+def load_hf(path: str):
+    """A local `DatasetDict`: `load_from_disk` of a saved dataset, else `load_dataset(path)`."""
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - a dependency
+        raise UserError("data.dataset=hf needs the 'datasets' package") from None
+    p = Path(path).expanduser()
+    try:
+        if p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file()):
+            obj = datasets.load_from_disk(str(p))
+        else:
+            obj = datasets.load_dataset(str(p) if p.exists() else path)
+    except UserError:
+        raise
+    except Exception as exc:  # datasets raises many types; the user needs one line
+        text = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise UserError(f"data.hf_path: cannot load {path} ({type(exc).__name__}: {text})") from None
+    if isinstance(obj, datasets.Dataset):
+        raise UserError(f"data.hf_path: {path} holds a single Dataset without splits; save a DatasetDict "
+                        f"(e.g. DatasetDict(train=..., test=...).save_to_disk(...))")
+    return obj
+
+
+def from_hf(cfg, seed: int) -> RawData:
+    if not cfg.hf_path:
+        raise UserError("data.dataset=hf needs 'data.hf_path' (a dataset saved with save_to_disk, or a local dataset directory)")
+    dd = load_hf(cfg.hf_path)
+    available = list(dd.keys())
+    wanted = {"train": cfg.hf_train_split, "val": cfg.hf_val_split, "test": cfg.hf_test_split}
+    for split, key in wanted.items():
+        if key is not None and key not in dd:
+            raise UserError(f"data.hf_{split}_split: split '{key}' not in {cfg.hf_path} (available: {', '.join(available)})")
+    first = dd[cfg.hf_train_split]
+    for k in ("image_key", "label_key"):
+        col = getattr(cfg, k)
+        for split, key in wanted.items():
+            if key is not None and col not in dd[key].column_names:
+                raise UserError(f"data.{k}: column '{col}' not in split '{key}' of {cfg.hf_path} "
+                                f"(columns: {', '.join(dd[key].column_names)})")
+    feature = first.features.get(cfg.label_key)
+    names = _load_classnames(cfg)
+    wnids = None
+    if names is not None:
+        classnames, wnids = names.names, names.ids
+    elif hasattr(feature, "names") and feature.names:
+        classnames = list(feature.names)
+    elif _declared(cfg) is not None:
+        classnames = [f"class_{c}" for c in range(_declared(cfg))]
+    else:
+        classnames = None
+    labels = {}
+    for split, key in wanted.items():
+        if key is None:
+            continue
+        lab = np.asarray(dd[key][cfg.label_key])
+        if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer):
+            raise UserError(f"data.label_key: column '{cfg.label_key}' of split '{key}' is not an integer class label")
+        labels[split] = lab.astype(np.int64)
+    if classnames is None:
+        n = 1 + max(int(l.max(initial=-1)) for l in labels.values())
+        classnames = [f"class_{c}" for c in range(n)]
+        log.warning("%s: the label column has no class names (not a ClassLabel) and data.classnames is not "
+                    "set: %d classes named class_0..", cfg.hf_path, n)
+    for split, lab in labels.items():
+        bad = np.flatnonzero((lab < 0) | (lab >= len(classnames)))
+        if bad.size:
+            i = int(bad[0])
+            raise UserError(f"{cfg.hf_path}: split '{wanted[split]}' row {i}: label {int(lab[i])} out of range for "
+                            f"{len(classnames)} classes ({bad.size} such rows)")
+    ds = {split: (HFImageDataset(dd[key], cfg.image_key, labels[split], skip_bad=_skip(cfg),
+                                 name=f"{cfg.hf_path}[{key}]") if key is not None else None)
+          for split, key in wanted.items()}
+    info = {"dataset": "hf", "root": str(cfg.hf_path),
+            "sources": {s: (f"{cfg.hf_path}[{k}]" if k else None) for s, k in wanted.items()}}
+    return RawData(ds["train"], ds["val"], ds["test"], classnames, wnids, info)
+
+
+# ---------------------------------------------------------------------------- CIFAR-LT
+
+CIFAR_DEFAULT_IMBALANCE = 100.0
+
+
+def from_cifar(cfg, seed: int) -> RawData:
+    """CIFAR-10/100-LT: exp (or step) profile with n_max = 5000 / 500; test set balanced.
+
+    imbalance_factor null -> 100 (the standard benchmark); 1 keeps the balanced set. No
+    validation split (the CIFAR-LT papers select on the test set; the report says so).
+    """
+    from ft_focal.data.cifar import load_cifar
+
+    xtr, ytr, xte, yte, names, kind, d = load_cifar(cfg.root)
+    factor = CIFAR_DEFAULT_IMBALANCE if cfg.imbalance_factor is None else cfg.imbalance_factor
+    n_max = int(np.bincount(ytr, minlength=len(names)).max())
+    counts = longtail_counts(n_max, len(names), factor, cfg.imbalance_profile)
+    keep = subsample_longtail(ytr, counts, seed)
+    skip = _skip(cfg)
+    train = ArrayDataset(xtr[keep], ytr[keep], skip_bad=skip, name=f"{kind}-lt/train")
+    test = ArrayDataset(xte, yte, skip_bad=skip, name=f"{kind}/test")
+    info = {"dataset": "cifar_lt", "root": str(d), "imbalance_factor": factor,
+            "imbalance_profile": cfg.imbalance_profile,
+            "sources": {"train": f"{d} ({kind} train, long-tailed)", "val": None, "test": f"{d} ({kind} test)"}}
+    return RawData(train, None, test, names, None, info, longtail_done=True)
+
+
+# ------------------------------------------------------------------------------- digits
+
+
+def from_digits(cfg, seed: int) -> RawData:
+    from ft_focal.data.digits import DEFAULT_IMBALANCE, load_digits_lt
+
+    splits, names, counts = load_digits_lt(cfg.imbalance_factor, seed, cfg.imbalance_profile)
+    ds = {s: ArrayDataset(x, y, name=f"digits/{s}") for s, (x, y) in splits.items()}
+    factor = DEFAULT_IMBALANCE if cfg.imbalance_factor is None else cfg.imbalance_factor
+    info = {"dataset": "digits_lt", "imbalance_factor": factor, "imbalance_profile": cfg.imbalance_profile,
+            "sources": {s: "sklearn.datasets.load_digits" for s in ds}}
+    return RawData(ds["train"], ds["val"], ds["test"], names, None, info, longtail_done=True)
+
+
+# ------------------------------------------------------------------------------- finish
+
+
+def apply_alphabetical(raw: RawData) -> int:
+    """Remap every split's labels to the alphabetical order of the class names; returns #moved."""
+    new_of_old = alphabetical_permutation(raw.classnames)
+    order = np.argsort(new_of_old)  # old label of each new label
+    for ds in (raw.train, raw.val, raw.test):
+        if ds is not None:
+            ds.remap_labels(new_of_old)
+    raw.classnames = [raw.classnames[o] for o in order]
+    if raw.wnids is not None:
+        raw.wnids = [raw.wnids[o] for o in order]
+    return int(np.sum(new_of_old != np.arange(len(new_of_old))))
+
+
+def finish(raw: RawData, cfg, preprocess: dict, seed: int) -> DataBundle:
+    info = dict(raw.info)
+    declared = _declared(cfg)
+    if declared is not None and declared != len(raw.classnames):
+        where = info.get("classnames_file") or info.get("root") or info.get("dataset")
+        raise UserError(f"data.num_classes is {declared} but the data has {len(raw.classnames)} classes ({where})")
+    if cfg.imbalance_factor is not None and not raw.longtail_done:
+        labels = raw.train.labels
+        n_max = int(np.bincount(labels, minlength=len(raw.classnames)).max())
+        counts = longtail_counts(n_max, len(raw.classnames), cfg.imbalance_factor, cfg.imbalance_profile)
+        raw.train = raw.train.subset(subsample_longtail(labels, counts, seed))
+        info.update(imbalance_factor=cfg.imbalance_factor, imbalance_profile=cfg.imbalance_profile)
+        log.info("long-tailed subsampling of the training split: %d images (IF %s, %s)",
+                 len(raw.train), cfg.imbalance_factor, cfg.imbalance_profile)
+    info["label_order"] = cfg.label_order
+    if cfg.label_order == "alphabetical":
+        if all(n.startswith("class_") for n in raw.classnames):
+            raise UserError("data.label_order: alphabetical needs real class names (set data.classnames)")
+        moved = apply_alphabetical(raw)
+        info["labels_remapped"] = moved
+        log.info("labels remapped to alphabetical class-name order (%d of %d classes moved)",
+                 moved, len(raw.classnames))
+    elif cfg.label_order != "given":
+        raise UserError(f"data.label_order: {cfg.label_order!r} is not one of given, alphabetical")
+    return finish_bundle(raw.train, raw.val, raw.test, raw.classnames, raw.wnids, preprocess, cfg, info)

@@ -1,0 +1,85 @@
+"""Sharpness-aware optimizers for long-tailed fine-tuning (imports nothing else from ft_focal).
+
+Every optimizer wraps a base optimizer and is driven by one call per training step::
+
+    opt = FocalSAM(model.parameters(), torch.optim.SGD, rho=0.05, gamma=0.5, lam=0.8,
+                   class_counts=counts, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    def closure():                       # forward at the CURRENT weights
+        return criterion(model(x), y)    # per-sample losses [B] (reduction='none')
+    loss = opt.step(closure, targets=y)  # all passes, one base step; mean loss at w (detached)
+
+See ``base.py`` for the options every method shares (backward=, scaler=, model=, no_sync=,
+sync_perturbation=, sharded=, micro-batch lists) and ALGORITHMS.md for the update rules.
+Cost per step (``opt.last_pass_counts``): ERM 1F+1B, SAM/ASAM 2F+2B, ImbSAM 2F+3B, Focal-SAM 2F+3B,
+Focal-SAM / ImbSAM with ``single_backward=True`` 2F+2B, SSE-SAM 3F+4B (2F+3B after the switch),
+CC-SAM (1+K_b)F + 2K_b B for K_b classes in the batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import COMMON_KWARGS, SharpnessOptimizer
+from .ccsam import CCSAM
+from .erm import ERM
+from .focal_sam import FocalSAM
+from .imbsam import ImbSAM
+from .sam import SAM
+from .ssesam import SSESAM
+
+__all__ = ["ERM", "SAM", "ImbSAM", "CCSAM", "FocalSAM", "SSESAM", "SharpnessOptimizer",
+           "OPTIMIZERS", "BASE_OPTIMIZERS", "BASE_KWARGS", "COMMON_KWARGS", "build_optimizer",
+           "optimizer_kwargs"]
+
+OPTIMIZERS = {"erm": ERM, "sam": SAM, "asam": SAM, "imbsam": ImbSAM, "ccsam": CCSAM,
+              "focal_sam": FocalSAM, "sse_sam": SSESAM}
+_FIXED = {"asam": {"adaptive": True}}
+
+BASE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+# keyword -> the base optimizers that use it (others ignore it, so one config section serves all)
+BASE_KWARGS = {"lr": ("sgd", "adamw", "adam"), "weight_decay": ("sgd", "adamw", "adam"),
+               "momentum": ("sgd",), "nesterov": ("sgd",), "betas": ("adamw", "adam")}
+
+
+def optimizer_kwargs(name: str) -> tuple:
+    """The method keywords ``build_optimizer(name, ...)`` accepts besides ``base``, the base
+    optimizer keywords (``BASE_KWARGS``) and the runtime options (``COMMON_KWARGS``)."""
+    cls = _lookup(name)
+    return tuple(k for k in cls.method_kwargs if k not in ("class_counts", "classifier_params")
+                 and k not in _FIXED.get(name, {}))
+
+
+def _lookup(name):
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name]
+
+
+def build_optimizer(name: str, params, class_counts=None, **cfg) -> SharpnessOptimizer:
+    """Build optimizer ``name`` ("erm", "sam", "asam", "imbsam", "ccsam", "focal_sam", "sse_sam").
+
+    ``cfg``: ``base`` ("sgd" | "adamw" | "adam", default "sgd"), base keywords ``lr``,
+    ``momentum``, ``weight_decay``, ``nesterov``, ``betas`` (those the chosen base does not use, or
+    set to None, are ignored), the method keywords (``optimizer_kwargs(name)``, plus
+    ``classifier_params`` for CC-SAM) and the runtime options ``backward``, ``scaler``,
+    ``backward_applies_scaler``, ``model``, ``no_sync``, ``sync_perturbation``, ``sharded``.
+    An unknown name or keyword raises ValueError naming it and listing the valid ones.
+    """
+    cls = _lookup(name)
+    base = cfg.pop("base", "sgd")
+    if base not in BASE_OPTIMIZERS:
+        raise ValueError(f"unknown base optimizer {base!r}; valid: {', '.join(BASE_OPTIMIZERS)}")
+    method = set(optimizer_kwargs(name)) | ({"classifier_params"} if cls is CCSAM else set())
+    valid = method | set(BASE_KWARGS) | set(COMMON_KWARGS)
+    for k in cfg:
+        if k not in valid:
+            raise ValueError(f"unknown keyword {k!r} for optimizer {name!r}; valid: {', '.join(sorted(valid))}")
+    kwargs = dict(_FIXED.get(name, {}))
+    for k, v in cfg.items():
+        if k in BASE_KWARGS and (base not in BASE_KWARGS[k] or v is None):
+            continue
+        kwargs[k] = tuple(v) if k == "betas" else v
+    if "class_counts" in cls.method_kwargs:
+        if class_counts is None:
+            raise ValueError(f"optimizer {name!r} needs class_counts (training-set counts per class)")
+        kwargs["class_counts"] = class_counts
+    return cls(params, BASE_OPTIMIZERS[base], **kwargs)

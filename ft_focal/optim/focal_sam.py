@@ -1,0 +1,50 @@
+"""Focal-SAM (Li et al., ICML 2025) - cost 2F + 3B (official), 2F + 2B with ``single_backward``."""
+from __future__ import annotations
+
+from .base import SharpnessOptimizer, add, class_table
+
+
+class FocalSAM(SharpnessOptimizer):
+    """Focal-SAM: ``L(w) + sum_c a_c [L^c(w + eps) - L^c(w)]`` with one shared, focal-weighted eps.
+
+    Per-sample coefficient ``a_j = lam * (1 - n_{y_j} / N) ** gamma`` from TRAINING class counts.
+    Step (as scongl/Focal-SAM ``train_step.py`` + ``focal_sam.py``):
+
+    1. forward at w, per-sample losses l_j;
+    2. ``g1 = grad (1/B) sum_j (1 - a_j) l_j (w)``;
+    3. ``g2 = grad (1/B) sum_j a_j l_j (w)`` (second backward of the same graph);
+    4. ``eps = rho g2 / (||g2|| + 1e-12)`` (global norm);
+    5. ``g3 = grad (1/B) sum_j a_j l_j (w + eps)``;
+    6. restore w; base step with ``g1 + g3``.
+
+    ``lam = 0`` is plain ERM; ``gamma = 0, lam = 1`` is exactly SAM; ``gamma = 0`` gives
+    ``(1 - lam) grad L(w) + lam grad L(w + eps)``. The official code also has an ``adaptive`` (ASAM)
+    switch that its released settings do not use; it is not offered here.
+
+    ``single_backward=True`` (needs ``model=``) forms steps 2-3 from ONE backward of the unweighted
+    mean loss plus per-layer hooks (see ``single_backward.py``): same update (to float rounding) at
+    2F + 2B when every trainable parameter sits in an ``nn.Linear`` (LoRA, adapters, linear head);
+    otherwise that step falls back to the exact path above, with a warning logged once.
+    """
+
+    method_kwargs = ("rho", "gamma", "lam", "class_counts", "single_backward", "single_backward_check")
+
+    def __init__(self, params, base_optimizer_cls, rho=0.05, gamma=0.5, lam=0.8, class_counts=None,
+                 single_backward=False, **kwargs):
+        if rho < 0:
+            raise ValueError(f"rho must be non-negative, got {rho}")
+        counts = class_table(class_counts)
+        super().__init__(params, base_optimizer_cls, single_backward=single_backward, **kwargs)
+        self.rho, self.gamma, self.lam = float(rho), float(gamma), float(lam)
+        self.coefficients = self.lam * (1.0 - counts / counts.sum()) ** self.gamma
+
+    def _compute(self):
+        a = [self._per_sample(self.coefficients, i) for i in range(len(self._mbs))]
+        rest = [1.0 - ai for ai in a]
+        g1, g2 = self._split_pass(rest, a, total=[1.0] * len(a))
+        g2 = self._sync_perturbation_grads(g2)
+        self._perturb_sam(g2, self.rho)
+        del g2
+        (g3,) = self._grad_pass([a], perturbed=True)
+        self._restore()
+        return add(g1, g3)

@@ -1,0 +1,67 @@
+"""ImbSAM (Zhou et al., ICCV 2023) - cost 2F + 3B (official), 2F + 2B with ``single_backward``."""
+from __future__ import annotations
+
+from .base import SharpnessOptimizer, add, class_table
+
+
+class ImbSAM(SharpnessOptimizer):
+    """Imbalanced SAM: sharpness-aware only on the tail classes.
+
+    Tail = classes with TRAINING count ``n_c < tail_threshold`` (official default 20); head = the rest.
+    With B the whole batch size (head and tail):
+
+    * ``g_head = grad (1/B) sum_{j in head} l_j (w)``
+    * ``g_t = tail_weight * grad (1/B) sum_{j in tail} l_j (w)``; ``eps = rho g_t / (||g_t|| + 1e-12)``
+    * update with ``g_head + tail_weight * grad (1/B) sum_{j in tail} l_j (w + eps)``.
+
+    Paper vs official code: the paper's objective has no factor on the tail term (``tail_weight=1``,
+    the default); the released cool-xuan/Imbalanced_SAM training code multiplies BOTH tail sums by 2
+    (``tail_weight=2.0`` reproduces the official runs; on the first sum it cancels in the
+    normalisation). The official code adds 1e-16 to the norm; 1e-12 is used here as for every method.
+
+    A batch without tail samples costs 1F + 1B (no perturbation). ``single_backward=True``
+    (needs ``model=``) gets g_head and g_t from one backward (see ``single_backward.py``).
+    """
+
+    method_kwargs = ("rho", "class_counts", "tail_threshold", "tail_weight", "single_backward",
+                     "single_backward_check")
+
+    def __init__(self, params, base_optimizer_cls, rho=0.05, class_counts=None, tail_threshold=20,
+                 tail_weight=1.0, single_backward=False, **kwargs):
+        if rho < 0:
+            raise ValueError(f"rho must be non-negative, got {rho}")
+        counts = class_table(class_counts)
+        super().__init__(params, base_optimizer_cls, single_backward=single_backward, **kwargs)
+        self.rho, self.tail_threshold, self.tail_weight = float(rho), float(tail_threshold), float(tail_weight)
+        self.is_tail = (counts < self.tail_threshold).to(float)
+
+    def _compute(self):
+        head, tail = split_head_tail(self, self.tail_weight)
+        total = [None if h is None and t is None else
+                 (1.0 if self.tail_weight == 1.0 else _combine(h, t)) for h, t in zip(head, tail)]
+        g_head, g_tail = self._split_pass(head, tail, total=total)
+        g_tail = self._sync_perturbation_grads(g_tail)
+        self._perturb_sam(g_tail, self.rho)
+        del g_tail
+        (g_adv,) = self._grad_pass([tail], perturbed=True)
+        self._restore()
+        return add(g_head, g_adv)
+
+
+def split_head_tail(opt, tail_weight=1.0):
+    """Per micro-batch head / tail weights (None when the micro-batch has no such sample)."""
+    head, tail = [], []
+    for i in range(len(opt._mbs)):
+        t = opt._per_sample(opt.is_tail, i)
+        nt = int(t.sum())
+        head.append(None if nt == t.numel() else (1.0 if nt == 0 else 1.0 - t))
+        tail.append(None if nt == 0 else t * tail_weight)
+    return head, tail
+
+
+def _combine(h, t):
+    if h is None:
+        return t
+    if t is None:
+        return h
+    return h + t

@@ -1,0 +1,308 @@
+"""Two per-sample weightings of the same losses from ONE backward pass (Focal-SAM / ImbSAM / SSE-SAM).
+
+Steps 2-3 of Focal-SAM back-propagate the same per-sample losses l_j with weights (1 - a_j) and a_j.
+One backward of the total ``sum_j t_j l_j / B`` gives ``G_total``. For an ``nn.Linear`` y = x W^T + b
+the contribution of sample j to grad W is ``delta_j^T x_j`` (delta = dLoss/dy, summed over the
+sample's token positions), so the second weighting's gradient is available in the same pass:
+
+    G_part(W) = sum_j r_j delta_j^T x_j,  G_part(b) = sum_j r_j delta_j,   r_j = part_j / total_j
+
+and ``G_rest = G_total - G_part``. A forward hook on every ``nn.Linear`` owning a trainable weight /
+bias (installed only for the first, unperturbed forward) keeps the layer input x and registers a
+tensor hook on the layer OUTPUT, which receives delta during the backward. Both sums are one
+(reweighted) matmul per layer. LoRA (peft's lora_A / lora_B are ``nn.Linear``), AdaptFormer
+adapters and linear heads are covered, so the exact Focal-SAM step costs 2F + 2B, like SAM.
+
+The batch dimension of each layer input is the unique leading dimension of size B (inputs may be
+[B, D], [B, T, D] or [T, B, D]); if several dimensions have size B the one seen before for that
+layer is used, otherwise (or if a layer input has no dimension of size B) the layer cannot be split.
+
+The update is never silently different. ``plan`` refuses (-> exact two-backward path for the step,
+warning logged once) when a trainable parameter is not the weight / bias of a plain ``nn.Linear``
+(LayerNorm, conv, ``in_proj_weight``, a scalar...) or a BatchNorm layer is in training mode (it
+mixes samples). ``collect`` refuses after the backward when a parameter received a gradient but its
+layer's hooks did not all run (functional use such as ``nn.MultiheadAttention.out_proj``, activation
+checkpointing, an ambiguous batch dimension); the caller then back-propagates the second weighting
+exactly on the retained graph and switches the mechanism off. On the first step the hook result is
+also compared with that exact backward (catches tied weights used outside the layer, or operations
+mixing samples), unless ``single_backward_check=False``.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .numerics import add
+
+
+class _LayerState:
+    __slots__ = ("registered", "fired", "bad")
+
+    def __init__(self):
+        self.registered, self.fired, self.bad = 0, 0, None
+
+
+class WeightedGradCapture:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._key = None
+        self._owners = {}       # id(param) -> list of (module, "weight" | "bias")
+        self._modules = []
+        self._reason = None
+        self._bdim = {}         # module -> batch dim seen before (-1: input had no batch dim)
+        self._state = {}
+        self._acc = {}
+        self._ratio = None
+        self._n = None
+        self._live = False
+        self._low_precision = False
+
+    # ----------------------------------------------------------------- static check
+    def plan(self, params):
+        """None if every parameter in ``params`` can be handled, else the reason it cannot."""
+        key = tuple(id(p) for p in params)
+        if key != self._key:
+            self._key = key
+            self._owners, self._modules, self._reason = {}, [], None
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            for m in self.model.modules():
+                if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
+                    hooked = False
+                    for kind in ("weight", "bias"):
+                        p = getattr(m, kind, None)
+                        if isinstance(p, torch.Tensor) and p.requires_grad:
+                            self._owners.setdefault(id(p), []).append((m, kind))
+                            hooked = True
+                    if hooked:
+                        self._modules.append(m)
+            for p in params:
+                if id(p) not in self._owners:
+                    self._reason = (f"parameter {names.get(id(p), tuple(p.shape))!s} is not the weight or "
+                                    "bias of an nn.Linear layer")
+                    break
+        if self._reason is not None:
+            return self._reason
+        for m in self.model.modules():
+            if isinstance(m, _BatchNorm) and m.training:
+                return f"{type(m).__name__} in training mode mixes the samples of a batch"
+        return None
+
+    # ----------------------------------------------------------------- capture
+    @contextlib.contextmanager
+    def armed(self, ratio: torch.Tensor, n: int):
+        """Hooks for one forward: ``ratio[j]`` = part_j / total_j of the micro-batch's samples."""
+        self._ratio, self._n, self._live = ratio, n, True
+        self._state = {m: _LayerState() for m in self._modules}
+        self._acc = {}
+        self._low_precision = False
+        handles = [m.register_forward_hook(self._forward_hook) for m in self._modules]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _batch_dim(self, module, x):
+        n = self._n
+        cands = [d for d in range(x.dim() - 1) if x.shape[d] == n] if x.dim() >= 2 else []
+        seen = self._bdim.get(module)
+        if len(cands) == 1 and seen in (None, cands[0]):
+            self._bdim[module] = cands[0]
+            return cands[0]
+        if len(cands) > 1 and seen in cands:
+            return seen
+        if not cands:
+            self._bdim[module] = -1
+        return None   # no / ambiguous / inconsistent batch dimension
+
+    def _forward_hook(self, module, inputs, output):
+        if not (isinstance(output, torch.Tensor) and output.requires_grad) or not inputs:
+            return
+        st = self._state[module]
+        x = inputs[0]
+        d = self._batch_dim(module, x) if isinstance(x, torch.Tensor) else None
+        if d is None:
+            st.bad = f"cannot find the batch dimension (size {self._n}) of the input {tuple(x.shape)} " \
+                     f"of a {type(module).__name__} layer"
+            return
+        st.registered += 1
+        ratio = self._ratio
+
+        def hook(grad):
+            if self._live:
+                self._accumulate(module, x, grad, d, ratio)
+                st.fired += 1
+
+        output.register_hook(hook)
+
+    def _accumulate(self, module, x, delta, d, ratio):
+        """Add sum_j r_j delta_j^T x_j (weight) and sum_j r_j delta_j (bias); the per-sample ratio
+        scales the narrower of x and delta."""
+        w, b = module.weight, module.bias
+        dt = w.dtype
+        self._low_precision |= delta.dtype in (torch.float16, torch.bfloat16)
+        delta = delta.to(dt)
+        r = ratio.to(device=delta.device, dtype=dt)
+        if w.requires_grad:
+            shape = [1] * delta.dim()
+            shape[d] = delta.shape[d]
+            x = x.to(dt)
+            if x.shape[-1] <= delta.shape[-1]:
+                x = x * r.view(shape)
+                dr = delta
+            else:
+                dr = delta * r.view(shape)
+            self._add(w, dr.reshape(-1, dr.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])))
+        if b is not None and b.requires_grad:
+            dims = [k for k in range(delta.dim() - 1) if k != d]
+            per_sample = delta.sum(dim=dims) if dims else delta          # [B, out]
+            self._add(b, r.view(1, -1).mm(per_sample).view(-1).to(b.dtype))
+
+    def _add(self, p, g):
+        k = id(p)
+        self._acc[k] = g if k not in self._acc else self._acc[k].add_(g)
+
+    def collect(self, params):
+        """After the backward: (captured gradients by id(param), None) or (partial, reason)."""
+        self._live = False
+        for p in params:
+            if p.grad is None:
+                continue
+            for m, _ in self._owners.get(id(p), ()):
+                st = self._state[m]
+                if st.bad:
+                    return self._acc, st.bad
+                if st.registered == 0 or st.fired != st.registered:
+                    return self._acc, (f"a {type(m).__name__} parameter received a gradient its layer "
+                                       "hooks did not see (functional use, checkpointing ...)")
+        return self._acc, None
+
+    def compare(self, params, captured, exact, rtol=1e-4):
+        """None if the hook gradients match the exact ones (relative to the largest entry)."""
+        worst, scale = 0.0, 0.0
+        half = self._low_precision
+        for j, p in enumerate(params):
+            e, c = exact[j], captured.get(id(p))
+            if e is None and c is None:
+                continue
+            e = torch.zeros_like(p) if e is None else e
+            c = torch.zeros_like(e) if c is None else c.to(e.dtype)
+            half = half or e.dtype in (torch.float16, torch.bfloat16)
+            worst = max(worst, float((e - c).abs().max()))
+            scale = max(scale, float(e.abs().max()))
+        tol = (5e-2 if half else rtol) * scale + 1e-30
+        if not worst <= tol:
+            return f"layer-hook gradients differ from the exact ones (max diff {worst:.3g}, scale {scale:.3g})"
+        return None
+
+    def reset(self):
+        self._state, self._acc, self._ratio, self._live = {}, {}, None, False
+
+
+class SingleBackwardMixin:
+    """Methods of ``SharpnessOptimizer`` driving ``WeightedGradCapture`` inside a pass."""
+
+    def _split_pass(self, rest, part, total=None):
+        """Gradients of the weightings ``rest`` and ``part`` at w (same forward). With
+        single_backward active: one backward of ``total`` (default rest + part) and layer hooks."""
+        if not self._sb_active:
+            return self._grad_pass([rest, part], split=True)
+        if total is None:
+            total = [_sum_w(r, p) for r, p in zip(rest, part)]
+        return self._grad_pass([rest, part, total], split=True)
+
+    # single-backward plumbing (the mechanism itself lives in single_backward.py)
+    def _single_backward_ready(self):
+        if not self.single_backward or self._sb_disabled is not None:
+            return False
+        reason = self._capture.plan(self._params)
+        if reason is not None:
+            self._warn_once("sb:" + reason, "single_backward: %s; using the exact two-backward path "
+                            "for this step (same update, one more backward)", reason)
+            return False
+        return True
+
+    def _split_micro_batch(self, i, closure, cur, bufs, used):
+        """Single-backward micro-batch: bufs[2] += grad(total), bufs[1] += part (from the hooks, or
+        from an exact backward on the retained graph on the checking step / on a fallback)."""
+        rest, part, total = cur
+        n = self._sizes[i]
+        ratio = _ratio(part, total, n) if total is not None else None
+        if ratio is None:   # nothing to back-propagate, or weights the hooks cannot express
+            losses = self._losses(i, closure())
+            self._record_loss(losses, False)
+            todo = [(k, c) for k, c in ((0, rest), (1, part)) if c is not None]
+            for m, (k, c) in enumerate(todo):
+                self._backward(self._weighted(losses, c, None), retain=m < len(todo) - 1)
+                tmp = [None] * len(self._params)
+                self._take(tmp)
+                bufs[2][:] = add(bufs[2], tmp)
+                if k == 1:
+                    bufs[1][:] = add(bufs[1], tmp)
+                used[2 if k == 0 else 1] = True
+            return
+        with self._capture.armed(ratio, n):
+            losses = self._losses(i, closure())
+        self._record_loss(losses, False)
+        self._backward(self._weighted(losses, total, None), retain=True)
+        used[2] = True
+        captured, reason = self._capture.collect(self._params)
+        self._take(bufs[2])
+        check = part is not None and not self._sb_validated
+        if not self._can_skip:   # plain DDP: a second backward of this graph is not allowed
+            if reason is not None:
+                raise RuntimeError(f"single_backward cannot split this model ({reason}) and DDP forbids "
+                                   "the exact fallback: pass no_sync= or single_backward=False")
+            check = False
+        if reason is None and not check:
+            for j, p in enumerate(self._params):
+                g = captured.get(id(p))
+                if g is not None:
+                    bufs[1][j] = g if bufs[1][j] is None else bufs[1][j].add_(g)
+            return
+        exact = [None] * len(self._params)
+        if part is not None:   # exact part on the retained graph
+            self._backward(self._weighted(losses, part, None))
+            used[1] = True
+            self._take(exact)
+        del losses
+        if reason is None:
+            reason = self._capture.compare(self._params, captured, exact)
+            if reason is None:
+                self._sb_validated = True
+        if reason is not None:
+            self._sb_disabled = reason
+            self._warn_once("sb-off", "single_backward switched off: %s; using the exact two-backward "
+                            "path from now on (same update, one more backward)", reason)
+        bufs[1][:] = add(bufs[1], exact)
+
+    def _capture_reset(self):
+        if self._capture is not None:
+            self._capture.reset()
+
+
+def _sum_w(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _ratio(part, total, n):
+    """part / total per sample (0 where both are 0); None when not expressible."""
+    if part is None:
+        return torch.zeros(n, dtype=torch.float64) if n else None
+    if n is None:
+        return None
+    p = part if isinstance(part, torch.Tensor) else torch.full((n,), float(part), dtype=torch.float64)
+    t = total if isinstance(total, torch.Tensor) else torch.full((n,), float(total), dtype=torch.float64,
+                                                                  device=p.device)
+    p = p.to(torch.float64)
+    t = t.to(device=p.device, dtype=torch.float64)
+    if bool(((t == 0) & (p != 0)).any()):
+        return None
+    return torch.where(t != 0, p / torch.where(t != 0, t, torch.ones_like(t)), torch.zeros_like(p))

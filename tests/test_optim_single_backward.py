@@ -1,0 +1,222 @@
+"""single_backward=True: the exact Focal-SAM / ImbSAM / SSE-SAM update from one backward at w."""
+import logging
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_optim_reference import max_diff, mlp, weights  # noqa: E402
+
+from ft_focal.optim import SSESAM, FocalSAM, ImbSAM  # noqa: E402
+
+SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+COUNTS = [100, 30, 8, 3]
+LABELS = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 0, 1, 2, 0])
+
+METHODS = {
+    "focal_sam": lambda ps, **kw: FocalSAM(ps, torch.optim.SGD, rho=0.1, gamma=1.5, lam=0.8,
+                                           class_counts=COUNTS, **SGD, **kw),
+    "imbsam": lambda ps, **kw: ImbSAM(ps, torch.optim.SGD, rho=0.1, class_counts=COUNTS, tail_weight=2.0,
+                                      **SGD, **kw),
+    "sse_sam": lambda ps, **kw: SSESAM(ps, torch.optim.SGD, rho_head=0.05, rho_tail=0.2, class_counts=COUNTS,
+                                       tail_threshold=40, **SGD, **kw),
+}
+
+
+class Tokens(nn.Module):
+    """Linear layers on token tensors [B, T, D] (batch_first) or [T, B, D]."""
+
+    def __init__(self, d=6, h=8, c=4, batch_first=True, layer_norm=False, scalar=False, functional=False):
+        super().__init__()
+        self.batch_first = batch_first
+        self.inp, self.mid, self.head = nn.Linear(d, h), nn.Linear(h, h), nn.Linear(h, c)
+        self.ln = nn.LayerNorm(h) if layer_norm else None
+        self.s = nn.Parameter(torch.tensor(0.7)) if scalar else None
+        self.functional = functional
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        if self.ln is not None:
+            h = self.ln(h)
+        # `functional`: the weight is used without calling the layer (like MultiheadAttention.out_proj)
+        h2 = F.linear(h, self.mid.weight, self.mid.bias) if self.functional else self.mid(h)
+        if self.s is not None:
+            h2 = h2 * self.s
+        h = h + torch.tanh(h2)
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+def tokens(seed, T, B=12, d=6, batch_first=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, d, generator=g, dtype=torch.float64)
+    return x if batch_first else x.transpose(0, 1).contiguous()
+
+
+def compare(build, x, y=LABELS, method="focal_sam", steps=2, params=None, **kw):
+    """Run the default and the single-backward path from the same start; return (diff, opts, models)."""
+    models, opts = [], []
+    for sb in (False, True):
+        m = build()
+        ps = params(m) if params else [p for p in m.parameters() if p.requires_grad]
+        opt = METHODS[method](ps, single_backward=sb, model=m, **kw)
+        torch.manual_seed(123)   # same dropout masks in both runs
+        for _ in range(steps):
+            opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"), targets=y)
+        models.append(m)
+        opts.append(opt)
+    return max_diff(models[1], weights(models[0])), opts, models
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_mlp_exact_and_cheaper(method):
+    x = torch.randn(12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    diff, (ref, sb), (m_ref, _) = compare(lambda: mlp(0), x, method=method, steps=3)
+    assert diff < 1e-10 and max_diff(m_ref, weights(mlp(0))) > 1e-3
+    assert sb._sb_validated and sb._sb_disabled is None
+    assert ref.last_pass_counts["backward"] == sb.last_pass_counts["backward"] + 1
+    assert ref.last_pass_counts["forward"] == sb.last_pass_counts["forward"]
+
+
+def test_pass_counts_focal():
+    x = torch.randn(12, 5, dtype=torch.float64)
+    m = mlp(0)
+    opt = METHODS["focal_sam"](m.parameters(), single_backward=True, model=m)
+    cl = lambda: F.cross_entropy(m(x), LABELS, reduction="none")  # noqa: E731
+    opt.step(cl, targets=LABELS)
+    assert opt.last_pass_counts == {"forward": 2, "backward": 3}   # first step: checked against the exact path
+    opt.step(cl, targets=LABELS)
+    assert opt.last_pass_counts == {"forward": 2, "backward": 2}   # 2F + 2B, like SAM
+    m = mlp(0)
+    opt = METHODS["focal_sam"](m.parameters(), single_backward=True, single_backward_check=False, model=m)
+    opt.step(cl, targets=LABELS)
+    assert opt.last_pass_counts == {"forward": 2, "backward": 2}
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("method", ["focal_sam", "imbsam"])
+def test_token_layouts(batch_first, method):
+    x = tokens(2, T=5, batch_first=batch_first)
+    diff, (_, sb), _ = compare(lambda: _seeded(Tokens, batch_first=batch_first), x, method=method)
+    assert diff < 1e-10 and sb._sb_disabled is None and sb.last_pass_counts["backward"] == 2
+
+
+def test_ambiguous_batch_dim_falls_back(caplog):
+    caplog.set_level(logging.WARNING, logger="ft_focal")
+    x = tokens(3, T=12, batch_first=False)   # [T, B, D] with T == B: no way to tell
+    diff, (_, sb), _ = compare(lambda: _seeded(Tokens, batch_first=False), x)
+    assert diff < 1e-10
+    assert sb._sb_disabled and "batch dimension" in caplog.text
+
+
+def test_batch_dim_remembered_when_ambiguous_later():
+    m = _seeded(Tokens, batch_first=False)
+    opt = METHODS["focal_sam"](m.parameters(), single_backward=True, model=m)
+    x1, x2 = tokens(4, T=5, batch_first=False), tokens(5, T=12, batch_first=False)
+    for x in (x1, x2, x2):
+        opt.step(lambda: F.cross_entropy(m(x), LABELS, reduction="none"), targets=LABELS)
+    assert opt._sb_disabled is None and opt.last_pass_counts["backward"] == 2
+
+
+def test_head_only():
+    def build():
+        m = mlp(0, bn=True)
+        m.eval()   # frozen BatchNorm in eval mode is fine
+        for p in list(m[0].parameters()) + list(m[1].parameters()):
+            p.requires_grad_(False)
+        return m
+    x = torch.randn(12, 5, dtype=torch.float64)
+    diff, (_, sb), _ = compare(build, x, params=lambda m: m[3].parameters())
+    assert diff < 1e-10 and sb._sb_disabled is None and sb.last_pass_counts["backward"] == 2
+
+
+@pytest.mark.parametrize("kw,expect", [({"layer_norm": True}, "ln.weight"), ({"scalar": True}, "s")])
+def test_static_fallback_same_update(caplog, kw, expect):
+    caplog.set_level(logging.WARNING, logger="ft_focal")
+    x = tokens(6, T=3)
+    diff, (_, sb), _ = compare(lambda: _seeded(Tokens, **kw), x)
+    assert diff < 1e-12
+    assert f"parameter {expect} is not the weight or bias of an nn.Linear" in caplog.text
+    assert caplog.text.count("single_backward:") == 1   # logged once, not every step
+    assert sb.last_pass_counts == {"forward": 2, "backward": 3}
+
+
+def test_functional_use_detected_after_backward(caplog):
+    caplog.set_level(logging.WARNING, logger="ft_focal")
+    x = tokens(7, T=3)
+    diff, (_, sb), _ = compare(lambda: _seeded(Tokens, functional=True), x, steps=3)
+    assert diff < 1e-10
+    assert "hooks did not see" in sb._sb_disabled and "switched off" in caplog.text
+
+
+def test_tied_weight_caught_by_first_step_check(caplog):
+    caplog.set_level(logging.WARNING, logger="ft_focal")
+
+    class Tied(Tokens):
+        def forward(self, x):   # mid is called (hooked) AND its weight is used functionally
+            h = torch.tanh(self.inp(x))
+            h = torch.tanh(self.mid(h)) + torch.tanh(F.linear(h, self.mid.weight))
+            return self.head(h.mean(1))
+
+    x = tokens(8, T=3)
+    diff, (_, sb), _ = compare(lambda: _seeded(Tied), x, steps=3)
+    assert diff < 1e-10 and "differ from the exact" in sb._sb_disabled
+
+
+def test_batchnorm_in_training_mode_falls_back(caplog):
+    caplog.set_level(logging.WARNING, logger="ft_focal")
+    x = torch.randn(12, 5, dtype=torch.float64)
+
+    def build():   # BatchNorm without trainable affine parameters, in training mode
+        m = mlp(0, bn=True)
+        m[1].weight.requires_grad_(False)
+        m[1].bias.requires_grad_(False)
+        return m
+    diff, (_, sb), _ = compare(build, x)
+    assert diff < 1e-12 and "BatchNorm1d in training mode mixes the samples" in caplog.text
+
+
+def test_needs_model():
+    with pytest.raises(ValueError, match="model="):
+        FocalSAM(mlp().parameters(), torch.optim.SGD, class_counts=COUNTS, single_backward=True, lr=0.1)
+
+
+class Attn(nn.Module):
+    """A tiny attention block with Linear layers named q, k, v, o (the LoRA targets)."""
+
+    def __init__(self, d=8, c=4):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.head = nn.Linear(d, c)
+
+    def forward(self, x):   # [B, T, D]
+        a = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2) / 8 ** 0.5, -1)
+        h = x + self.o(a @ self.v(x))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("method", ["focal_sam", "imbsam"])
+def test_peft_lora(method):
+    peft = pytest.importorskip("peft")
+
+    def build():
+        base = _seeded(Attn)
+        cfg = peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.1, target_modules=["q", "v"],
+                              modules_to_save=["head"], init_lora_weights=False)
+        return peft.get_peft_model(base, cfg).double()
+
+    x = torch.randn(12, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    m = build()
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n for n in trainable) and any("modules_to_save" in n for n in trainable)
+    diff, (_, sb), (m_ref, _) = compare(build, x, method=method, steps=3)
+    assert diff < 1e-10 and max_diff(m_ref, weights(build())) > 1e-4
+    assert sb._sb_disabled is None and sb.last_pass_counts == {"forward": 2, "backward": 2}
+
+
+def _seeded(cls, seed=0, **kw):
+    torch.manual_seed(seed)
+    return cls(**kw).double()
