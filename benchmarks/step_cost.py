@@ -12,7 +12,8 @@ Models (random init from a small config, no download):
 Optimizers: ERM, SAM, ImbSAM, Focal-SAM (official 3-backward step), Focal-SAM single_backward,
 ImbSAM single_backward. Time: median over interleaved repeats (each optimizer drives its own copy
 of the model) of the wall time and of the process CPU time (less sensitive to other processes on a
-shared machine). Memory: peak of the memory allocated during one step on top of what was allocated
+shared machine); GFLOP: matmul FLOPs of one step (torch.utils.flop_counter, forward + backward +
+the single-backward hook matmuls; elementwise work is not counted) - load-independent. Memory: peak of the memory allocated during one step on top of what was allocated
 before it (torch.profiler memory timeline), i.e. activations, gradients and optimizer buffers.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -148,9 +150,13 @@ def bench(kind, args):
             cpu[name].append(time.process_time() - c0)
     rows = []
     for name, (m, opt, cl) in runs.items():
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as fc:
+            opt.step(cl, targets=y)
+        flops = fc.get_total_flops()
         mem = peak_step_memory(lambda: opt.step(cl, targets=y)) if not args.no_memory else float("nan")
         pc = opt.last_pass_counts
-        rows.append((name, statistics.median(times[name]), statistics.median(cpu[name]), mem,
+        rows.append((name, statistics.median(times[name]), statistics.median(cpu[name]), flops, mem,
                      f"{pc['forward']}F+{pc['backward']}B",
                      opt._sb_disabled or ("" if not opt.single_backward or opt._sb_active else "fallback")))
     return n_train, rows
@@ -174,6 +180,7 @@ def main(argv=None):
         args.batch, args.repeats, args.warmup = 16, 3, 1
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", category=FutureWarning)
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, CLIP vision tower "
           f"hidden {args.hidden} x {args.layers} layers, image {args.image}, patch {args.patch}; "
           f"median of {args.repeats} interleaved steps")
@@ -181,11 +188,13 @@ def main(argv=None):
         n_train, rows = bench(kind, args)
         sam = next(r for r in rows if r[0] == "SAM")
         print(f"\n{kind} ({n_train:,} trainable parameters)")
-        print(f"| {'optimizer':<16}| passes | wall ms | x SAM | CPU ms | x SAM | peak MiB | x SAM | note")
-        print(f"|{'-' * 17}|--------|---------|-------|--------|-------|----------|-------|-----")
-        for name, t, c, mem, passes, note in rows:
-            print(f"| {name:<16}| {passes:<6} | {1e3 * t:7.1f} | {t / sam[1]:5.2f} | {1e3 * c:6.0f} | "
-                  f"{c / sam[2]:5.2f} | {mem / 2 ** 20:8.1f} | {mem / sam[3]:5.2f} | {note}")
+        print(f"| {'optimizer':<16}| passes | GFLOP | x SAM | wall ms | x SAM | CPU ms | x SAM | peak MiB | x SAM "
+              "| note")
+        print(f"|{'-' * 17}|--------|-------|-------|---------|-------|--------|-------|----------|-------|-----")
+        for name, t, c, fl, mem, passes, note in rows:
+            print(f"| {name:<16}| {passes:<6} | {fl / 1e9:5.2f} | {fl / sam[3]:5.3f} | {1e3 * t:7.1f} | "
+                  f"{t / sam[1]:5.2f} | {1e3 * c:6.0f} | {c / sam[2]:5.2f} | {mem / 2 ** 20:8.1f} | "
+                  f"{mem / sam[4]:5.2f} | {note}")
 
 
 if __name__ == "__main__":

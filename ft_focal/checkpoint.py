@@ -5,14 +5,19 @@ Layout: `output_dir/checkpoints/step_00000120/` holding
                            from the recipe, so it is not duplicated in every checkpoint)
   optimizer.pt             optimizer state incl. the SAM-family wrapper and the base optimizer
   scheduler.pt             LR scheduler state
+  scaler.pt                GradScaler state (fp16 only)
   rng_rank{r}.pt           RNG states of process r (torch, numpy, python, cuda)
-  trainer.json             epoch / step / best metric / counters
+  trainer.json             epoch / step / best metric / history / counters
   MANIFEST.json            sha256 of every file above; written last = completeness marker
 
-A checkpoint is first written to `step_N.tmp/` and renamed when complete, so a kill at any
-moment leaves either the previous good checkpoint or a stray `.tmp` directory (ignored and
-removed). `.pt` files hold only tensors and plain containers and are read with
-`torch.load(weights_only=True)`.
+A checkpoint is first written to `step_N.tmp/` (every file fsync'ed) and renamed when complete,
+so a kill at any moment leaves either the previous good checkpoint or a stray `.tmp` directory
+(ignored and removed). A good checkpoint is never overwritten: a second checkpoint of the same
+step (e.g. the epoch-end one after a resume) gets the name `step_N.1`, `step_N.2`, ... and
+sorts after it. `latest_good` skips (with a warning) checkpoints that are incomplete or whose
+files do not match their MANIFEST; `prune` keeps the newest `keep` GOOD ones, so it never
+deletes the only good checkpoint. `.pt` files hold only tensors and plain containers and are
+read with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -33,6 +39,37 @@ from safetensors.torch import load_file, save_file
 logger = logging.getLogger("ft_focal")
 
 MANIFEST = "MANIFEST.json"
+REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer.json")
+_NAME = re.compile(r"^step_(\d+)(?:\.(\d+))?$")  # step_00000120 or step_00000120.1 (same step, later)
+
+
+def _order(path: Path) -> tuple[int, int]:
+    match = _NAME.match(path.name)
+    assert match is not None
+    return int(match.group(1)), int(match.group(2) or 0)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The update count a checkpoint directory was written at."""
+    return _order(Path(path))[0]
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. a platform without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -112,11 +149,12 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
-    """Complete-looking checkpoint directories, oldest first (by step number)."""
+    """Checkpoint directories (complete or not; `.tmp` ones excluded), oldest first."""
+    root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    return sorted(found, key=_order)
 
 
 def verify(path: Path) -> Optional[str]:
@@ -126,8 +164,13 @@ def verify(path: Path) -> Optional[str]:
         return "incomplete (no MANIFEST.json)"
     try:
         expected = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return "MANIFEST.json is unreadable"
+    if not isinstance(expected, dict):
+        return "MANIFEST.json is not a mapping of file names to sha256"
+    absent = [name for name in REQUIRED if name not in expected]
+    if absent:
+        return f"MANIFEST.json does not list {absent[0]}"
     for name, digest in expected.items():
         file = path / name
         if not file.is_file():
@@ -138,13 +181,24 @@ def verify(path: Path) -> Optional[str]:
 
 
 def latest_good(root: Path) -> Optional[Path]:
-    """The newest checkpoint that verifies; older ones are tried when newer ones are corrupt."""
+    """The newest checkpoint that verifies; older ones are tried (with a warning) when newer ones
+    are incomplete or corrupt."""
     for path in reversed(checkpoint_dirs(root)):
         problem = verify(path)
         if problem is None:
             return path
         logger.warning("checkpoint %s is unusable (%s); trying the previous one", path, problem)
     return None
+
+
+def _target(root: Path, step: int) -> Path:
+    """`step_N`, or `step_N.k` when a checkpoint of this step exists already (never overwritten)."""
+    final = root / f"step_{step:08d}"
+    serial = 0
+    while final.exists():
+        serial += 1
+        final = root / f"step_{step:08d}.{serial}"
+    return final
 
 
 def save_checkpoint(
@@ -158,36 +212,47 @@ def save_checkpoint(
     world_size: int = 1,
     barrier=lambda: None,
     keep: int = 2,
+    scaler: Any = None,
 ) -> Path:
     """Write a checkpoint atomically; every process writes its RNG state, rank 0 the rest.
 
     `barrier` synchronises processes (accelerator.wait_for_everyone) so that rank 0 renames the
-    directory only after every process has written into it.
+    directory only after every process has written into it. `scaler`: the fp16 GradScaler.
+    Returns the checkpoint directory (on rank 0; other ranks get the temporary name's target).
     """
-    final = root / f"step_{step:08d}"
+    root = Path(root)
     tmp = root / f"step_{step:08d}.tmp"
     if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    torch.save(_plain_rng(rng_state()), tmp / f"rng_rank{rank}.pt")
+    rng_file = tmp / f"rng_rank{rank}.pt"
+    torch.save(_plain_rng(rng_state()), rng_file)
+    _fsync_file(rng_file)
     if rank == 0:
         save_file(trainable_state(model), str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "world_size": world_size}, indent=1))
     barrier()
+    final = tmp
     if rank == 0:
         files = sorted(p.name for p in tmp.iterdir())
+        for name in files:
+            _fsync_file(tmp / name)
         manifest = {name: _sha256(tmp / name) for name in files}
         with open(tmp / MANIFEST, "w") as handle:
             json.dump(manifest, handle, indent=1)
             handle.flush()
             os.fsync(handle.fileno())
-        if final.exists():
-            shutil.rmtree(final)
+        _fsync_dir(tmp)
+        final = _target(root, step)
         os.replace(tmp, final)
+        _fsync_dir(root)
         prune(root, keep)
     barrier()
     return final
@@ -211,11 +276,22 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     rank: int = 0,
+    scaler: Any = None,
 ) -> dict:
-    """Restore everything saved by `save_checkpoint`; returns the trainer state."""
+    """Restore everything saved by `save_checkpoint`; returns the trainer state.
+
+    RNG states are restored last, so whatever building the objects drew from the generators
+    does not matter: the run continues with the exact streams it had when it was saved.
+    """
+    path = Path(path)
     load_trainable_state(model, load_file(str(path / "model.safetensors")))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if scaler is not None:
+        if (path / "scaler.pt").is_file():
+            scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        else:
+            logger.warning("%s has no GradScaler state (saved without fp16?); the loss scale starts afresh", path)
     trainer = json.loads((path / "trainer.json").read_text())
     rng_file = path / f"rng_rank{rank}.pt"
     if rng_file.is_file():

@@ -44,6 +44,12 @@ LOSS_KEYS = {
 }
 
 
+# Recipe keys that do not change what a run computes: a resumed run may change them freely.
+OPERATIONAL_KEYS = (("data", "num_workers"), ("train", "threads"), ("train", "keep_checkpoints"),
+                    ("train", "save_every_steps"), ("train", "log_every_steps"), ("train", "eval_batch_size"),
+                    ("train", "max_bad_steps"))
+
+
 def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -55,6 +61,16 @@ def make_accelerator(recipe: Recipe):
         trackers = "tensorboard"
     except ImportError:
         pass
+    from accelerate.state import AcceleratorState, PartialState
+
+    if AcceleratorState._shared_state or PartialState._shared_state:
+        # Accelerate keeps one global state per process; a second run in the same process
+        # (tests, notebooks, --dry-run sweeps) may ask for another precision, and a forked
+        # child inherits its parent's single-process state. The process-level state is kept
+        # only when it describes the process group that is actually running.
+        group = torch.distributed.is_initialized()
+        stale = not group or PartialState._shared_state.get("num_processes") != torch.distributed.get_world_size()
+        AcceleratorState._reset_state(reset_partial_state=stale)
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=recipe.train.mixed_precision,
@@ -140,12 +156,15 @@ def train(recipe: Recipe, bundle: Any = None) -> dict:
         check_paths(recipe)  # every missing weights / data path at once, before anything heavy
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:  # before the accelerator touches CUDA: cuBLAS reads this at init
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     accelerator = make_accelerator(recipe)
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(recipe.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
     if cfg.batch_size % (world * cfg.grad_accum_steps):
         raise UserError(f"recipe key 'train.batch_size' ({cfg.batch_size}) must be divisible by "
                         f"processes x grad_accum_steps = {world * cfg.grad_accum_steps}")
@@ -175,96 +194,158 @@ def train(recipe: Recipe, bundle: Any = None) -> dict:
     if cfg.grad_clip:
         trainable = [p for p in model.parameters() if p.requires_grad]
         # Clip the FINAL (descent) gradient, right before the base optimizer applies it.
-        optimizer.base_optimizer.register_step_pre_hook(
-            lambda *_: torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
+        def clip(*_: Any) -> None:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+
+        optimizer.base_optimizer.register_step_pre_hook(clip)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.scheduler, cfg.warmup_steps, total_steps))
 
-    # 4. Resume from the newest checkpoint that verifies, if any.
-    state = {"step": 0, "best": None, "best_epoch": None, "history": [], "bad_streak": 0, "bad_images": 0}
+    # 4. Resume from the newest checkpoint that verifies, if any. Everything a later update
+    # depends on is restored: trainable weights, optimizer (incl. the SAM-family wrapper: skipped
+    # steps, scaler growth, SSE-SAM epoch), LR schedule, GradScaler, the RNG of every process,
+    # and `state` (update count, history, best, whether the epoch-end evaluation already ran).
+    # Data order and augmentations are functions of (seed, epoch, position): nothing to restore.
+    state = {"step": 0, "best": None, "best_epoch": None, "best_sha256": None, "history": [],
+             "bad_streak": 0, "bad_images": 0, "epoch_end_step": 0, "train_seconds": 0.0,
+             "recipe_sha256": _recipe_digest(recipe)}
     ckpt_root = out / "checkpoints"
     resume_from = ckpt.latest_good(ckpt_root)
     if resume_from is not None:
-        state.update(ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, rank))
+        try:
+            restored = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, rank, accelerator.scaler)
+        except (KeyError, ValueError, RuntimeError, OSError) as exc:
+            raise UserError(f"{resume_from}: cannot resume from this checkpoint, it does not fit the recipe "
+                            f"({_one_line(exc)}); use another output_dir or remove {ckpt_root}") from None
+        if restored.get("recipe_sha256") not in (None, state["recipe_sha256"]):
+            logger.warning("the recipe differs from the one %s was written with: the resumed run is not the "
+                           "run this recipe describes from scratch", resume_from)
+        if restored.get("world_size", world) != world:
+            logger.warning("%s was written by %s process(es), this run has %d", resume_from,
+                           restored.get("world_size"), world)
+        restored.pop("world_size", None)
+        state.update(restored)
+        state["recipe_sha256"] = _recipe_digest(recipe)
         logger.info("resumed from %s (update %d of %d)", resume_from, state["step"], total_steps)
     if accelerator.trackers:
         accelerator.init_trackers(recipe.name.replace("/", "_"))
 
+    train_set = SeededDataset(bundle.train, recipe.seed)
+    bad_images_before = int(state["bad_images"])  # skipped before a resume (data.skip_bad_images)
+    started = time.time()
+    seconds_before = float(state["train_seconds"])
+
     def save(step: int) -> None:
+        state["bad_images"] = bad_images_before + getattr(bundle.train, "bad_count", 0)
+        state["train_seconds"] = round(seconds_before + time.time() - started, 3)
         ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, rank, world,
-                             accelerator.wait_for_everyone, cfg.keep_checkpoints)
+                             accelerator.wait_for_everyone, cfg.keep_checkpoints, accelerator.scaler)
+
+    def save_due(step: int) -> bool:
+        return step % cfg.save_every_steps == 0 or step == total_steps
+
+    def at_epoch_end(step: int) -> bool:
+        return step > 0 and (step % n_steps_epoch == 0 or step >= total_steps)
+
+    collate = bundle.collate_fn
+    val_set = bundle.eval_dataset("val") if bundle.val is not None and recipe.eval.select_split == "val" else None
+
+    def epoch_end(epoch: int) -> bool:
+        """Evaluation / model selection after the last update of `epoch`; True if it evaluated."""
+        state["epoch_end_step"] = state["step"]
+        if val_set is None or not ((epoch + 1) % cfg.eval_every_epochs == 0 or state["step"] >= total_steps):
+            return False
+        val = evaluate_split(model, val_set, class_counts, recipe.eval, cfg.eval_batch_size,
+                             accelerator, recipe.data.num_workers, collate)
+        score = val[recipe.eval.select_metric]
+        state["history"].append({"epoch": epoch, "step": state["step"], "val": _short(val)})
+        accelerator.log({f"val/{k}": v for k, v in _short(val).items() if v is not None}, step=state["step"])
+        if score is not None and (state["best"] is None or score > state["best"]):
+            state["best"], state["best_epoch"] = score, epoch
+            if accelerator.is_main_process:
+                state["best_sha256"] = _save_best(out, model)
+        return True
 
     # 5. The loop. Each update: load the micro-batches, one optimizer call, one scheduler step.
-    train_set = SeededDataset(bundle.train, recipe.seed)
-    collate = bundle.collate_fn
-    started = time.time()
-    progress = _progress(accelerator, total_steps, state["step"])
-    while state["step"] < total_steps:
+    # At an epoch end: evaluation (if due), then ONE checkpoint that records it, so a crash between
+    # the last update of an epoch and its evaluation re-runs that evaluation exactly once.
+    progress = _progress(accelerator, total_steps, min(state["step"], total_steps))
+    while True:
+        if at_epoch_end(state["step"]) and state.get("epoch_end_step") != state["step"]:
+            evaluated = epoch_end((state["step"] - 1) // n_steps_epoch)
+            if evaluated or save_due(state["step"]):
+                save(state["step"])
+        if state["step"] >= total_steps:
+            break
         epoch, first = divmod(state["step"], n_steps_epoch)
         train_set.set_epoch(epoch)
         criterion.set_epoch(epoch)
         optimizer.set_epoch(epoch, cfg.epochs)
         sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, rank, world, cfg.grad_accum_steps,
                                         recipe.seed, epoch, first)
+        # The loader's own generator: creating an iterator must not draw from the global RNG,
+        # or a resumed run (one more iterator) would continue with other dropout masks.
+        loader_rng = torch.Generator().manual_seed(recipe.seed * 1_000_003 + epoch)
         batches = iter(DataLoader(train_set, batch_sampler=sampler, num_workers=recipe.data.num_workers,
-                                  collate_fn=collate, pin_memory=accelerator.device.type == "cuda"))
+                                  collate_fn=collate, pin_memory=accelerator.device.type == "cuda",
+                                  generator=loader_rng))
         wrapped.train()
         for _ in range(first, n_steps_epoch):
             micro = [next(batches) for _ in range(cfg.grad_accum_steps)]
             micro = [m for m in micro if m is not None]  # None: every image of it was unreadable and skipped
             if not micro:
+                loss = None
                 state["step"] += 1
                 scheduler.step()
-                progress.update(1)
-                continue
-            closures, targets = [], []
-            for images, labels in micro:
-                images, labels = images.to(accelerator.device), labels.to(accelerator.device)
-                closures.append(lambda images=images, labels=labels: criterion(wrapped(images).float(), labels))
-                targets.append(labels)
-            skipped_before = optimizer.skipped_steps
-            loss = optimizer.step(closures, targets=targets)
-            scheduler.step()
-            state["step"] += 1
-            state["bad_streak"] = state["bad_streak"] + 1 if optimizer.skipped_steps > skipped_before else 0
-            if state["bad_streak"] >= cfg.max_bad_steps:
-                save(state["step"])  # skipped updates left the weights at the last good state
-                raise UserError(f"training stopped: {state['bad_streak']} consecutive updates had non-finite "
-                                f"loss or gradients (see 'train.max_bad_steps'); last good state saved in {ckpt_root}")
-            if state["step"] % cfg.log_every_steps == 0 or state["step"] == total_steps:
+            else:
+                closures, targets = [], []
+                for images, labels in micro:
+                    images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+                    closures.append(lambda images=images, labels=labels: criterion(wrapped(images).float(), labels))
+                    targets.append(labels)
+                skipped_before = optimizer.skipped_steps
+                loss = optimizer.step(closures, targets=targets)
+                scheduler.step()
+                state["step"] += 1
+                state["bad_streak"] = state["bad_streak"] + 1 if optimizer.skipped_steps > skipped_before else 0
+                if state["bad_streak"] >= cfg.max_bad_steps:
+                    # Skipped updates leave weights and optimizer state as after the last good update.
+                    save(state["step"])
+                    raise UserError(
+                        f"training stopped at update {state['step']}: {state['bad_streak']} consecutive updates had "
+                        f"non-finite loss or gradients (limit 'train.max_bad_steps' = {cfg.max_bad_steps}); the last "
+                        f"good weights are saved in {ckpt_root} (try a lower 'optim.lr' or 'train.mixed_precision')")
+            if loss is not None and (state["step"] % cfg.log_every_steps == 0 or state["step"] == total_steps):
                 logs = {"train/loss": float(loss), "train/lr": scheduler.get_last_lr()[0],
                         "train/skipped_steps": optimizer.skipped_steps}
                 accelerator.log(logs, step=state["step"])
                 progress.set_postfix(loss=f"{float(loss):.4f}", lr=f"{logs['train/lr']:.2e}")
             progress.update(1)
-            if state["step"] % cfg.save_every_steps == 0 or state["step"] == total_steps:
+            if at_epoch_end(state["step"]):
+                break  # the epoch-end block at the top of the loop evaluates and saves
+            if save_due(state["step"]):
                 save(state["step"])
-            if state["step"] >= total_steps:
-                break
-        epoch_done = state["step"] % n_steps_epoch == 0 or state["step"] >= total_steps
-        if epoch_done and bundle.val is not None and recipe.eval.select_split == "val" and (
-                (epoch + 1) % cfg.eval_every_epochs == 0 or state["step"] >= total_steps):
-            val = evaluate_split(model, bundle.eval_dataset("val"), class_counts, recipe.eval, cfg.eval_batch_size,
-                                 accelerator, recipe.data.num_workers, collate)
-            score = val[recipe.eval.select_metric]
-            state["history"].append({"epoch": epoch, "step": state["step"], "val": _short(val)})
-            accelerator.log({f"val/{k}": v for k, v in _short(val).items() if v is not None}, step=state["step"])
-            if score is not None and (state["best"] is None or score > state["best"]):
-                state["best"], state["best_epoch"] = score, epoch
-                if accelerator.is_main_process:
-                    _save_best(out, model)
-            save(state["step"])  # record history / best at the epoch boundary
+        del batches
     progress.close()
-    train_seconds = time.time() - started
+    train_seconds = seconds_before + time.time() - started
+    skipped_train_images = bad_images_before + getattr(bundle.train, "bad_count", 0)
+    if skipped_train_images:
+        logger.warning("skipped %d unreadable training image(s) in all (data.skip_bad_images; counted each "
+                       "time an image was drawn)", skipped_train_images)
 
     # 6. Model selection on validation, final report on test.
     selected = "last"
-    if recipe.eval.select_split == "val" and state["best"] is not None and (out / "best_model.safetensors").is_file():
+    best_file = out / "best_model.safetensors"
+    if recipe.eval.select_split == "val" and state["best"] is not None:
         from safetensors.torch import load_file
 
-        ckpt.load_trainable_state(model, load_file(str(out / "best_model.safetensors")))
-        selected = f"best on val ({recipe.eval.select_metric}) at epoch {state['best_epoch']}"
+        if best_file.is_file() and state.get("best_sha256") in (None, ckpt._sha256(best_file)):
+            ckpt.load_trainable_state(model, load_file(str(best_file)))
+            selected = f"best on val ({recipe.eval.select_metric}) at epoch {state['best_epoch']}"
+        else:
+            logger.warning("%s is missing or not the best model this run recorded (epoch %s); reporting the "
+                           "last weights instead", best_file, state["best_epoch"])
     results = {"recipe": recipe.name, "world_size": world, "selected": selected, "class_counts": class_counts,
-               "skipped_images": bundle.skipped_images() if hasattr(bundle, "skipped_images") else {},
+               "skipped_images": {"train": skipped_train_images},
                "optimizer": recipe.optim.name, "updates": state["step"], "train_seconds": round(train_seconds, 2),
                "skipped_steps": optimizer.skipped_steps, "pass_counts": dict(optimizer.pass_counts),
                "history": state["history"]}
@@ -273,6 +354,7 @@ def train(recipe: Recipe, bundle: Any = None) -> dict:
         if dataset is not None:
             results[split] = evaluate_split(model, dataset, class_counts, recipe.eval, cfg.eval_batch_size,
                                             accelerator, recipe.data.num_workers, collate)
+            results["skipped_images"][split] = getattr(dataset, "bad_count", 0)
     results["test"] = results.get(recipe.eval.test_split)
 
     # 7. Artefacts: final/ (safetensors + what reloads it), metrics.json, the report.
@@ -299,12 +381,33 @@ def train(recipe: Recipe, bundle: Any = None) -> dict:
     return results
 
 
-def _save_best(out: Path, model: torch.nn.Module) -> None:
+def _save_best(out: Path, model: torch.nn.Module) -> str:
+    """Write best_model.safetensors atomically; returns its sha256 (recorded in the checkpoint)."""
     from safetensors.torch import save_file
 
     tmp = out / "best_model.safetensors.tmp"
     save_file(ckpt.trainable_state(model), str(tmp))
+    digest = ckpt._sha256(tmp)
     os.replace(tmp, out / "best_model.safetensors")
+    return digest
+
+
+def _recipe_digest(recipe: Recipe) -> str:
+    """sha256 of the resolved recipe without where it is written (a resumed run must match it)."""
+    import dataclasses
+    import hashlib
+
+    raw = dataclasses.asdict(recipe)
+    raw.pop("output_dir", None)
+    raw.pop("hub", None)
+    for section, key in OPERATIONAL_KEYS:
+        raw[section].pop(key, None)
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] or type(exc).__name__
 
 
 def _short(result: dict) -> dict:

@@ -499,3 +499,24 @@ def test_deepcopy_keeps_behaviour(images):
         twin = copy.deepcopy(clf)
         with torch.no_grad():
             assert torch.equal(twin(images), clf(images))
+
+
+def test_open_clip_lora_attention_leaves_frozen_weights_bitwise_unchanged(images):
+    """peft merges the delta into the frozen MultiheadAttention weights and subtracts it after
+    each forward, which drifts them by rounding; our forward forms W + delta out of place and
+    still gives peft's logits."""
+    from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
+
+    clf = build("open_clip", "lora")
+    _perturb(clf, "lora_B")
+    frozen = {n: p.detach().clone() for n, p in clf.named_parameters() if not p.requires_grad}
+    for _ in range(3):
+        clf(images).pow(2).sum().backward()
+    now = dict(clf.named_parameters())
+    assert all(torch.equal(now[n], value) for n, value in frozen.items())
+    with torch.no_grad():
+        ours = clf(images)
+        for module in clf.modules():
+            if isinstance(module, LoraMultiheadAttention):
+                del module.forward  # peft's own (merge / unmerge) forward
+        torch.testing.assert_close(clf(images), ours, atol=1e-4, rtol=1e-4)

@@ -82,6 +82,53 @@ def _check_dead_mha_targets(backbone: nn.Module) -> None:
                 )
 
 
+def _functional_mha_forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                            average_attn_weights=True, is_causal=False):
+    """peft's LoRA MultiheadAttention forward without touching the frozen weights.
+
+    peft merges the LoRA delta INTO `in_proj_weight` / `out_proj.weight` before the call and
+    subtracts it afterwards; (W + d) - d != W in floating point, so the frozen weights drift by
+    rounding at every forward (and a resumed run, which rebuilds them, no longer matches). Here
+    the effective weights are formed out of place; the LoRA parameters, their names and peft's
+    merge / save are unchanged.
+
+    peft 0.21 adds the out_proj delta TWICE (its MultiheadAttention.merge adds it, then calls
+    out_proj.merge, which adds it again), in its forward and in merge_and_unload alike. We keep
+    that effective weight W_out + 2 s B A so an exported adapter gives the same logits when
+    loaded with peft; it only rescales the out_proj adapter's learning dynamics (as alpha would).
+    """
+    base = self.get_base_layer()
+    if self.disable_adapters or self.merged:
+        return base(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                    attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    out_base = base.out_proj.get_base_layer()
+    in_weight, out_weight = base.in_proj_weight, out_base.weight
+    for adapter in active:
+        in_weight = in_weight + self.get_delta_weight(adapter).to(in_weight.dtype)
+        out_weight = out_weight + 2 * base.out_proj.get_delta_weight(adapter).to(out_weight.dtype)
+    if base.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    out, weights = F.multi_head_attention_forward(
+        query, key, value, base.embed_dim, base.num_heads, in_weight, base.in_proj_bias, base.bias_k, base.bias_v,
+        base.add_zero_attn, base.dropout, out_weight, out_base.bias, training=base.training,
+        key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+        average_attn_weights=average_attn_weights, is_causal=is_causal)
+    if base.batch_first:
+        out = out.transpose(0, 1)
+    return out, weights
+
+
+def _use_functional_mha(backbone: nn.Module) -> None:
+    import types
+
+    from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
+
+    for module in backbone.modules():
+        if isinstance(module, LoraMultiheadAttention):
+            module.forward = types.MethodType(_functional_mha_forward, module)
+
+
 def apply_lora(backbone: nn.Module, family: str, tuning_cfg) -> object:
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -112,6 +159,7 @@ def apply_lora(backbone: nn.Module, family: str, tuning_cfg) -> object:
             f"tuning.lora_targets {targets}: {first} (module names in this backbone: {', '.join(names[:40])})"
         ) from None
     _check_dead_mha_targets(backbone)
+    _use_functional_mha(backbone)
     n_lora = sum(p.numel() for n, p in backbone.named_parameters() if "lora_" in n)
     if n_lora == 0:
         raise UserError(f"tuning.lora_targets {targets}: no LoRA weights were created")

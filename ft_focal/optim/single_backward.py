@@ -150,12 +150,14 @@ class WeightedGradCapture:
             shape = [1] * delta.dim()
             shape[d] = delta.shape[d]
             x = x.to(dt)
+            # the narrow side goes on the left of the matmul (much faster for LoRA-rank shapes)
             if x.shape[-1] <= delta.shape[-1]:
-                x = x * r.view(shape)
-                dr = delta
+                xr = (x * r.view(shape)).reshape(-1, x.shape[-1])
+                gw = xr.t().mm(delta.reshape(-1, delta.shape[-1])).t().contiguous()
             else:
-                dr = delta * r.view(shape)
-            self._add(w, dr.reshape(-1, dr.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])))
+                dr = (delta * r.view(shape)).reshape(-1, delta.shape[-1])
+                gw = dr.t().mm(x.reshape(-1, x.shape[-1]))
+            self._add(w, gw)
         if b is not None and b.requires_grad:
             dims = [k for k in range(delta.dim() - 1) if k != d]
             per_sample = delta.sum(dim=dims) if dims else delta          # [B, out]
