@@ -213,11 +213,14 @@ def save_checkpoint(
     barrier=lambda: None,
     keep: int = 2,
     scaler: Any = None,
+    files: Optional[dict[str, Path]] = None,
 ) -> Path:
     """Write a checkpoint atomically; every process writes its RNG state, rank 0 the rest.
 
     `barrier` synchronises processes (accelerator.wait_for_everyone) so that rank 0 renames the
     directory only after every process has written into it. `scaler`: the fp16 GradScaler.
+    `files`: other files to include, name -> path (hard-linked when the filesystem allows it,
+    else copied; e.g. the run's best_model.safetensors, so a checkpoint is self-contained).
     Returns the checkpoint directory (on rank 0; other ranks get the temporary name's target).
     """
     root = Path(root)
@@ -238,6 +241,11 @@ def save_checkpoint(
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "world_size": world_size}, indent=1))
+        for name, source in (files or {}).items():
+            try:
+                os.link(source, tmp / name)
+            except OSError:
+                shutil.copy2(source, tmp / name)
     barrier()
     final = tmp
     if rank == 0:

@@ -43,11 +43,8 @@ def missing_paths(recipe: Recipe) -> list[str]:
     if data.dataset == "hf" and data.hf_path:
         checks.append(("data.hf_path", Path(data.hf_path)))
     for key in ("train_list", "val_list", "test_list", "classnames"):
-        value = getattr(data, key)
-        if value:
-            path = Path(value)
-            if not path.is_absolute() and not path.exists() and root is not None:
-                path = root / path
+        path = _data_file(getattr(data, key), data.root)
+        if path is not None:
             checks.append((f"data.{key}", path))
     return [f"{key}: {path}" for key, path in checks if path is not None and not path.exists()]
 
@@ -58,13 +55,23 @@ def check_paths(recipe: Recipe) -> None:
         raise UserError(f"{len(missing)} path(s) of the recipe do not exist: " + "; ".join(missing))
 
 
-def _count_lines(path: Optional[str], root: Optional[str]) -> Optional[int]:
-    if not path:
+def _data_file(value: Optional[str], root: Optional[str]) -> Optional[Path]:
+    """A list / classnames path as the data code reads it: `builtin:` resource, as given, or under root."""
+    if not value:
         return None
-    file = Path(path)
-    if not file.exists() and root:
-        file = Path(root) / path
-    if not file.is_file():
+    if value.startswith("builtin:"):
+        from ft_focal.data.splits import RESOURCES
+
+        return RESOURCES / value[len("builtin:"):]
+    path = Path(value)
+    if not path.is_absolute() and not path.exists() and root:
+        path = Path(root) / path
+    return path
+
+
+def _count_lines(path: Optional[str], root: Optional[str]) -> Optional[int]:
+    file = _data_file(path, root)
+    if file is None or not file.is_file():
         return None
     opener = gzip.open if file.suffix == ".gz" else open
     with opener(file, "rt") as handle:

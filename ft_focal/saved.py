@@ -94,6 +94,23 @@ def _read_json(path: Path):
         raise UserError(f"{path}: corrupt JSON ({exc})") from None
 
 
+def _check_head_size(weights: Path, model: torch.nn.Module, num_classes: int, classnames_file: Path) -> None:
+    """A clear error when the saved head and classnames.json disagree on the number of classes."""
+    from safetensors import safe_open
+
+    own = model.state_dict()
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()
+                      if key.startswith("head.") and key in own}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{weights}: corrupt safetensors file ({' '.join(str(exc).split())})") from None
+    for key, shape in shapes.items():
+        if shape and tuple(own[key].shape) != shape and tuple(own[key].shape)[0] == num_classes:
+            raise UserError(f"{weights}: the classifier head has {shape[0]} classes ({key} {list(shape)}) but "
+                            f"{classnames_file} lists {num_classes}")
+
+
 def load_model_dir(directory: str | os.PathLike, overrides: Optional[list[str]] = None) -> SavedModel:
     """Rebuild the classifier of a `final/` or export folder and load its weights (CPU)."""
     from ft_focal.models import build_classifier
@@ -113,6 +130,7 @@ def load_model_dir(directory: str | os.PathLike, overrides: Optional[list[str]] 
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise UserError(f"{weights}: weights file missing")
+    _check_head_size(weights, model, len(classnames), directory / "classnames.json")
     try:
         missing, unexpected = st_load_model(model, str(weights), strict=False)
     except SafetensorError as exc:

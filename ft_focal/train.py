@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ LOSS_KEYS = {
 }
 
 
+BEST = "best_model.safetensors"  # in output_dir: trainable tensors of the best epoch on validation
 # Recipe keys that do not change what a run computes: a resumed run may change them freely.
 OPERATIONAL_KEYS = (("data", "num_workers"), ("train", "threads"), ("train", "keep_checkpoints"),
                     ("train", "save_every_steps"), ("train", "log_every_steps"), ("train", "eval_batch_size"),
@@ -102,11 +104,11 @@ def build_optimizer_from(recipe: Recipe, model: torch.nn.Module, wrapped: torch.
     if cfg.base == "sgd":
         base_kwargs.update(momentum=cfg.momentum, nesterov=cfg.nesterov)
     method = {key: getattr(cfg, key) for key in METHOD_KEYS if getattr(cfg, key) is not None}
-    if cfg.name in ("focal_sam", "imbsam"):
+    if cfg.name in ("focal_sam", "imbsam", "sse_sam"):
         # Exact either way; the one-backward path is cheaper and falls back by itself.
         method["single_backward"] = True if cfg.single_backward is None else cfg.single_backward
     elif cfg.single_backward:
-        raise UserError(f"recipe key 'optim.single_backward' applies to focal_sam and imbsam, not {cfg.name}")
+        raise UserError(f"recipe key 'optim.single_backward' applies to focal_sam, imbsam and sse_sam, not {cfg.name}")
     if cfg.name == "ccsam":
         method["classifier_params"] = list(model.head.parameters())
     runtime: dict[str, Any] = {"model": model, "sync_perturbation": cfg.sync_perturbation}
@@ -225,6 +227,11 @@ def train(recipe: Recipe, bundle: Any = None) -> dict:
         restored.pop("world_size", None)
         state.update(restored)
         state["recipe_sha256"] = _recipe_digest(recipe)
+        if accelerator.is_main_process and (resume_from / BEST).is_file():
+            # The best model as of the checkpoint (a later one may have been written before the crash).
+            shutil.copyfile(resume_from / BEST, out / (BEST + ".tmp"))
+            os.replace(out / (BEST + ".tmp"), out / BEST)
+        accelerator.wait_for_everyone()
         logger.info("resumed from %s (update %d of %d)", resume_from, state["step"], total_steps)
     if accelerator.trackers:
         accelerator.init_trackers(recipe.name.replace("/", "_"))
@@ -237,8 +244,10 @@ def train(recipe: Recipe, bundle: Any = None) -> dict:
     def save(step: int) -> None:
         state["bad_images"] = bad_images_before + getattr(bundle.train, "bad_count", 0)
         state["train_seconds"] = round(seconds_before + time.time() - started, 3)
+        best = out / BEST
+        files = {BEST: best} if rank == 0 and state["best_sha256"] and best.is_file() else None
         ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, rank, world,
-                             accelerator.wait_for_everyone, cfg.keep_checkpoints, accelerator.scaler)
+                             accelerator.wait_for_everyone, cfg.keep_checkpoints, accelerator.scaler, files)
 
     def save_due(step: int) -> bool:
         return step % cfg.save_every_steps == 0 or step == total_steps
@@ -334,7 +343,7 @@ def train(recipe: Recipe, bundle: Any = None) -> dict:
 
     # 6. Model selection on validation, final report on test.
     selected = "last"
-    best_file = out / "best_model.safetensors"
+    best_file = out / BEST
     if recipe.eval.select_split == "val" and state["best"] is not None:
         from safetensors.torch import load_file
 
@@ -385,10 +394,10 @@ def _save_best(out: Path, model: torch.nn.Module) -> str:
     """Write best_model.safetensors atomically; returns its sha256 (recorded in the checkpoint)."""
     from safetensors.torch import save_file
 
-    tmp = out / "best_model.safetensors.tmp"
+    tmp = out / (BEST + ".tmp")
     save_file(ckpt.trainable_state(model), str(tmp))
     digest = ckpt._sha256(tmp)
-    os.replace(tmp, out / "best_model.safetensors")
+    os.replace(tmp, out / BEST)
     return digest
 
 

@@ -133,14 +133,73 @@ def test_head_only():
     assert diff < 1e-10 and sb._sb_disabled is None and sb.last_pass_counts["backward"] == 2
 
 
-@pytest.mark.parametrize("kw,expect", [({"layer_norm": True}, "ln.weight"), ({"scalar": True}, "s")])
-def test_static_fallback_same_update(caplog, kw, expect):
-    caplog.set_level(logging.WARNING, logger="ft_focal")
+def test_layer_norm_covered():
     x = tokens(6, T=3)
-    diff, (_, sb), _ = compare(lambda: _seeded(Tokens, **kw), x)
+    diff, (_, sb), _ = compare(lambda: _seeded(Tokens, layer_norm=True), x, steps=3)
+    assert diff < 1e-10 and sb._sb_disabled is None and sb.last_pass_counts == {"forward": 2, "backward": 2}
+
+
+class Adapter(nn.Module):
+    """AdaptFormer branch s * up(dropout(relu(down(x)))) with a learnable scale s."""
+
+    def __init__(self, d, r=3, p=0.2):
+        super().__init__()
+        self.down, self.up, self.drop = nn.Linear(d, r), nn.Linear(r, d), nn.Dropout(p)
+        self.scale = nn.Parameter(torch.tensor(1.3))
+
+    def forward(self, x):
+        return self.scale * self.up(self.drop(F.relu(self.down(x))))
+
+
+class AdaptNet(nn.Module):
+    def __init__(self, d=6, h=24, c=4):
+        super().__init__()
+        self.inp, self.mlp, self.ln = nn.Linear(d, h), nn.Linear(h, 8 * h), nn.LayerNorm(h)
+        self.proj = nn.Linear(8 * h, h)
+        self.adapter, self.head = Adapter(h), nn.Linear(h, c)
+        for p in (*self.inp.parameters(), *self.mlp.parameters(), *self.proj.parameters()):
+            p.requires_grad_(False)
+
+    def forward(self, x):   # [B, T, D]
+        h = torch.tanh(self.inp(x))
+        z = self.ln(h)
+        h = h + self.proj(torch.tanh(self.mlp(z))) + self.adapter(z)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("method", ["focal_sam", "imbsam"])
+def test_adapter_with_learnable_scale_and_dropout(method):
+    x = tokens(10, T=4)
+    diff, (_, sb), (m_ref, _) = compare(lambda: _seeded(AdaptNet), x, method=method, steps=3)
+    assert diff < 1e-10 and max_diff(m_ref, weights(_seeded(AdaptNet))) > 1e-4
+    assert sb._sb_disabled is None and sb.last_pass_counts == {"forward": 2, "backward": 2}
+
+
+def test_large_owner_falls_back(caplog):
+    caplog.set_level(logging.WARNING, logger="ft_focal")
+    x = tokens(6, T=3)   # the scalar s belongs to the whole model: re-running it is a full forward
+    diff, (_, sb), _ = compare(lambda: _seeded(Tokens, scalar=True), x)
     assert diff < 1e-12
-    assert f"parameter {expect} is not the weight or bias of an nn.Linear" in caplog.text
+    assert "parameter s belongs to Tokens, too large to re-run" in caplog.text
     assert caplog.text.count("single_backward:") == 1   # logged once, not every step
+    assert sb.last_pass_counts == {"forward": 2, "backward": 3}
+
+
+class MHANet(nn.Module):
+    def __init__(self, d=8, c=4):
+        super().__init__()
+        self.attn, self.head = nn.MultiheadAttention(d, 2, batch_first=True), nn.Linear(d, c)
+        self.trunk = nn.Sequential(nn.Linear(d, 50 * d), nn.Tanh(), nn.Linear(50 * d, d)).requires_grad_(False)
+
+    def forward(self, x):   # MultiheadAttention returns a tuple: found during the step, not before
+        return self.head(self.attn(x, x, x)[0].mean(1) + self.trunk(x).mean(1))
+
+
+def test_multihead_attention_falls_back(caplog):
+    caplog.set_level(logging.WARNING, logger="ft_focal")
+    x = torch.randn(12, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    diff, (_, sb), _ = compare(lambda: _seeded(MHANet), x, steps=3)
+    assert diff < 1e-10 and "switched off: MultiheadAttention returns tuple" in caplog.text
     assert sb.last_pass_counts == {"forward": 2, "backward": 3}
 
 

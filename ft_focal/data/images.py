@@ -77,6 +77,26 @@ def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
         raise DataError(f"{name}: cannot convert image mode {mode} to RGB ({exc})") from None
 
 
+def _why_unidentified(path: str) -> str | None:
+    """Why Pillow rejected a file whose header a format plugin recognises, e.g. "TIFF: unknown
+    pixel mode" for a float RGB or 2-channel TIFF; None if no plugin recognises it."""
+    try:
+        with open(path, "rb") as handle:
+            prefix = handle.read(16)
+            Image.init()
+            for fmt, (factory, accept) in list(Image.OPEN.items()):
+                if accept is None or not accept(prefix):
+                    continue
+                handle.seek(0)
+                try:
+                    factory(handle, path)
+                except Exception as exc:  # the plugin's own reason
+                    return f"{fmt}: {' '.join(str(exc).split()) or type(exc).__name__}"
+    except Exception:  # best effort only: fall back to the generic message
+        return None
+    return None
+
+
 def open_rgb(path: str | os.PathLike, origin: str | None = None) -> Image.Image:
     """Open, fully decode and convert one image file to RGB.
 
@@ -97,6 +117,11 @@ def open_rgb(path: str | os.PathLike, origin: str | None = None) -> Image.Image:
     except PermissionError:
         raise DataError(f"{path}: permission denied{_where(origin)}") from None
     except Image.UnidentifiedImageError:
+        reason = _why_unidentified(path)
+        if reason and "mode" in reason:
+            raise DataError(f"{path}: unsupported image mode ({reason}; convert it to 8-bit RGB){_where(origin)}") from None
+        if reason:
+            raise DataError(f"{path}: corrupt image ({reason}){_where(origin)}") from None
         raise DataError(f"{path}: not a readable image (unknown or corrupt format){_where(origin)}") from None
     except Image.DecompressionBombError as exc:
         raise DataError(f"{path}: image too large ({exc}){_where(origin)}") from None

@@ -21,7 +21,11 @@ class CosineHead(nn.Module):
         self.out_features = num_classes
         self.scale = float(scale)
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
-        nn.init.normal_(self.weight, std=0.02)
+        # Unit-norm rows, as the text initialisation gives: the gradient through the
+        # normalisation scales with 1 / |w_c|, so small random rows would train far faster
+        # (and less stably) than text-initialised ones at the same learning rate.
+        with torch.no_grad():
+            self.weight.copy_(F.normalize(torch.randn(num_classes, in_features), dim=-1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.scale * F.linear(F.normalize(features, dim=-1), F.normalize(self.weight, dim=-1))

@@ -23,8 +23,10 @@ class FocalSAM(SharpnessOptimizer):
 
     ``single_backward=True`` (needs ``model=``) forms steps 2-3 from ONE backward of the unweighted
     mean loss plus per-layer hooks (see ``single_backward.py``): same update (to float rounding) at
-    2F + 2B when every trainable parameter sits in an ``nn.Linear`` (LoRA, adapters, linear head);
-    otherwise that step falls back to the exact path above, with a warning logged once.
+    2F + 2B when every trainable parameter sits in an ``nn.Linear`` (LoRA, adapters, linear head) or
+    in a small module that can be re-run per sample (LayerNorm, an adapter's learnable scale);
+    otherwise the exact path above is used (warning logged once). The first step is checked against
+    the exact path (one more backward) unless ``single_backward_check=False``.
     """
 
     method_kwargs = ("rho", "gamma", "lam", "class_counts", "single_backward", "single_backward_check")

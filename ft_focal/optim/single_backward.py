@@ -13,19 +13,28 @@ tensor hook on the layer OUTPUT, which receives delta during the backward. Both 
 (reweighted) matmul per layer. LoRA (peft's lora_A / lora_B are ``nn.Linear``), AdaptFormer
 adapters and linear heads are covered, so the exact Focal-SAM step costs 2F + 2B, like SAM.
 
-The batch dimension of each layer input is the unique leading dimension of size B (inputs may be
-[B, D], [B, T, D] or [T, B, D]); if several dimensions have size B the one seen before for that
-layer is used, otherwise (or if a layer input has no dimension of size B) the layer cannot be split.
+Other trainable parameters are handled by re-running the module that owns them directly (a
+LayerNorm, an adapter holding a learnable scale s, ...) on its saved inputs inside the tensor hook:
+for a module applied to each sample separately, ``G_part`` of its own parameters is the
+vector-Jacobian product of that module with the cotangent ``r_j delta_j``. The re-run restores the
+RNG (dropout) and autocast state of the original call. Only cheap owners are re-run: leaf modules,
+and non-leaf modules holding together at most 1/8 of the model's parameters; a parameter of a larger
+module (e.g. a scalar attribute of the whole model) makes the step fall back.
+
+The batch dimension of each layer input (Linear) or output (other owners) is the unique leading
+dimension of size B ([B, D], [B, T, D] or [T, B, D]); if several dimensions have size B the one
+seen before for that layer is used, otherwise (or if there is no dimension of size B) the layer
+cannot be split.
 
 The update is never silently different. ``plan`` refuses (-> exact two-backward path for the step,
-warning logged once) when a trainable parameter is not the weight / bias of a plain ``nn.Linear``
-(LayerNorm, conv, ``in_proj_weight``, a scalar...) or a BatchNorm layer is in training mode (it
-mixes samples). ``collect`` refuses after the backward when a parameter received a gradient but its
-layer's hooks did not all run (functional use such as ``nn.MultiheadAttention.out_proj``, activation
-checkpointing, an ambiguous batch dimension); the caller then back-propagates the second weighting
-exactly on the retained graph and switches the mechanism off. On the first step the hook result is
-also compared with that exact backward (catches tied weights used outside the layer, or operations
-mixing samples), unless ``single_backward_check=False``.
+warning logged once) when a trainable parameter belongs to a module too large to re-run or a
+BatchNorm layer is in training mode (it mixes samples). ``collect`` refuses after the backward when
+a parameter received a gradient its layer's hooks did not all see (functional use such as
+``nn.MultiheadAttention.out_proj``, activation checkpointing, an ambiguous batch dimension, an
+owner returning a tuple, an input modified in place); the caller then back-propagates the second
+weighting exactly on the retained graph and switches the mechanism off. On the first step the hook
+result is also compared with that exact backward (catches tied weights used outside the layer,
+non-deterministic re-runs, operations mixing samples), unless ``single_backward_check=False``.
 """
 from __future__ import annotations
 
@@ -39,20 +48,26 @@ from .numerics import add
 
 
 class _LayerState:
-    __slots__ = ("registered", "fired", "bad")
+    __slots__ = ("registered", "fired", "bad", "rng", "autocast")
 
     def __init__(self):
-        self.registered, self.fired, self.bad = 0, 0, None
+        self.registered, self.fired, self.bad, self.rng, self.autocast = 0, 0, None, None, None
+
+
+def _plain_linear(m):
+    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
 
 
 class WeightedGradCapture:
+    MAX_RERUN_FRACTION = 1 / 8   # non-leaf owners re-run: at most this share of the model's parameters
+
     def __init__(self, model: nn.Module):
         self.model = model
         self._key = None
-        self._owners = {}       # id(param) -> list of (module, "weight" | "bias")
-        self._modules = []
+        self._owners = {}       # id(param) -> list of owning modules
+        self._linear, self._generic = [], {}   # hooked Linear modules; other owner -> its params
         self._reason = None
-        self._bdim = {}         # module -> batch dim seen before (-1: input had no batch dim)
+        self._bdim = {}         # module -> batch dim seen before (-1: no batch dim)
         self._state = {}
         self._acc = {}
         self._ratio = None
@@ -66,23 +81,7 @@ class WeightedGradCapture:
         key = tuple(id(p) for p in params)
         if key != self._key:
             self._key = key
-            self._owners, self._modules, self._reason = {}, [], None
-            names = {id(p): n for n, p in self.model.named_parameters()}
-            for m in self.model.modules():
-                if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
-                    hooked = False
-                    for kind in ("weight", "bias"):
-                        p = getattr(m, kind, None)
-                        if isinstance(p, torch.Tensor) and p.requires_grad:
-                            self._owners.setdefault(id(p), []).append((m, kind))
-                            hooked = True
-                    if hooked:
-                        self._modules.append(m)
-            for p in params:
-                if id(p) not in self._owners:
-                    self._reason = (f"parameter {names.get(id(p), tuple(p.shape))!s} is not the weight or "
-                                    "bias of an nn.Linear layer")
-                    break
+            self._reason = self._build_plan(params)
         if self._reason is not None:
             return self._reason
         for m in self.model.modules():
@@ -90,15 +89,44 @@ class WeightedGradCapture:
                 return f"{type(m).__name__} in training mode mixes the samples of a batch"
         return None
 
+    def _build_plan(self, params):
+        self._owners, self._linear, self._generic = {}, [], {}
+        want = {id(p) for p in params}
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        total = sum(p.numel() for p in self.model.parameters())
+        rerun = 0
+        for m in self.model.modules():
+            own = [p for p in m._parameters.values() if p is not None and id(p) in want]
+            if not own:
+                continue
+            if _plain_linear(m) and all(p is m.weight or p is m.bias for p in own):
+                self._linear.append(m)
+            else:
+                if next(m.children(), None) is not None:   # leaves (LayerNorm, ...) are cheap to re-run
+                    rerun += sum(p.numel() for p in m.parameters())
+                    if rerun > self.MAX_RERUN_FRACTION * total:
+                        return (f"parameter {names.get(id(own[0]))} belongs to {type(m).__name__}, too large "
+                                "to re-run for the per-sample weighting")
+                self._generic[m] = own
+            for p in own:
+                self._owners.setdefault(id(p), []).append(m)
+        missing = [p for p in params if id(p) not in self._owners]
+        if missing:
+            return f"parameter {names.get(id(missing[0]), tuple(missing[0].shape))} has no owning module"
+        return None
+
     # ----------------------------------------------------------------- capture
     @contextlib.contextmanager
     def armed(self, ratio: torch.Tensor, n: int):
         """Hooks for one forward: ``ratio[j]`` = part_j / total_j of the micro-batch's samples."""
         self._ratio, self._n, self._live = ratio, n, True
-        self._state = {m: _LayerState() for m in self._modules}
+        self._state = {m: _LayerState() for m in (*self._linear, *self._generic)}
         self._acc = {}
         self._low_precision = False
-        handles = [m.register_forward_hook(self._forward_hook) for m in self._modules]
+        handles = [m.register_forward_hook(self._linear_hook) for m in self._linear]
+        for m in self._generic:
+            handles.append(m.register_forward_pre_hook(self._generic_pre_hook))
+            handles.append(m.register_forward_hook(self._generic_hook, with_kwargs=True))
         try:
             yield
         finally:
@@ -107,7 +135,10 @@ class WeightedGradCapture:
 
     def _batch_dim(self, module, x):
         n = self._n
-        cands = [d for d in range(x.dim() - 1) if x.shape[d] == n] if x.dim() >= 2 else []
+        if x.dim() == 1:
+            cands = [0] if x.shape[0] == n else []
+        else:
+            cands = [d for d in range(x.dim() - 1) if x.shape[d] == n]
         seen = self._bdim.get(module)
         if len(cands) == 1 and seen in (None, cands[0]):
             self._bdim[module] = cands[0]
@@ -118,25 +149,77 @@ class WeightedGradCapture:
             self._bdim[module] = -1
         return None   # no / ambiguous / inconsistent batch dimension
 
-    def _forward_hook(self, module, inputs, output):
-        if not (isinstance(output, torch.Tensor) and output.requires_grad) or not inputs:
-            return
+    def _register(self, module, t, fn):
+        """Tensor hook on the module output ``t`` calling fn(delta, batch_dim)."""
         st = self._state[module]
-        x = inputs[0]
-        d = self._batch_dim(module, x) if isinstance(x, torch.Tensor) else None
+        d = self._batch_dim(module, t)
         if d is None:
-            st.bad = f"cannot find the batch dimension (size {self._n}) of the input {tuple(x.shape)} " \
-                     f"of a {type(module).__name__} layer"
+            st.bad = (f"cannot find the batch dimension (size {self._n}) of {tuple(t.shape)} at a "
+                      f"{type(module).__name__} layer")
             return
         st.registered += 1
-        ratio = self._ratio
 
         def hook(grad):
             if self._live:
-                self._accumulate(module, x, grad, d, ratio)
+                fn(grad, d)
                 st.fired += 1
 
-        output.register_hook(hook)
+        t.register_hook(hook)
+
+    def _linear_hook(self, module, inputs, output):
+        if not (isinstance(output, torch.Tensor) and output.requires_grad) or not inputs:
+            return
+        x, ratio = inputs[0], self._ratio
+        if self._batch_dim(module, x) is None:
+            self._state[module].bad = (f"cannot find the batch dimension (size {self._n}) of the input "
+                                       f"{tuple(x.shape)} of a {type(module).__name__} layer")
+            return
+        self._register(module, output, lambda g, d: self._accumulate(module, x, g, d, ratio))
+
+    def _generic_pre_hook(self, module, args):
+        st = self._state[module]
+        dev = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        st.rng = (dev, torch.get_rng_state(), torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
+        st.autocast = (dev.type, torch.is_autocast_enabled(dev.type), torch.get_autocast_dtype(dev.type))
+
+    def _generic_hook(self, module, args, kwargs, output):
+        st = self._state[module]
+        if not isinstance(output, torch.Tensor):
+            st.bad = f"{type(module).__name__} returns {type(output).__name__}, not a tensor"
+            return
+        if not output.requires_grad:
+            return
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        versions = [t._version for t in tensors]
+        rng, autocast, ratio = st.rng, st.autocast, self._ratio
+
+        def rerun(delta, d):
+            if any(t._version != v for t, v in zip(tensors, versions)):
+                st.bad = f"an input of a {type(module).__name__} layer was modified in place"
+                return
+            self._rerun(module, args, kwargs, delta, d, ratio, rng, autocast)
+
+        self._register(module, output, rerun)
+
+    def _rerun(self, module, args, kwargs, delta, d, ratio, rng, autocast):
+        """G_part of the module's own parameters: VJP of a re-run with cotangent r_j delta_j."""
+        params = self._generic[module]
+        shape = [1] * delta.dim()
+        shape[d] = delta.shape[d]
+        cot = delta * ratio.to(device=delta.device, dtype=delta.dtype).view(shape)
+        det = lambda v: v.detach() if isinstance(v, torch.Tensor) else v   # noqa: E731
+        dev, cpu_state, cuda_state = rng
+        with torch.random.fork_rng(devices=[dev] if cuda_state is not None else []), torch.enable_grad(), \
+                torch.autocast(autocast[0], dtype=autocast[2], enabled=autocast[1]):
+            torch.set_rng_state(cpu_state)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state, dev)
+            out = module(*[det(a) for a in args], **{k: det(v) for k, v in kwargs.items()})
+        grads = torch.autograd.grad(out, params, cot, allow_unused=True)
+        self._low_precision |= delta.dtype in (torch.float16, torch.bfloat16)
+        for p, g in zip(params, grads):
+            if g is not None:
+                self._add(p, g.to(p.dtype))
 
     def _accumulate(self, module, x, delta, d, ratio):
         """Add sum_j r_j delta_j^T x_j (weight) and sum_j r_j delta_j (bias); the per-sample ratio
@@ -173,7 +256,7 @@ class WeightedGradCapture:
         for p in params:
             if p.grad is None:
                 continue
-            for m, _ in self._owners.get(id(p), ()):
+            for m in self._owners.get(id(p), ()):
                 st = self._state[m]
                 if st.bad:
                     return self._acc, st.bad
