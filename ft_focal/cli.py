@@ -3,12 +3,18 @@
 Each subcommand calls one library function. User mistakes (`UserError`, a missing file, a bad
 key) end with ONE line on stderr and exit code 2; no traceback. Set FT_FOCAL_DEBUG=1 to see
 the traceback of an error anyway.
+
+A Hugging Face token never reaches the terminal or a log through ft_focal: the error line and
+every log record are passed through `redact`, which masks the values of HF_TOKEN /
+HUGGING_FACE_HUB_TOKEN and anything shaped like a Hub token (`hf_` + 20 or more characters),
+in case a library echoes one in an exception message.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Callable, Optional
 
@@ -28,9 +34,39 @@ commands:
 """
 
 
+TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
+_TOKEN_SHAPE = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
+
+
+def redact(text: str) -> str:
+    """`text` with any Hugging Face token masked."""
+    for var in TOKEN_ENV_VARS:
+        value = os.environ.get(var, "").strip()
+        if len(value) >= 8:
+            text = text.replace(value, "***")
+    return _TOKEN_SHAPE.sub("hf_***", text)
+
+
+class RedactTokens(logging.Filter):
+    """Logging filter masking tokens in the formatted message (installed on the root handlers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: leave it to the handler's own error path
+            return True
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
 def setup_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactTokens) for f in handler.filters):
+            handler.addFilter(RedactTokens())
     for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -44,12 +80,13 @@ def run_guarded(fn: Callable[[], int]) -> int:
         if os.environ.get("FT_FOCAL_DEBUG"):
             raise
         lines = str(exc).strip().splitlines() or ["(no message)"]
-        print(f"error: {lines[-1] if len(lines) > 1 and 'Traceback' in lines[0] else lines[0]}", file=sys.stderr)
+        line = lines[-1] if len(lines) > 1 and "Traceback" in lines[0] else lines[0]
+        print(redact(f"error: {line}"), file=sys.stderr)
         return 2
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
         if os.environ.get("FT_FOCAL_DEBUG"):
             raise
-        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        print(redact(f"error: {exc.filename or ''}: {exc.strerror or exc}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -238,9 +238,9 @@ def load_baseline_errors(path: str) -> tuple[dict, Optional[float]]:
     corruption = data.get("corruption", {})
     if "errors" not in corruption:
         raise UserError(f"{path}: has no 'corruption.errors' (evaluate the baseline with --imagenet-c first)")
-    clean = corruption.get("clean_error")
-    if clean is None and data.get("test", {}).get("overall") is not None:
-        clean = 1.0 - data["test"]["overall"]
+    # The clean error as a fraction, from the baseline's own clean accuracy on the same split.
+    overall = (data.get(data.get("split", "test")) or data.get("test") or {}).get("overall")
+    clean = None if overall is None else 1.0 - overall
     return corruption["errors"], clean
 
 
@@ -261,9 +261,9 @@ def _main(argv: Optional[list[str]]) -> int:
     parser.add_argument("--baseline", help="'alexnet' (default) or a baseline run's eval JSON for custom -C sets")
     parser.add_argument("--no-report", action="store_true", help="do not write the Markdown report / plots")
     args = parser.parse_args(argv)
-    from accelerate import Accelerator
+    from ft_focal.accel import make_accelerator
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator()
     result = evaluate_saved(args.model_dir, args.overrides, args.split, args.five_crop, args.imagenet_c,
                             args.baseline, accelerator)
     if accelerator.is_main_process:

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import pickle  # only for the exception type raised by torch.load(weights_only=True)
 import shutil
 import sys
 import time
@@ -53,7 +54,7 @@ OPERATIONAL_KEYS = (("data", "num_workers"), ("train", "threads"), ("train", "ke
 
 
 def make_accelerator(recipe: Recipe):
-    from accelerate import Accelerator
+    from ft_focal.accel import make_accelerator as accelerator_for
     from accelerate.utils import ProjectConfiguration
 
     trackers = None
@@ -63,18 +64,7 @@ def make_accelerator(recipe: Recipe):
         trackers = "tensorboard"
     except ImportError:
         pass
-    from accelerate.state import AcceleratorState, PartialState
-
-    if AcceleratorState._shared_state or PartialState._shared_state:
-        # Accelerate keeps one global state per process; a second run in the same process
-        # (tests, notebooks, --dry-run sweeps) may ask for another precision, and a forked
-        # child inherits its parent's single-process state. The process-level state is kept
-        # only when it describes the process group that is actually running.
-        group = torch.distributed.is_initialized()
-        stale = not group or PartialState._shared_state.get("num_processes") != torch.distributed.get_world_size()
-        AcceleratorState._reset_state(reset_partial_state=stale)
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
+    return accelerator_for(
         mixed_precision=recipe.train.mixed_precision,
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=recipe.output_dir, logging_dir=str(Path(recipe.output_dir) / "logs")),
@@ -215,9 +205,16 @@ def train(recipe: Recipe, bundle: Any = None) -> dict:
     if resume_from is not None:
         try:
             restored = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, rank, accelerator.scaler)
+        except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused an object
+            import re
+
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            what = f"it references {found.group(1)}" if found else _one_line(exc)[:120]
+            raise UserError(f"{resume_from}: refusing to load a checkpoint file that holds more than tensors "
+                            f"({what}); remove this checkpoint") from None
         except (KeyError, ValueError, RuntimeError, OSError) as exc:
-            raise UserError(f"{resume_from}: cannot resume from this checkpoint, it does not fit the recipe "
-                            f"({_one_line(exc)}); use another output_dir or remove {ckpt_root}") from None
+            raise UserError(f"{resume_from}: cannot resume from this checkpoint ({_one_line(exc)}); it does not fit "
+                            f"this recipe or holds more than tensors: use another output_dir or remove it") from None
         if restored.get("recipe_sha256") not in (None, state["recipe_sha256"]):
             logger.warning("the recipe differs from the one %s was written with: the resumed run is not the "
                            "run this recipe describes from scratch", resume_from)

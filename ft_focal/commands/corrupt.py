@@ -65,6 +65,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5])
         parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)))
         parser.add_argument("--quality", type=int, default=85)
+        parser.add_argument("--limit", type=int, help="render only N evenly spaced images (a quick subset)")
         args = parser.parse_args(argv)
         corruptions = list(BENCHMARK_CORRUPTIONS) + list(EXTRA_CORRUPTIONS) if args.corruptions == ["all"] else args.corruptions
         source = Path(args.source)
@@ -76,6 +77,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             if not args.root:
                 raise UserError(f"{source}: a split list needs --root (the folder its paths are relative to)")
             sources = sources_from_split_list(args.root, source)
+        if args.limit and args.limit < len(sources):
+            step = len(sources) / args.limit
+            sources = [sources[int(i * step)] for i in range(args.limit)]
         summary = render_corruptions(sources, args.out, corruptions, args.severities, workers=args.workers,
                                      quality=args.quality)
         print({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
