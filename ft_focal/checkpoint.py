@@ -8,6 +8,8 @@ Layout: `output_dir/checkpoints/step_00000120/` holding
   scaler.pt                GradScaler state (fp16 only)
   rng_rank{r}.pt           RNG states of process r (torch, numpy, python, cuda)
   trainer.json             epoch / step / best metric / history / counters
+  best_model.safetensors   the run's best model on validation so far (when there is one;
+                           hard-linked from output_dir, restored from here on resume)
   MANIFEST.json            sha256 of every file above; written last = completeness marker
 
 A checkpoint is first written to `step_N.tmp/` (every file fsync'ed) and renamed when complete,

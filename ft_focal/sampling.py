@@ -77,7 +77,8 @@ class SeededDataset(Dataset):
     """Wraps a dataset so the random transform of item i in epoch e is seeded by (seed, e, i).
 
     The global RNG of the calling process is forked, so drawing augmentations never disturbs
-    the training RNG (dropout etc.), whether the item is loaded in the main process or a worker.
+    the training RNG (dropout etc.), whether the item is loaded in the main process or a worker;
+    and the item depends on nothing but (seed, epoch, index), whichever worker loads it.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
@@ -99,7 +100,10 @@ class SeededDataset(Dataset):
         item_seed = (self.seed * 1_000_003 + self.epoch * 7_919 + index * 104_729) % (2**63 - 1)
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(item_seed)
+            # Only the CPU generator (what transforms draw from): torch.manual_seed would also seed
+            # every CUDA device, and on a CUDA build before CUDA init it formats a stack trace per
+            # call (~2 ms per item here).
+            torch.default_generator.manual_seed(item_seed)
             random.seed(item_seed)
             np.random.seed(item_seed % (2**32))
             try:

@@ -11,6 +11,19 @@ them (ascent gradient accumulated over the whole batch, then the perturbation, t
 descent gradient accumulated over the whole batch). The update is therefore the one the method
 computes on the full batch — not an average of per-micro-batch SAM steps, which would perturb
 with a noisier gradient and is what `accelerator.accumulate` would give if it allowed it.
+
+Crash safety: running the same command again after a kill at any moment continues from the
+newest checkpoint that verifies (ft_focal.checkpoint) and ends with final weights bitwise equal
+to an uninterrupted run on the CPU. A checkpoint restores the trainable weights, the optimizer
+(incl. the SAM-family wrapper state: skipped steps, loss-scale growth, SSE-SAM stage via its
+epoch), the LR schedule, the GradScaler, the RNG of every process, the best model so far and
+`state` (update count, validation history, best, whether the epoch-end evaluation ran). Data
+order and augmentations are pure functions of (seed, epoch, position) and the DataLoader draws
+its worker seeds from its own generator, so nothing else depends on how many updates ran in
+this process. An epoch end (evaluation, best-model selection) is recorded by the ONE checkpoint
+written after it; a crash before that checkpoint re-runs the epoch end exactly once.
+Non-finite updates (loss or gradient NaN / inf in any pass) are skipped by the optimizer and
+counted; `train.max_bad_steps` consecutive ones stop the run with a checkpoint and one line.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ import logging
 import math
 import os
 import pickle  # only for the exception type raised by torch.load(weights_only=True)
+import re
 import shutil
 import sys
 import time
@@ -132,7 +146,21 @@ def lr_lambda(kind: str, warmup: int, total: int):
 
 
 def train(recipe: Recipe, bundle: Any = None) -> dict:
-    """Run a recipe to the end (resuming from its last good checkpoint); returns metrics.json."""
+    """Run a recipe to the end (resuming from its last good checkpoint); returns metrics.json.
+
+    `train.deterministic` switches torch's deterministic algorithms on for the run; the previous
+    setting is restored afterwards (the switch is process-wide).
+    """
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    try:
+        return _train(recipe, bundle)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2], previous[3]
+
+
+def _train(recipe: Recipe, bundle: Any = None) -> dict:
     from accelerate.utils import set_seed
 
     from ft_focal.data import build_datasets
@@ -206,8 +234,6 @@ def train(recipe: Recipe, bundle: Any = None) -> dict:
         try:
             restored = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, rank, accelerator.scaler)
         except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused an object
-            import re
-
             found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
             what = f"it references {found.group(1)}" if found else _one_line(exc)[:120]
             raise UserError(f"{resume_from}: refusing to load a checkpoint file that holds more than tensors "

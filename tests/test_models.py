@@ -452,8 +452,9 @@ def test_tiny_variant_keeps_head_settings(family):
         tiny_model_config("resnet")
 
 
-def test_open_clip_torchscript_checkpoint(tmp_path, images):
-    """OpenAI's original CLIP files are TorchScript archives (torch.load(weights_only=True) refuses them)."""
+def test_open_clip_torchscript_checkpoint_is_refused_with_a_safe_alternative(tmp_path, images):
+    """OpenAI's original CLIP files are TorchScript archives: loading one would deserialise code,
+    so it is refused with a one-line error naming the file and the safetensors alternative."""
     import warnings
 
     import open_clip
@@ -465,8 +466,8 @@ def test_open_clip_torchscript_checkpoint(tmp_path, images):
         traced = torch.jit.trace(ref, (images[:1], torch.randint(0, 100, (1, 16))), check_trace=False)
     path = tmp_path / "ViT-tiny.pt"
     traced.save(str(path))
-    clf = build("open_clip", "head", model_kw={"pretrained": str(path)})
-    assert torch.equal(clf.backbone.visual.conv1.weight, ref.visual.conv1.weight)
+    with pytest.raises(UserError, match=r"model.pretrained: .*ViT-tiny.pt is a TorchScript archive.*safetensors"):
+        build("open_clip", "head", model_kw={"pretrained": str(path)})
 
 
 def test_open_clip_custom_attention_block_lora(images):

@@ -33,7 +33,6 @@ from safetensors.torch import load_file
 
 from ft_focal import checkpoint as ckpt
 from ft_focal.config import recipe_from_dict
-from ft_focal.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,8 +109,9 @@ def reference_run(tmp_path_factory):
 
 
 def test_resume_after_simulated_crashes_is_bitwise_exact(reference_run, tmp_path, caplog):
-    """Crash mid-epoch before any evaluation, right after an epoch-end evaluation, mid-epoch
-    after a best model was written, and with the newest checkpoint truncated on disk."""
+    """Crash between the last update of an epoch and its evaluation, right after an epoch-end
+    evaluation, mid-epoch after a best model was written, and with the newest checkpoint
+    truncated on disk."""
     from ft_focal.train import train
 
     ref, ref_metrics = reference_run
@@ -121,7 +121,26 @@ def test_resume_after_simulated_crashes_is_bitwise_exact(reference_run, tmp_path
     assert history_epochs(ref) == [0, 1]
     assert ref_metrics["updates"] == 16 and ref_metrics["skipped_steps"] == 0
     expected = final_weights(ref)
-    for step in (6, 8, 13):
+
+    # A crash between the last update of epoch 0 and its evaluation (the process dies in it).
+    import ft_focal.evaluate
+
+    run = tmp_path / "crash_before_eval"
+    original = ft_focal.evaluate.evaluate_split
+    with pytest.MonkeyPatch.context() as patch:
+        def dying(*args, **kwargs):
+            raise KeyboardInterrupt("killed")
+
+        patch.setattr(ft_focal.evaluate, "evaluate_split", dying)
+        with pytest.raises(KeyboardInterrupt):
+            train(recipe_from_dict(raw_recipe(run)))
+    assert ft_focal.evaluate.evaluate_split is original
+    assert [p.name for p in ckpt.checkpoint_dirs(run / "checkpoints")] == ["step_00000003", "step_00000006"]
+    train(recipe_from_dict(raw_recipe(run)))
+    assert_bitwise_equal(final_weights(run), expected)
+    assert history_epochs(run) == [0, 1]
+
+    for step in (8, 13):
         run = tmp_path / f"crash_at_{step}"
         crashed_copy(ref, run, step)
         metrics = train(recipe_from_dict(raw_recipe(run)))
@@ -284,7 +303,7 @@ def _tiny_synthetic(out: Path, **train) -> dict:
                  "synthetic_eval_size": 8, "image_size": 32, "test_resize": 32, "num_workers": 0},
         "optim": {"name": "focal_sam", "lr": 0.05, "rho": 0.05, "gamma": 1.0, "lam": 0.8, "single_backward": False},
         "train": {"epochs": 2, "batch_size": 8, "save_every_steps": 100, "threads": 1, **train},
-        "eval": {"select_split": "none"},
+        "eval": {"select_split": "val"},
     }
 
 
@@ -339,6 +358,14 @@ def test_too_many_consecutive_non_finite_updates_stop_with_a_checkpoint(tmp_path
         assert torch.equal(weights[name], value), name
     skipped = torch.load(saved / "optimizer.pt", weights_only=True)["wrapper"]["skipped_steps"]
     assert skipped == 3
+    assert trainer["history"] == []  # it stopped at the end of epoch 0 (6 updates), before its evaluation
+
+    # Run again once the cause is gone: it resumes there and evaluates epoch 0 exactly once.
+    monkeypatch.undo()
+    assert train_module.main([str(path)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [0, 1]
+    assert metrics["updates"] == 12 and metrics["skipped_steps"] == 3
 
 
 # ------------------------------------------------------------------------ kill -9 (subprocesses)
@@ -365,8 +392,9 @@ def _run_to_end(recipe: Path, out: Path) -> subprocess.CompletedProcess:
     return done
 
 
-def _kill_when(recipe: Path, out: Path, ready, timeout: float = 300) -> bool:
-    """Start a run, SIGKILL it as soon as `ready(out)` holds; False if it finished first."""
+def _kill_when(recipe: Path, out: Path, ready, timeout: float = 300):
+    """Start a run, SIGKILL it as soon as `ready(out)` holds; returns the checkpoint steps on
+    disk right after the kill, or None if the run finished first."""
     proc = subprocess.Popen(_command(recipe, out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     try:
@@ -374,9 +402,10 @@ def _kill_when(recipe: Path, out: Path, ready, timeout: float = 300) -> bool:
             if ready(out):
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
-                return True
+                assert not (out / "metrics.json").exists()  # really interrupted before the end
+                return _steps_on_disk(out)
             time.sleep(0.01)
-        return False
+        return None
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -407,12 +436,15 @@ def test_kill_9_at_several_points_then_rerun_is_bitwise_exact(tmp_path, workers)
     _run_to_end(recipe, reference)
     expected = final_weights(reference)
     assert history_epochs(reference) == [0, 1, 2]
-    killed = 0
+    landed = {}
     for name, ready in KILL_POINTS.items():
         out = tmp_path / name
-        killed += _kill_when(recipe, out, ready)
+        landed[name] = _kill_when(recipe, out, ready)
         done = _run_to_end(recipe, out)
         assert "Traceback" not in done.stderr
+        if landed[name]:
+            assert f"resumed from {out / 'checkpoints'}" in done.stderr, name
         assert_bitwise_equal(final_weights(out), expected)
         assert history_epochs(out) == [0, 1, 2], name
-    assert killed >= 3  # the runs were really interrupted (a run may rarely finish before a late kill point)
+    # the runs were really interrupted (a run may rarely finish before a late kill point)
+    assert sum(steps is not None for steps in landed.values()) >= 3, landed

@@ -29,10 +29,6 @@ SOURCES = sorted(PACKAGE.rglob("*.py"))
 ALLOWED = {
     # The restricted CIFAR unpickler: find_class resolves only numpy's array-rebuilding globals.
     ("data/cifar.py", "pickle.Unpickler"),
-    # OpenAI's original CLIP files are TorchScript archives (not Python pickles of arbitrary
-    # objects); only their state_dict is read. Loading of every other weights file is
-    # safetensors or torch.load(weights_only=True) inside open_clip / transformers.
-    ("models/backbones.py", "torch.jit.load"),
 }
 
 

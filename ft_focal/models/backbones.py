@@ -288,7 +288,7 @@ def _load_open_clip_weights(model, checkpoint: str, model_cfg) -> None:
         except RuntimeError as exc:
             if "TorchScript" not in str(exc):
                 raise
-            _load_torchscript_checkpoint(model, checkpoint)
+            _refuse_torchscript_checkpoint(checkpoint)
     except UserError:
         raise
     except Exception as exc:
@@ -297,20 +297,18 @@ def _load_open_clip_weights(model, checkpoint: str, model_cfg) -> None:
         ) from None
 
 
-def _load_torchscript_checkpoint(model, checkpoint: str) -> None:
-    """OpenAI's original CLIP files (e.g. ~/.cache/clip/ViT-B-16.pt) are TorchScript archives, which
-    torch.load(weights_only=True) refuses; their state_dict has open_clip's parameter names."""
-    from open_clip.model import resize_pos_embed
+def _refuse_torchscript_checkpoint(checkpoint: str) -> None:
+    """OpenAI's original CLIP files (e.g. ~/.cache/clip/ViT-B-16.pt) are TorchScript archives.
 
-    logger.info("%s is a TorchScript archive (OpenAI CLIP format): reading its state_dict", checkpoint)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        state_dict = torch.jit.load(checkpoint, map_location="cpu").state_dict()
-    own = model.state_dict()
-    state_dict = {k: v for k, v in state_dict.items()
-                  if k in own or k not in ("input_resolution", "context_length", "vocab_size", "attn_mask")}
-    resize_pos_embed(state_dict, model)
-    model.load_state_dict(state_dict, strict=True)
+    Reading one means running `torch.jit.load`, which deserialises code, not just tensors; we
+    load only safetensors or `torch.load(weights_only=True)` files, so we refuse it and say
+    where the same weights come as safetensors.
+    """
+    raise UserError(
+        f"model.pretrained: {checkpoint} is a TorchScript archive (OpenAI's original CLIP format), which is not "
+        "loaded for safety; use the same weights as safetensors, e.g. open_clip_model.safetensors of "
+        "timm/vit_base_patch16_clip_224.openai"
+    )
 
 
 def _encode_text(model, tokens: torch.Tensor) -> torch.Tensor:
