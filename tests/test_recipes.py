@@ -382,8 +382,6 @@ def test_split_file_recipes_build_their_data_with_the_builtin_class_names(ds, tm
         assert bundle.classnames == sorted(bundle.classnames)
 
 
-@pytest.mark.xfail(strict=False, reason="preflight.missing_paths resolves 'builtin:' class-name files against "
-                                        "data.root, so check_paths stops every ImageNet-LT / iNat run (reported)")
 def test_preflight_accepts_builtin_class_names(tmp_path):
     from ft_focal.preflight import missing_paths
 
