@@ -211,6 +211,40 @@ def test_functional_use_detected_after_backward(caplog):
     assert "hooks did not see" in sb._sb_disabled and "switched off" in caplog.text
 
 
+class Switching(Tokens):
+    """Calls its layers normally, then (after `switch`) uses mid's weight functionally; has dropout."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x):
+        h = self.drop(torch.tanh(self.inp(x)))
+        h2 = F.linear(h, self.mid.weight, self.mid.bias) if self.functional else self.mid(h)
+        return self.head((h + torch.tanh(h2)).mean(1))
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_late_fallback_recomputes_with_same_dropout(caplog, check):
+    caplog.set_level(logging.WARNING, logger="ft_focal")
+    x = tokens(12, T=3)
+    models, opts = [], []
+    for sb in (False, True):
+        m = _seeded(Switching)
+        opt = METHODS["focal_sam"](m.parameters(), single_backward=sb, single_backward_check=check, model=m)
+        torch.manual_seed(7)
+        for step in range(3):
+            m.functional = step >= 1   # the hooks stop seeing `mid` from the second step on
+            opt.step(lambda: F.cross_entropy(m(x), LABELS, reduction="none"), targets=LABELS)
+            if sb and step == 1:
+                assert opt.last_pass_counts == {"forward": 3, "backward": 3}   # recomputed forward
+        models.append(m)
+        opts.append(opt)
+    assert max_diff(models[1], weights(models[0])) < 1e-10
+    assert "hooks did not see" in opts[1]._sb_disabled and "switched off" in caplog.text
+    assert opts[1].last_pass_counts == {"forward": 2, "backward": 3}
+
+
 def test_tied_weight_caught_by_first_step_check(caplog):
     caplog.set_level(logging.WARNING, logger="ft_focal")
 

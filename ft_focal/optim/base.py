@@ -59,7 +59,8 @@ import torch
 import torch.distributed as dist
 
 from .numerics import NumericsMixin, _NonFinite, add
-from .single_backward import SingleBackwardMixin, WeightedGradCapture
+from .single_backward import WeightedGradCapture
+from .split_pass import SingleBackwardMixin
 
 logger = logging.getLogger("ft_focal")
 

@@ -32,9 +32,11 @@ BatchNorm layer is in training mode (it mixes samples). ``collect`` refuses afte
 a parameter received a gradient its layer's hooks did not all see (functional use such as
 ``nn.MultiheadAttention.out_proj``, activation checkpointing, an ambiguous batch dimension, an
 owner returning a tuple, an input modified in place); the caller then back-propagates the second
-weighting exactly on the retained graph and switches the mechanism off. On the first step the hook
-result is also compared with that exact backward (catches tied weights used outside the layer,
-non-deterministic re-runs, operations mixing samples), unless ``single_backward_check=False``.
+weighting exactly and switches the mechanism off. The graph is retained only on the first step,
+where the hook result is also compared with that exact backward (catches tied weights used outside
+the layer, non-deterministic re-runs, operations mixing samples; skipped with
+``single_backward_check=False``); a later fallback re-runs the forward with the RNG state of the
+first run (same dropout masks; exact for a deterministic forward) at the cost of one more forward.
 """
 from __future__ import annotations
 
@@ -43,8 +45,6 @@ import contextlib
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-
-from .numerics import add
 
 
 class _LayerState:
@@ -74,6 +74,7 @@ class WeightedGradCapture:
         self._n = None
         self._live = False
         self._low_precision = False
+        self._select = None
 
     # ----------------------------------------------------------------- static check
     def plan(self, params):
@@ -120,6 +121,8 @@ class WeightedGradCapture:
     def armed(self, ratio: torch.Tensor, n: int):
         """Hooks for one forward: ``ratio[j]`` = part_j / total_j of the micro-batch's samples."""
         self._ratio, self._n, self._live = ratio, n, True
+        binary = bool(((ratio == 0) | (ratio == 1)).all())
+        self._select = torch.nonzero(ratio).flatten() if binary and bool((ratio == 0).any()) else None
         self._state = {m: _LayerState() for m in (*self._linear, *self._generic)}
         self._acc = {}
         self._low_precision = False
@@ -229,22 +232,26 @@ class WeightedGradCapture:
         self._low_precision |= delta.dtype in (torch.float16, torch.bfloat16)
         delta = delta.to(dt)
         r = ratio.to(device=delta.device, dtype=dt)
+        if self._select is not None:   # 0/1 ratio (ImbSAM, SSE-SAM): only the selected samples
+            if self._select.numel() == 0:
+                return
+            idx = self._select.to(delta.device)
+            x, delta, r = x.index_select(d, idx), delta.index_select(d, idx), None
         if w.requires_grad:
-            shape = [1] * delta.dim()
-            shape[d] = delta.shape[d]
-            x = x.to(dt)
-            # the narrow side goes on the left of the matmul (much faster for LoRA-rank shapes)
-            if x.shape[-1] <= delta.shape[-1]:
-                xr = (x * r.view(shape)).reshape(-1, x.shape[-1])
-                gw = xr.t().mm(delta.reshape(-1, delta.shape[-1])).t().contiguous()
-            else:
-                dr = (delta * r.view(shape)).reshape(-1, delta.shape[-1])
-                gw = dr.t().mm(x.reshape(-1, x.shape[-1]))
-            self._add(w, gw)
+            xw, dw = x.to(dt), delta
+            if r is not None:   # scale the narrower of x and delta by the per-sample ratio
+                shape = [1] * delta.dim()
+                shape[d] = delta.shape[d]
+                if xw.shape[-1] <= dw.shape[-1]:
+                    xw = xw * r.view(shape)
+                else:
+                    dw = dw * r.view(shape)
+            self._add(w, _mm_t(xw.reshape(-1, xw.shape[-1]), dw.reshape(-1, dw.shape[-1])))
         if b is not None and b.requires_grad:
             dims = [k for k in range(delta.dim() - 1) if k != d]
             per_sample = delta.sum(dim=dims) if dims else delta          # [B, out]
-            self._add(b, r.view(1, -1).mm(per_sample).view(-1).to(b.dtype))
+            gb = per_sample.sum(0) if r is None else r.view(1, -1).mm(per_sample).view(-1)
+            self._add(b, gb.to(b.dtype))
 
     def _add(self, p, g):
         k = id(p)
@@ -287,107 +294,20 @@ class WeightedGradCapture:
         self._state, self._acc, self._ratio, self._live = {}, {}, None, False
 
 
-class SingleBackwardMixin:
-    """Methods of ``SharpnessOptimizer`` driving ``WeightedGradCapture`` inside a pass."""
-
-    def _split_pass(self, rest, part, total=None):
-        """Gradients of the weightings ``rest`` and ``part`` at w (same forward). With
-        single_backward active: one backward of ``total`` (default rest + part) and layer hooks."""
-        if not self._sb_active:
-            return self._grad_pass([rest, part], split=True)
-        if total is None:
-            total = [_sum_w(r, p) for r, p in zip(rest, part)]
-        return self._grad_pass([rest, part, total], split=True)
-
-    # single-backward plumbing (the mechanism itself lives in single_backward.py)
-    def _single_backward_ready(self):
-        if not self.single_backward or self._sb_disabled is not None:
-            return False
-        reason = self._capture.plan(self._params)
-        if reason is not None:
-            self._warn_once("sb:" + reason, "single_backward: %s; using the exact two-backward path "
-                            "for this step (same update, one more backward)", reason)
-            return False
-        return True
-
-    def _split_micro_batch(self, i, closure, cur, bufs, used):
-        """Single-backward micro-batch: bufs[2] += grad(total), bufs[1] += part (from the hooks, or
-        from an exact backward on the retained graph on the checking step / on a fallback)."""
-        rest, part, total = cur
-        n = self._sizes[i]
-        ratio = _ratio(part, total, n) if total is not None else None
-        if ratio is None:   # nothing to back-propagate, or weights the hooks cannot express
-            losses = self._losses(i, closure())
-            self._record_loss(losses, False)
-            todo = [(k, c) for k, c in ((0, rest), (1, part)) if c is not None]
-            for m, (k, c) in enumerate(todo):
-                self._backward(self._weighted(losses, c, None), retain=m < len(todo) - 1)
-                tmp = [None] * len(self._params)
-                self._take(tmp)
-                bufs[2][:] = add(bufs[2], tmp)
-                if k == 1:
-                    bufs[1][:] = add(bufs[1], tmp)
-                used[2 if k == 0 else 1] = True
-            return
-        with self._capture.armed(ratio, n):
-            losses = self._losses(i, closure())
-        self._record_loss(losses, False)
-        self._backward(self._weighted(losses, total, None), retain=True)
-        used[2] = True
-        captured, reason = self._capture.collect(self._params)
-        self._take(bufs[2])
-        check = part is not None and not self._sb_validated
-        if not self._can_skip:   # plain DDP: a second backward of this graph is not allowed
-            if reason is not None:
-                raise RuntimeError(f"single_backward cannot split this model ({reason}) and DDP forbids "
-                                   "the exact fallback: pass no_sync= or single_backward=False")
-            check = False
-        if reason is None and not check:
-            for j, p in enumerate(self._params):
-                g = captured.get(id(p))
-                if g is not None:
-                    bufs[1][j] = g if bufs[1][j] is None else bufs[1][j].add_(g)
-            return
-        exact = [None] * len(self._params)
-        if part is not None:   # exact part on the retained graph
-            self._backward(self._weighted(losses, part, None))
-            used[1] = True
-            self._take(exact)
-        del losses
-        if reason is None:
-            reason = self._capture.compare(self._params, captured, exact)
-            if reason is None:
-                self._sb_validated = True
-        if reason is not None:
-            self._sb_disabled = reason
-            self._warn_once("sb-off", "single_backward switched off: %s; using the exact two-backward "
-                            "path from now on (same update, one more backward)", reason)
-        bufs[1][:] = add(bufs[1], exact)
-
-    def _capture_reset(self):
-        if self._capture is not None:
-            self._capture.reset()
+def _rng_state():
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
 
 
-def _sum_w(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a + b
+def _set_rng_state(state):
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
-def _ratio(part, total, n):
-    """part / total per sample (0 where both are 0); None when not expressible."""
-    if part is None:
-        return torch.zeros(n, dtype=torch.float64) if n else None
-    if n is None:
-        return None
-    p = part if isinstance(part, torch.Tensor) else torch.full((n,), float(part), dtype=torch.float64)
-    t = total if isinstance(total, torch.Tensor) else torch.full((n,), float(total), dtype=torch.float64,
-                                                                  device=p.device)
-    p = p.to(torch.float64)
-    t = t.to(device=p.device, dtype=torch.float64)
-    if bool(((t == 0) & (p != 0)).any()):
-        return None
-    return torch.where(t != 0, p / torch.where(t != 0, t, torch.ones_like(t)), torch.zeros_like(p))
+def _mm_t(x2d, d2d):
+    """d2d^T x2d, with the narrow operand on the left."""
+    if x2d.shape[1] <= d2d.shape[1]:
+        return x2d.t().mm(d2d).t().contiguous()
+    return d2d.t().mm(x2d)
