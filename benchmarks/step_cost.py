@@ -33,6 +33,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ft_focal.optim import ERM, SAM, FocalSAM, ImbSAM  # noqa: E402
@@ -135,8 +136,7 @@ def bench(kind, args):
         opt = make(ps, m)
         closure = (lambda m=m: F.cross_entropy(m(x), y, reduction="none"))
         runs[name] = (m, opt, closure)
-    n_train = \
-        sum(p.numel() for p in base.parameters() if p.requires_grad)
+    n_train = sum(p.numel() for p in base.parameters() if p.requires_grad)
     times = {name: [] for name in runs}
     cpu = {name: [] for name in runs}
     for _ in range(args.warmup):
@@ -150,7 +150,6 @@ def bench(kind, args):
             cpu[name].append(time.process_time() - c0)
     rows = []
     for name, (m, opt, cl) in runs.items():
-        from torch.utils.flop_counter import FlopCounterMode
         with FlopCounterMode(display=False) as fc:
             opt.step(cl, targets=y)
         flops = fc.get_total_flops()
