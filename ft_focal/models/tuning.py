@@ -200,6 +200,27 @@ def merge_lora_(backbone: nn.Module) -> bool:
 # --------------------------------------------------------------------------- AdaptFormer
 
 
+class BottleneckAdapter(nn.Module):
+    """scale * up(relu(down(x))): the trainable part of AdaptFormer, in one small module.
+
+    Keeping the learnable scale here (not on the wrapper that also holds the frozen MLP) lets the
+    one-backward Focal-SAM step re-run just this module to weight its gradient per sample.
+    """
+
+    def __init__(self, dim: int, bottleneck: int, scale_init: float = 1.0):
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.up = nn.Linear(bottleneck, dim)
+        self.scale = nn.Parameter(torch.full((1,), float(scale_init)))
+        nn.init.kaiming_normal_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)  # the model at init equals the frozen backbone
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.up(F.relu(self.down(x)))
+
+
 class AdaptFormerMLP(nn.Module):
     """Block MLP + parallel bottleneck adapter: mlp(LN(h)) + scale * up(relu(down(x_a)))."""
 
@@ -220,16 +241,19 @@ class AdaptFormerMLP(nn.Module):
             self.adapter_norm = nn.LayerNorm(dim, eps=eps)
         else:
             self.adapter_norm = None
-        self.down = nn.Linear(dim, bottleneck)
-        self.up = nn.Linear(bottleneck, dim)
-        self.scale = nn.Parameter(torch.full((1,), float(scale_init)))
-        nn.init.kaiming_normal_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        self.adapter = BottleneckAdapter(dim, bottleneck, scale_init)
 
-    def adapter(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.up(F.relu(self.down(x)))
+    @property
+    def down(self) -> nn.Linear:
+        return self.adapter.down
+
+    @property
+    def up(self) -> nn.Linear:
+        return self.adapter.up
+
+    @property
+    def scale(self) -> nn.Parameter:
+        return self.adapter.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.block_norm is None:  # x = LN(h)
