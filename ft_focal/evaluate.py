@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -268,10 +267,9 @@ def _main(argv: Optional[list[str]]) -> int:
                             args.baseline, accelerator)
     if accelerator.is_main_process:
         out = Path(args.out) if args.out else Path(args.model_dir) / "eval.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out)
+        from ft_focal.saved import write_json
+
+        write_json(out, result)
         if not args.no_report:
             from ft_focal.report import write_eval_report
 

@@ -50,7 +50,10 @@ class SavedModel:
         return build_transform(self.preprocess, self.recipe.data, train=False)
 
 
-def _write_json(path: Path, value) -> None:
+def write_json(path: Path, value) -> None:
+    """Write JSON atomically: a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=1))
     os.replace(tmp, path)
@@ -77,11 +80,11 @@ def save_model_dir(
     if rebuild is not None:
         recipe = dataclasses.replace(recipe, model=rebuild)
     save_recipe(recipe, directory / "recipe.yaml")
-    _write_json(directory / "classnames.json", list(classnames))
-    _write_json(directory / "class_counts.json", [int(c) for c in class_counts])
-    _write_json(directory / "preprocess.json", dict(preprocess))
+    write_json(directory / "classnames.json", list(classnames))
+    write_json(directory / "class_counts.json", [int(c) for c in class_counts])
+    write_json(directory / "preprocess.json", dict(preprocess))
     if wnids:
-        _write_json(directory / "wnids.json", list(wnids))
+        write_json(directory / "wnids.json", list(wnids))
     return directory
 
 

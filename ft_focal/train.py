@@ -166,7 +166,7 @@ def _train(recipe: Recipe, bundle: Any = None) -> dict:
     from ft_focal.data import build_datasets
     from ft_focal.evaluate import evaluate_split
     from ft_focal.models import build_classifier, preprocess_for
-    from ft_focal.saved import save_model_dir
+    from ft_focal.saved import save_model_dir, write_json
 
     cfg = recipe.train
     out = Path(recipe.output_dir)
@@ -393,8 +393,8 @@ def _train(recipe: Recipe, bundle: Any = None) -> dict:
     if accelerator.is_main_process:
         final = save_model_dir(out / "final", model, recipe, bundle.classnames, class_counts, preprocess,
                                getattr(bundle, "wnids", None))
-        _write_json(out / "metrics.json", results)
-        _write_json(final / "metrics.json", results)
+        write_json(out / "metrics.json", results)
+        write_json(final / "metrics.json", results)
         try:
             from ft_focal.report import write_run_report
 
@@ -448,13 +448,6 @@ def _short(result: dict) -> dict:
 
 def _pct(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
-
-
-def _write_json(path: Path, value: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
 
 
 class _NoProgress:

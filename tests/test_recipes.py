@@ -9,7 +9,6 @@ fine-tuning of the demo) run by default; the rest are marked slow (`pytest -m sl
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys

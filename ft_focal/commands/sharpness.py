@@ -15,8 +15,6 @@ OUT defaults to RUN_DIR/sharpness when MODEL_DIR is a run's final/, so the run r
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -78,6 +76,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def run() -> int:
         from ft_focal import plots
+        from ft_focal.saved import write_json
 
         parser = argparse.ArgumentParser(prog="ft-focal sharpness", description=__doc__,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,9 +103,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         default = model_dir.parent / "sharpness" if model_dir.name == "final" else model_dir / "sharpness"
         out = Path(args.out) if args.out else default
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "sharpness.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out / "sharpness.json")
+        write_json(out / "sharpness.json", result)
         plots.plot_sharpness(result["groups"], out / "sharpness.png")
         per_class = {c: v for g in result["groups"].values() for c, v in (g.get("per_class_trace") or {}).items()}
         if per_class:
