@@ -44,6 +44,7 @@ from ft_focal.metrics import (
     EXTRA_CORRUPTIONS,
     mean_corruption_error,
 )
+from ft_focal.sampling import shard_indices
 
 __all__ = [
     "shard_indices",
@@ -61,18 +62,6 @@ ALL_SEVERITIES = (1, 2, 3, 4, 5)
 
 
 # ----------------------------------------------------------------------------- sharding
-
-def shard_indices(n: int, world_size: int, rank: int) -> range:
-    """Indices of an n-sample list owned by `rank` out of `world_size`: i % world_size == rank.
-
-    Every index belongs to exactly one rank for any n (uneven sizes included; a rank may get
-    one sample fewer than another, or none). No padding, unlike DistributedSampler, so summed
-    counts are exact.
-    """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"bad shard: rank {rank} of world size {world_size}")
-    return range(rank, n, world_size)
-
 
 def _dist_info(accelerator: Any) -> tuple[int, int]:
     if accelerator is not None:

@@ -113,13 +113,20 @@ class SeededDataset(Dataset):
                 np.random.set_state(np_state)
 
 
-def shard_indices(size: int, rank: int, world_size: int) -> list[int]:
-    """Indices of an evaluation shard: i % world_size == rank (uneven sizes allowed, no padding)."""
-    return list(range(rank, size, world_size))
+def shard_indices(n: int, world_size: int, rank: int) -> range:
+    """Indices of an n-sample list owned by `rank` out of `world_size`: i % world_size == rank.
+
+    Every index belongs to exactly one rank for any n (uneven sizes included; a rank may get
+    one sample fewer than another, or none). No padding, unlike DistributedSampler, so gathered
+    predictions and summed counts are exact.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad shard: rank {rank} of world size {world_size}")
+    return range(rank, n, world_size)
 
 
 def eval_batches(size: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
-    indices = shard_indices(size, rank, world_size)
+    indices = list(shard_indices(size, world_size, rank))
     return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
 
 
