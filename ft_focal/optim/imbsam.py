@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .base import SharpnessOptimizer, add, class_table
+from .numerics import sum_optional
 
 
 class ImbSAM(SharpnessOptimizer):
@@ -38,7 +39,7 @@ class ImbSAM(SharpnessOptimizer):
     def _compute(self):
         head, tail = split_head_tail(self, self.tail_weight)
         total = [None if h is None and t is None else
-                 (1.0 if self.tail_weight == 1.0 else _combine(h, t)) for h, t in zip(head, tail)]
+                 (1.0 if self.tail_weight == 1.0 else sum_optional(h, t)) for h, t in zip(head, tail)]
         g_head, g_tail = self._split_pass(head, tail, total=total)
         g_tail = self._sync_perturbation_grads(g_tail)
         self._perturb_sam(g_tail, self.rho)
@@ -58,10 +59,3 @@ def split_head_tail(opt, tail_weight=1.0):
         tail.append(None if nt == 0 else t * tail_weight)
     return head, tail
 
-
-def _combine(h, t):
-    if h is None:
-        return t
-    if t is None:
-        return h
-    return h + t

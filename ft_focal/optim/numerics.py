@@ -14,6 +14,15 @@ class _NonFinite(Exception):
     """Raised (single process only) to abort a step as soon as a pass is non-finite."""
 
 
+def sum_optional(a, b):
+    """a + b where None stands for "no term" (a per-sample weight vector that is absent)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
 def add(a, b, alpha=1.0):
     """Elementwise a + alpha * b over gradient lists (None = zero)."""
     out = []

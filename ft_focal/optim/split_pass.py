@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .numerics import add
+from .numerics import add, sum_optional
 from .single_backward import _rng_state, _set_rng_state
 
 
@@ -17,7 +17,7 @@ class SingleBackwardMixin:
         if not self._sb_active:
             return self._grad_pass([rest, part], split=True)
         if total is None:
-            total = [_sum_w(r, p) for r, p in zip(rest, part)]
+            total = [sum_optional(r, p) for r, p in zip(rest, part)]
         return self._grad_pass([rest, part, total], split=True)
 
     # single-backward plumbing (the mechanism itself lives in single_backward.py)
@@ -103,13 +103,6 @@ class SingleBackwardMixin:
         if self._capture is not None:
             self._capture.reset()
 
-
-def _sum_w(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a + b
 
 
 def _ratio(part, total, n):
