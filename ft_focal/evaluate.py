@@ -190,9 +190,9 @@ def evaluate_saved(
 
 def describe_preprocess(preprocess: dict, data_cfg: Any, five_crop: bool = False) -> str:
     """The test-time transform in words, as `ft_focal.data.build_transform` builds it."""
-    from ft_focal.hub import describe_transform
+    from ft_focal.data.transforms import describe_test_transform
 
-    text = describe_transform(preprocess, data_cfg)
+    text = describe_test_transform(preprocess, data_cfg)
     if five_crop:
         size = preprocess.get("image_size", data_cfg.image_size)
         text = f"Resize({round(248 * size / 224)}) + FiveCrop({size}), logits averaged; " + text.split(" + ", 2)[-1]

@@ -41,6 +41,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from ft_focal.data.transforms import describe_test_transform, preprocessor_config
 from ft_focal.errors import UserError
 from ft_focal.saved import WEIGHTS, SavedModel, load_model_dir, save_model_dir
 
@@ -53,9 +54,6 @@ TRAINED_TENSORS = "trained_tensors.safetensors"
 PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before the module path
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 PICKLE_PATTERNS = [f"*{s}" for s in PICKLE_SUFFIXES]
-_PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -94,35 +92,6 @@ def _write_json(path: Path, value: Any) -> None:
 
 def pickle_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
-
-
-def preprocessor_config(preprocess: dict, data_cfg: Any) -> dict:
-    """transformers-style image processor config of the test transform (Resize + CenterCrop + Normalize)."""
-    from ft_focal.data.transforms import scaled_resize
-
-    size = int(preprocess.get("image_size", getattr(data_cfg, "image_size", 224)))
-    resize = max(size, scaled_resize(getattr(data_cfg, "test_resize", 224), size))
-    return {
-        "image_processor_type": "CLIPImageProcessor",
-        "do_convert_rgb": True,
-        "do_resize": True,
-        "size": {"shortest_edge": resize},
-        "resample": _PIL_RESAMPLE.get(str(preprocess.get("interpolation", "bicubic")).lower(), 3),
-        "do_center_crop": True,
-        "crop_size": {"height": size, "width": size},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": list(preprocess.get("mean", [])),
-        "image_std": list(preprocess.get("std", [])),
-    }
-
-
-def describe_transform(preprocess: dict, data_cfg: Any) -> str:
-    """The test transform in words (the one `ft_focal.data.build_transform(train=False)` builds)."""
-    cfg = preprocessor_config(preprocess, data_cfg)
-    return (f"Resize({cfg['size']['shortest_edge']}, {preprocess.get('interpolation', 'bicubic')}) + "
-            f"CenterCrop({cfg['crop_size']['height']}) + Normalize(mean {cfg['image_mean']}, std {cfg['image_std']})")
 
 
 def _probe_input(preprocess: dict) -> torch.Tensor:
@@ -260,7 +229,7 @@ def export_run(run_dir: str | os.PathLike, export_dir: str | os.PathLike, merge_
             **info,
             "adapter_module": adapter_path,
             "parameter_counts": counts,
-            "transforms": describe_transform(saved.preprocess, recipe.data),
+            "transforms": describe_test_transform(saved.preprocess, recipe.data),
             "files": [("README.md", "this model card")] + files,
             "repo_id": repo_id,
         }

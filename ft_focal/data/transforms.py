@@ -17,6 +17,8 @@ exactly `data.test_resize`. Resize(R) resizes the SHORTER side to R.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
@@ -88,6 +90,40 @@ class _StackCrops:
 
     def __repr__(self) -> str:
         return f"StackCrops(ToTensor + {self.normalize!r})"
+
+
+# PIL resample codes, as transformers' image processors record them
+_PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+
+def preprocessor_config(preprocess: dict, data_cfg: Any) -> dict:
+    """transformers-style image processor config of the test transform (Resize + CenterCrop + Normalize).
+
+    Kept beside `build_transform` so the exported description follows the transform it mirrors.
+    """
+    size = int(preprocess.get("image_size", getattr(data_cfg, "image_size", 224)))
+    resize = max(size, scaled_resize(getattr(data_cfg, "test_resize", 224), size))
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": resize},
+        "resample": _PIL_RESAMPLE.get(str(preprocess.get("interpolation", "bicubic")).lower(), 3),
+        "do_center_crop": True,
+        "crop_size": {"height": size, "width": size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(preprocess.get("mean", [])),
+        "image_std": list(preprocess.get("std", [])),
+    }
+
+
+def describe_test_transform(preprocess: dict, data_cfg: Any) -> str:
+    """The test transform in words (the one `build_transform(train=False)` builds)."""
+    cfg = preprocessor_config(preprocess, data_cfg)
+    return (f"Resize({cfg['size']['shortest_edge']}, {preprocess.get('interpolation', 'bicubic')}) + "
+            f"CenterCrop({cfg['crop_size']['height']}) + Normalize(mean {cfg['image_mean']}, std {cfg['image_std']})")
 
 
 def build_five_crop_transform(preprocess: dict, data_cfg=None):
