@@ -12,8 +12,10 @@ and of DataLoader worker scheduling. Here:
 
 from __future__ import annotations
 
+import random
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -93,10 +95,6 @@ class SeededDataset(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int):
-        import random
-
-        import numpy as np
-
         item_seed = (self.seed * 1_000_003 + self.epoch * 7_919 + index * 104_729) % (2**63 - 1)
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
