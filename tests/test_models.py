@@ -521,3 +521,27 @@ def test_open_clip_lora_attention_leaves_frozen_weights_bitwise_unchanged(images
             if isinstance(module, LoraMultiheadAttention):
                 del module.forward  # peft's own (merge / unmerge) forward
         torch.testing.assert_close(clf(images), ours, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_lora_attention_on_activations_equals_merged_weights(batch_first, with_mask):
+    """CLIP's self-attention call applies LoRA to the activations (so the one-backward step can
+    see its per-sample gradients); any other call uses the merged weights W + s B A. Same function."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from ft_focal.models.tuning import _use_functional_mha
+
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.attn = torch.nn.MultiheadAttention(16, 4, batch_first=batch_first).double()
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["attn"]), holder)
+    _use_functional_mha(holder)
+    _perturb(holder, "lora_B")
+    x = torch.randn((3, 5, 16) if batch_first else (5, 3, 16), dtype=torch.float64)
+    mask = torch.randn(5, 5, dtype=torch.float64) if with_mask else None
+    fast = holder.attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+    merged = holder.attn(x, x, x.clone(), need_weights=False, attn_mask=mask)[0]  # value is not query
+    torch.testing.assert_close(fast, merged, rtol=1e-10, atol=1e-12)
+    grads = torch.autograd.grad(fast.pow(2).sum(), [p for p in holder.parameters() if p.requires_grad])
+    assert all(float(g.abs().sum()) > 0 for g in grads)  # every adapter tensor is on the activation path

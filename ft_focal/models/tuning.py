@@ -89,19 +89,32 @@ def _functional_mha_forward(self, query, key, value, key_padding_mask=None, need
     peft merges the LoRA delta INTO `in_proj_weight` / `out_proj.weight` before the call and
     subtracts it afterwards; (W + d) - d != W in floating point, so the frozen weights drift by
     rounding at every forward (and a resumed run, which rebuilds them, no longer matches). Here
-    the effective weights are formed out of place; the LoRA parameters, their names and peft's
-    merge / save are unchanged.
+    the frozen weights are only read; the LoRA parameters, their names and peft's merge / save are
+    unchanged.
+
+    Self-attention as CLIP's vision tower calls it (query is key is value, no key padding mask,
+    no attention weights returned, no bias_k / bias_v / zero attention) applies the adapters to
+    the ACTIVATIONS: qkv = x W_in^T + b + s B(A(x)), out = o W_out^T + b + 2 s B_o(A_o(o)), with
+    lora_A / lora_B called as the nn.Linear modules they are. That is the same function as the
+    merged weights, and it lets the one-backward Focal-SAM step see every LoRA gradient through
+    its layer hooks (a merged weight hides the per-sample structure). Any other call forms the
+    effective weights W + s B A out of place and runs F.multi_head_attention_forward.
 
     peft 0.21 adds the out_proj delta TWICE (its MultiheadAttention.merge adds it, then calls
     out_proj.merge, which adds it again), in its forward and in merge_and_unload alike. We keep
     that effective weight W_out + 2 s B A so an exported adapter gives the same logits when
     loaded with peft; it only rescales the out_proj adapter's learning dynamics (as alpha would).
+    LoRA dropout is not applied here, as in peft's merged-weight MultiheadAttention forward.
     """
     base = self.get_base_layer()
     if self.disable_adapters or self.merged:
         return base(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                     attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
     active = [a for a in self.active_adapters if a in self.lora_A]
+    if (query is key and key is value and key_padding_mask is None and not need_weights and not is_causal
+            and base._qkv_same_embed_dim and base.bias_k is None and base.bias_v is None
+            and not base.add_zero_attn and (attn_mask is None or (attn_mask.dim() == 2 and attn_mask.is_floating_point()))):
+        return _lora_self_attention(self, base, active, query, attn_mask), None
     out_base = base.out_proj.get_base_layer()
     in_weight, out_weight = base.in_proj_weight, out_base.weight
     for adapter in active:
@@ -117,6 +130,31 @@ def _functional_mha_forward(self, query, key, value, key_padding_mask=None, need
     if base.batch_first:
         out = out.transpose(0, 1)
     return out, weights
+
+
+def _lora_self_attention(self, base: nn.MultiheadAttention, active: list, x: torch.Tensor,
+                         attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Self-attention of x ([B, N, D] if batch_first else [N, B, D]) with LoRA on the activations."""
+    qkv = F.linear(x, base.in_proj_weight, base.in_proj_bias)
+    for adapter in active:
+        qkv = qkv + self.lora_B[adapter](self.lora_A[adapter](x)) * self.scaling[adapter]
+    if not base.batch_first:
+        qkv = qkv.transpose(0, 1)
+    n_batch, n_tokens, _ = qkv.shape
+    heads, head_dim = base.num_heads, base.head_dim
+    q, k, v = (t.reshape(n_batch, n_tokens, heads, head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                          dropout_p=base.dropout if base.training else 0.0)
+    attn = attn.transpose(1, 2).reshape(n_batch, n_tokens, base.embed_dim)
+    if not base.batch_first:
+        attn = attn.transpose(0, 1)
+    out_lora = base.out_proj
+    out = F.linear(attn, out_lora.get_base_layer().weight, out_lora.get_base_layer().bias)
+    for adapter in active:
+        if adapter in out_lora.lora_A:
+            # twice, as peft's merge (see _functional_mha_forward)
+            out = out + out_lora.lora_B[adapter](out_lora.lora_A[adapter](attn)) * (2 * out_lora.scaling[adapter])
+    return out
 
 
 def _use_functional_mha(backbone: nn.Module) -> None:
