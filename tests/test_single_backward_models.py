@@ -41,3 +41,79 @@ def test_single_backward_equals_default_on_real_models(family, method, expected_
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
     assert fast_passes == {"forward": 2, "backward": expected_backward}
+
+
+def _tiny(family, method, dtype=torch.float32):
+    torch.manual_seed(0)
+    model = build_classifier(ModelConfig(**tiny_model_config(family)), TuningConfig(method=method, lora_rank=4),
+                             len(COUNTS), [f"c{i}" for i in range(len(COUNTS))]).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and ("up" in name or "lora_B" in name):
+                p.normal_(0, 0.05)
+    return model
+
+
+def _run(model, single, steps=3, autocast=None, scaler=None, compile_backend=None):
+    """Focal-SAM steps on a fixed batch; returns (trainable params after, last pass counts, optimizer)."""
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(next(model.parameters()).dtype)
+    y = torch.tensor([0, 1, 2, 3, 4, 5, 0, 5])
+    forward = torch.compile(model, backend=compile_backend) if compile_backend else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = FocalSAM(params, torch.optim.SGD, rho=0.05, gamma=1.0, lam=0.8, class_counts=COUNTS, lr=0.1,
+                   momentum=0.9, model=model, single_backward=single, scaler=scaler)
+
+    def closure():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None):
+            logits = forward(x)
+        return torch.nn.functional.cross_entropy(logits.float(), y, reduction="none")
+
+    start = [p.detach().clone() for p in params]
+    for _ in range(steps):
+        opt.step(closure, targets=y)
+    return [p.detach() - s for p, s in zip(params, start)], dict(opt.last_pass_counts), opt
+
+
+@pytest.mark.parametrize("family,method", [("open_clip", "lora"), ("open_clip", "adaptformer"), ("hf_clip", "lora")])
+def test_single_backward_under_bf16_autocast(family, method):
+    """Mixed precision: the hook gradients come from bf16 activations, like autograd's own; the
+    update matches the default path to bf16 rounding (relative to the update's size)."""
+    model = _tiny(family, method)
+    twin = copy.deepcopy(model)
+    fast, passes, opt = _run(model, True, autocast=torch.bfloat16)
+    slow, _, _ = _run(twin, False, autocast=torch.bfloat16)
+    assert opt._sb_disabled is None and passes == {"forward": 2, "backward": 2}
+    scale = max(float(d.abs().max()) for d in slow)
+    worst = max(float((a - b).abs().max()) for a, b in zip(fast, slow))
+    assert scale > 1e-4 and worst <= 0.05 * scale
+
+
+@pytest.mark.parametrize("family,method", [("open_clip", "lora"), ("open_clip", "adaptformer")])
+def test_single_backward_with_grad_scaler(family, method):
+    """fp16-style loss scaling: the hook part is unscaled like every other gradient; same update."""
+    model = _tiny(family, method)
+    twin = copy.deepcopy(model)
+    updates, passes = [], []
+    for m, single in ((model, True), (twin, False)):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+        delta, counts, opt = _run(m, single, scaler=scaler)
+        updates.append(delta)
+        passes.append(counts["backward"])
+        assert opt.skipped_steps == 0
+    assert passes == [2, 3]
+    for a, b in zip(*updates):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("family,method", [
+    ("open_clip", "lora"), pytest.param("hf_clip", "adaptformer", marks=pytest.mark.slow)])
+def test_single_backward_under_torch_compile(family, method):
+    """torch.compile (dynamo + AOT autograd, no C++ toolchain needed): the hooks still see every
+    layer (dynamo breaks the graph around the hooked calls), the update is the default path's."""
+    model = _tiny(family, method)
+    twin = copy.deepcopy(model)
+    fast, passes, opt = _run(model, True, compile_backend="aot_eager")
+    slow, _, _ = _run(twin, False)
+    assert opt._sb_disabled is None and passes == {"forward": 2, "backward": 2}
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
