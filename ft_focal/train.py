@@ -259,7 +259,8 @@ def _train(recipe: Recipe, bundle: Any = None) -> dict:
     if accelerator.trackers:
         accelerator.init_trackers(recipe.name.replace("/", "_"))
 
-    train_set = SeededDataset(bundle.train, recipe.seed)
+    # torchvision's training transforms draw from torch's generator only (see SeededDataset)
+    train_set = SeededDataset(bundle.train, recipe.seed, generators=("torch",))
     bad_images_before = int(state["bad_images"])  # skipped before a resume (data.skip_bad_images)
     started = time.time()
     seconds_before = float(state["train_seconds"])

@@ -1,5 +1,6 @@
 """Deterministic, resumable data order and exact evaluation sharding."""
 
+import pytest
 import torch
 
 from ft_focal.sampling import ResumableBatchSampler, SeededDataset, eval_batches, unshard
@@ -39,6 +40,30 @@ def test_seeded_dataset_augmentation_is_a_function_of_epoch_and_index():
     assert torch.equal(a, ds[2])
     ds.set_epoch(1)
     assert not torch.equal(a, ds[2])
+
+
+def test_seeded_dataset_seeds_python_and_numpy_only_when_asked():
+    import random
+
+    import numpy as np
+
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.rand(1).item(), random.random(), float(np.random.rand())
+
+    every, torch_only = SeededDataset(Draws(), seed=1), SeededDataset(Draws(), seed=1, generators=("torch",))
+    random.seed(0)
+    np.random.seed(0)
+    first = every[1]
+    assert every[1] == first  # all three generators seeded per item
+    assert (random.random(), float(np.random.rand())) == (random.Random(0).random(), np.random.RandomState(0).rand())
+    a, b = torch_only[1], torch_only[1]
+    assert a[0] == b[0] == first[0] and a[1:] != b[1:]  # torch seeded; python / numpy left running
+    with pytest.raises(ValueError, match="generators"):
+        SeededDataset(Draws(), seed=1, generators=("numpy",))
 
 
 def test_eval_shards_cover_uneven_datasets_exactly_once():

@@ -75,6 +75,7 @@ class WeightedGradCapture:
         self._live = False
         self._low_precision = False
         self._select = None
+        self._ratio_views = {}  # (device, dtype, ndim, batch dim) -> ratio shaped to broadcast
 
     # ----------------------------------------------------------------- static check
     def plan(self, params):
@@ -121,6 +122,7 @@ class WeightedGradCapture:
     def armed(self, ratio: torch.Tensor, n: int):
         """Hooks for one forward: ``ratio[j]`` = part_j / total_j of the micro-batch's samples."""
         self._ratio, self._n, self._live = ratio, n, True
+        self._ratio_views = {}
         binary = bool(((ratio == 0) | (ratio == 1)).all())
         self._select = torch.nonzero(ratio).flatten() if binary and bool((ratio == 0).any()) else None
         self._state = {m: _LayerState() for m in (*self._linear, *self._generic)}
@@ -204,12 +206,20 @@ class WeightedGradCapture:
 
         self._register(module, output, rerun)
 
+    def _ratio_view(self, ratio, like, d):
+        """``ratio`` on like's device / dtype, shaped [1, .., B (at dim d), .., 1] (cached per pass)."""
+        key = (id(ratio), like.device, like.dtype, like.dim(), d)
+        r = self._ratio_views.get(key)
+        if r is None:
+            shape = [1] * like.dim()
+            shape[d] = ratio.numel()
+            r = self._ratio_views[key] = ratio.to(device=like.device, dtype=like.dtype).view(shape)
+        return r
+
     def _rerun(self, module, args, kwargs, delta, d, ratio, rng, autocast):
         """G_part of the module's own parameters: VJP of a re-run with cotangent r_j delta_j."""
         params = self._generic[module]
-        shape = [1] * delta.dim()
-        shape[d] = delta.shape[d]
-        cot = delta * ratio.to(device=delta.device, dtype=delta.dtype).view(shape)
+        cot = delta * self._ratio_view(ratio, delta, d)
         det = lambda v: v.detach() if isinstance(v, torch.Tensor) else v   # noqa: E731
         dev, cpu_state, cuda_state = rng
         with torch.random.fork_rng(devices=[dev] if cuda_state is not None else []), torch.enable_grad(), \
@@ -230,27 +240,28 @@ class WeightedGradCapture:
         w, b = module.weight, module.bias
         dt = w.dtype
         self._low_precision |= delta.dtype in (torch.float16, torch.bfloat16)
-        delta = delta.to(dt)
-        r = ratio.to(device=delta.device, dtype=dt)
-        if self._select is not None:   # 0/1 ratio (ImbSAM, SSE-SAM): only the selected samples
+        if delta.dtype != dt:
+            delta = delta.to(dt)
+        if x.dtype != dt:
+            x = x.to(dt)
+        weighted = self._select is None
+        if not weighted:   # 0/1 ratio (ImbSAM, SSE-SAM): only the selected samples
             if self._select.numel() == 0:
                 return
             idx = self._select.to(delta.device)
-            x, delta, r = x.index_select(d, idx), delta.index_select(d, idx), None
+            x, delta = x.index_select(d, idx), delta.index_select(d, idx)
         if w.requires_grad:
-            xw, dw = x.to(dt), delta
-            if r is not None:   # scale the narrower of x and delta by the per-sample ratio
-                shape = [1] * delta.dim()
-                shape[d] = delta.shape[d]
+            xw, dw = x, delta
+            if weighted:   # scale the narrower of x and delta by the per-sample ratio
                 if xw.shape[-1] <= dw.shape[-1]:
-                    xw = xw * r.view(shape)
+                    xw = xw * self._ratio_view(ratio, xw, d)
                 else:
-                    dw = dw * r.view(shape)
+                    dw = dw * self._ratio_view(ratio, dw, d)
             self._add(w, _mm_t(xw.reshape(-1, xw.shape[-1]), dw.reshape(-1, dw.shape[-1])))
         if b is not None and b.requires_grad:
             dims = [k for k in range(delta.dim() - 1) if k != d]
             per_sample = delta.sum(dim=dims) if dims else delta          # [B, out]
-            gb = per_sample.sum(0) if r is None else r.view(1, -1).mm(per_sample).view(-1)
+            gb = per_sample.sum(0) if not weighted else self._ratio_view(ratio, per_sample, 0).view(1, -1).mm(per_sample).view(-1)
             self._add(b, gb.to(b.dtype))
 
     def _add(self, p, g):
