@@ -8,7 +8,7 @@ import torch
 
 from ft_focal.config import ModelConfig, TuningConfig
 from ft_focal.models import build_classifier, tiny_model_config
-from ft_focal.optim import FocalSAM
+from ft_focal.optim import FocalSAM, ImbSAM
 
 COUNTS = [100, 50, 20, 10, 5, 2]
 
@@ -16,6 +16,9 @@ COUNTS = [100, 50, 20, 10, 5, 2]
 @pytest.mark.parametrize("family,method,expected_backward", [
     ("open_clip", "adaptformer", 2), ("hf_clip", "adaptformer", 2), ("hf_clip", "lora", 2), ("hf_vit", "head", 2),
     ("open_clip", "lora", 2),  # LoRA inside nn.MultiheadAttention: applied to the activations
+    # full tuning: class / positional embeddings and the attention in-projection belong to modules
+    # too large to re-run per sample: the exact three-backward step, same update
+    ("open_clip", "full", 3),
 ])
 def test_single_backward_equals_default_on_real_models(family, method, expected_backward):
     torch.manual_seed(0)
@@ -117,3 +120,33 @@ def test_single_backward_under_torch_compile(family, method):
     assert opt._sb_disabled is None and passes == {"forward": 2, "backward": 2}
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,settings", [
+    ("focal_sam", dict(gamma=0.0, lam=1.0)),    # = SAM
+    ("focal_sam", dict(gamma=2.0, lam=0.3)),
+    ("focal_sam", dict(gamma=0.5, lam=0.95)),
+    ("imbsam", dict(tail_threshold=15, tail_weight=1.0)),
+    ("imbsam", dict(tail_threshold=15, tail_weight=2.0)),   # the official x2
+])
+def test_single_backward_settings_on_open_clip_lora(method, settings):
+    """Several gamma / lam (Focal-SAM) and tail weights (ImbSAM): one backward, default update."""
+    model = _tiny("open_clip", "lora", torch.float64)
+    twin = copy.deepcopy(model)
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 1, 2, 3, 4, 5, 0, 5])
+    cls = FocalSAM if method == "focal_sam" else ImbSAM
+    updates, passes = [], []
+    for m, single in ((model, True), (twin, False)):
+        params = [p for p in m.parameters() if p.requires_grad]
+        start = [p.detach().clone() for p in params]
+        opt = cls(params, torch.optim.SGD, rho=0.1, class_counts=COUNTS, lr=0.1, model=m,
+                  single_backward=single, **settings)
+        for _ in range(3):
+            opt.step(lambda m=m: torch.nn.functional.cross_entropy(m(x), y, reduction="none"), targets=y)
+        updates.append([p.detach() - s for p, s in zip(params, start)])
+        passes.append(opt.last_pass_counts["backward"])
+    assert passes == [2, 3]
+    assert max(float(d.abs().max()) for d in updates[1]) > 1e-4
+    for a, b in zip(*updates):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
