@@ -37,6 +37,13 @@ where the hook result is also compared with that exact backward (catches tied we
 the layer, non-deterministic re-runs, operations mixing samples; skipped with
 ``single_backward_check=False``); a later fallback re-runs the forward with the RNG state of the
 first run (same dropout masks; exact for a deterministic forward) at the cost of one more forward.
+
+Mixed precision: the hooks see the activations and output gradients autograd uses (bf16 / fp16
+under autocast) and accumulate in the parameter's dtype, as autograd does; a GradScaler's scale is
+removed from the hook gradients like from every other gradient. torch.compile: the update and the
+pass count are unchanged (tested with the aot_eager backend), but dynamo cannot trace the hooks'
+side effects, so the compiled model is split at every hooked layer call (graph breaks; 13 for a
+2-block LoRA ViT) in every forward; set ``single_backward=False`` to keep one graph at 2F + 3B.
 """
 from __future__ import annotations
 
