@@ -214,6 +214,16 @@ def _train(recipe: Recipe, bundle: Any = None) -> dict:
     criterion = build_loss_from(recipe, class_counts).to(accelerator.device)
     wrapped = accelerator.prepare(model)
     if cfg.compile:
+        # The SAM family back-propagates one forward graph twice (the official ImbSAM / Focal-SAM /
+        # SSE-SAM steps, the one-backward path's first-step check): AOT autograd's donated buffers
+        # would make that second backward fail.
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
+        # Dynamo does not guard on module hooks: code compiled earlier in this process without the
+        # one-backward path's layer hooks would be reused and hide them (the step then falls back
+        # to 2F + 3B). Start from an empty cache so the first, hooked forward is what gets compiled.
+        torch._dynamo.reset()
         wrapped = torch.compile(wrapped)
     optimizer = build_optimizer_from(recipe, model, wrapped, class_counts, accelerator)
     if cfg.grad_clip:

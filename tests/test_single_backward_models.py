@@ -61,6 +61,8 @@ def _run(model, single, steps=3, autocast=None, scaler=None, compile_backend=Non
     """Focal-SAM steps on a fixed batch; returns (trainable params after, last pass counts, optimizer)."""
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(next(model.parameters()).dtype)
     y = torch.tensor([0, 1, 2, 3, 4, 5, 0, 5])
+    if compile_backend:
+        torch._dynamo.reset()   # dynamo ignores hooks added after a compile: start clean, as the loop does
     forward = torch.compile(model, backend=compile_backend) if compile_backend else model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = FocalSAM(params, torch.optim.SGD, rho=0.05, gamma=1.0, lam=0.8, class_counts=COUNTS, lr=0.1,

@@ -300,7 +300,14 @@ class SharpnessOptimizer(NumericsMixin, SingleBackwardMixin, torch.optim.Optimiz
             kw["retain_graph"] = True
         if inputs is not None:
             kw["inputs"] = inputs
-        self._backward_fn(loss, **kw)
+        try:
+            self._backward_fn(loss, **kw)
+        except RuntimeError as exc:
+            if "donated buffer" in str(exc):
+                raise RuntimeError(f"{type(self).__name__} back-propagates one forward twice, which a model "
+                                   "compiled with torch.compile forbids unless torch._functorch.config."
+                                   "donated_buffer = False is set before compiling") from exc
+            raise
 
     def _take(self, buf):
         for j, p in enumerate(self._params):

@@ -41,9 +41,15 @@ first run (same dropout masks; exact for a deterministic forward) at the cost of
 Mixed precision: the hooks see the activations and output gradients autograd uses (bf16 / fp16
 under autocast) and accumulate in the parameter's dtype, as autograd does; a GradScaler's scale is
 removed from the hook gradients like from every other gradient. torch.compile: the update and the
-pass count are unchanged (tested with the aot_eager backend), but dynamo cannot trace the hooks'
+pass count are unchanged (tested with aot_eager and inductor), but dynamo cannot trace the hooks'
 side effects, so the compiled model is split at every hooked layer call (graph breaks; 13 for a
-2-block LoRA ViT) in every forward; set ``single_backward=False`` to keep one graph at 2F + 3B.
+2-block LoRA ViT) in every forward. Measured on this CPU (inductor, LoRA CLIP width 256): the
+one-backward step compiled 0.94x an eager SAM step, the official step compiled 1.21x. Dynamo does
+not guard on module hooks, so the hooks only work if the FIRST compiled call of the model is the
+hooked one (the training loop resets dynamo before compiling to ensure it); otherwise ``collect``
+sees the missing hook calls and the step falls back to the exact path. Inductor's donated buffers
+forbid back-propagating one graph twice (the exact path, the first-step check): the training loop
+sets ``torch._functorch.config.donated_buffer = False``.
 """
 from __future__ import annotations
 
