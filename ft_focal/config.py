@@ -154,7 +154,13 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """The loop. batch_size is the GLOBAL batch (split over processes and accumulation steps)."""
+    """The loop. batch_size is the GLOBAL batch (split over processes and accumulation steps).
+
+    compile: torch.compile the model (default inductor). The loop then resets dynamo's cache and
+        turns off AOT autograd's donated buffers (the SAM family back-propagates one graph twice);
+        the one-backward Focal-SAM path splits the compiled graph at each hooked layer (see
+        ft_focal/optim/single_backward.py).
+    """
 
     epochs: int = 10
     max_steps: Optional[int] = None
