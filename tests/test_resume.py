@@ -386,21 +386,29 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "ACCELER
        "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 
-def _run_to_end(recipe: Path, out: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run(_command(recipe, out), env=ENV, capture_output=True, text=True, timeout=600)
+def _command_two_processes(recipe: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "ft_focal.train", str(recipe), f"output_dir={out}"]
+
+
+def _run_to_end(recipe: Path, out: Path, command=_command) -> subprocess.CompletedProcess:
+    done = subprocess.run(command(recipe, out), env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
-def _kill_when(recipe: Path, out: Path, ready, timeout: float = 300):
-    """Start a run, SIGKILL it as soon as `ready(out)` holds; returns the checkpoint steps on
-    disk right after the kill, or None if the run finished first."""
-    proc = subprocess.Popen(_command(recipe, out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _kill_when(recipe: Path, out: Path, ready, timeout: float = 300, command=_command):
+    """Start a run, SIGKILL it (its whole process group: launcher and workers) as soon as
+    `ready(out)` holds; returns the checkpoint steps on disk right after the kill, or None if the
+    run finished first."""
+    proc = subprocess.Popen(command(recipe, out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.time() + timeout
     try:
         while proc.poll() is None and time.time() < deadline:
             if ready(out):
-                proc.send_signal(signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 assert not (out / "metrics.json").exists()  # really interrupted before the end
                 return _steps_on_disk(out)
@@ -408,7 +416,7 @@ def _kill_when(recipe: Path, out: Path, ready, timeout: float = 300):
         return None
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
@@ -448,3 +456,20 @@ def test_kill_9_at_several_points_then_rerun_is_bitwise_exact(tmp_path, workers)
         assert history_epochs(out) == [0, 1, 2], name
     # the runs were really interrupted (a run may rarely finish before a late kill point)
     assert sum(steps is not None for steps in landed.values()) >= 3, landed
+
+
+@pytest.mark.slow
+def test_two_processes_kill_9_mid_epoch_then_rerun_is_bitwise_exact(tmp_path):
+    """DDP over gloo, 2 processes: every process's RNG, the data shards and the optimizer state are
+    restored, so a run killed mid-epoch and run again ends bitwise equal to an uninterrupted one."""
+    recipe = _write_recipe(tmp_path, tmp_path / "unused", 0)
+    reference = tmp_path / "reference"
+    _run_to_end(recipe, reference, _command_two_processes)
+    assert json.loads((reference / "metrics.json").read_text())["world_size"] == 2
+    out = tmp_path / "killed"
+    steps = _kill_when(recipe, out, KILL_POINTS["mid_epoch"], command=_command_two_processes)
+    assert steps, "the run finished before the kill point"
+    done = _run_to_end(recipe, out, _command_two_processes)
+    assert f"resumed from {out / 'checkpoints'}" in done.stderr
+    assert_bitwise_equal(final_weights(out), final_weights(reference))
+    assert history_epochs(out) == [0, 1, 2]
