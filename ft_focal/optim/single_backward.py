@@ -88,7 +88,7 @@ class WeightedGradCapture:
         self._live = False
         self._low_precision = False
         self._select = None
-        self._ratio_views = {}  # (device, dtype, ndim, batch dim) -> ratio shaped to broadcast
+        self._ratio_views = {}  # (ratio, device, dtype, ndim, batch dim) -> ratio shaped to broadcast
 
     # ----------------------------------------------------------------- static check
     def plan(self, params):
@@ -274,7 +274,10 @@ class WeightedGradCapture:
         if b is not None and b.requires_grad:
             dims = [k for k in range(delta.dim() - 1) if k != d]
             per_sample = delta.sum(dim=dims) if dims else delta          # [B, out]
-            gb = per_sample.sum(0) if not weighted else self._ratio_view(ratio, per_sample, 0).view(1, -1).mm(per_sample).view(-1)
+            if weighted:
+                gb = self._ratio_view(ratio, per_sample, 0).view(1, -1).mm(per_sample).view(-1)
+            else:
+                gb = per_sample.sum(0)
             self._add(b, gb.to(b.dtype))
 
     def _add(self, p, g):
@@ -316,6 +319,7 @@ class WeightedGradCapture:
 
     def reset(self):
         self._state, self._acc, self._ratio, self._live = {}, {}, None, False
+        self._ratio_views = {}
 
 
 def _rng_state():
