@@ -57,21 +57,27 @@ def _tiny(family, method, dtype=torch.float32):
     return model
 
 
-def _run(model, single, steps=3, autocast=None, scaler=None, compile_backend=None):
-    """Focal-SAM steps on a fixed batch; returns (trainable params after, last pass counts, optimizer)."""
-    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(next(model.parameters()).dtype)
+FOCAL = dict(rho=0.05, gamma=1.0, lam=0.8, momentum=0.9)
+
+
+def _run(model, single, steps=3, autocast=None, scaler=None, compile_backend=None, cls=FocalSAM, seed=1,
+         **settings):
+    """Steps of `cls` (default Focal-SAM with FOCAL settings) on a fixed batch; returns (update of
+    each trainable tensor, last pass counts, optimizer)."""
+    dtype = next(model.parameters()).dtype
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).to(dtype)
     y = torch.tensor([0, 1, 2, 3, 4, 5, 0, 5])
     if compile_backend:
         torch._dynamo.reset()   # dynamo ignores hooks added after a compile: start clean, as the loop does
     forward = torch.compile(model, backend=compile_backend) if compile_backend else model
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = FocalSAM(params, torch.optim.SGD, rho=0.05, gamma=1.0, lam=0.8, class_counts=COUNTS, lr=0.1,
-                   momentum=0.9, model=model, single_backward=single, scaler=scaler)
+    opt = cls(params, torch.optim.SGD, class_counts=COUNTS, lr=0.1, model=model, single_backward=single,
+              scaler=scaler, **(settings or FOCAL))
 
     def closure():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None):
             logits = forward(x)
-        return torch.nn.functional.cross_entropy(logits.float(), y, reduction="none")
+        return torch.nn.functional.cross_entropy(logits.to(dtype), y, reduction="none")  # bf16 -> model dtype
 
     start = [p.detach().clone() for p in params]
     for _ in range(steps):
@@ -135,20 +141,10 @@ def test_single_backward_settings_on_open_clip_lora(method, settings):
     """Several gamma / lam (Focal-SAM) and tail weights (ImbSAM): one backward, default update."""
     model = _tiny("open_clip", "lora", torch.float64)
     twin = copy.deepcopy(model)
-    x = torch.randn(8, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    y = torch.tensor([0, 1, 2, 3, 4, 5, 0, 5])
     cls = FocalSAM if method == "focal_sam" else ImbSAM
-    updates, passes = [], []
-    for m, single in ((model, True), (twin, False)):
-        params = [p for p in m.parameters() if p.requires_grad]
-        start = [p.detach().clone() for p in params]
-        opt = cls(params, torch.optim.SGD, rho=0.1, class_counts=COUNTS, lr=0.1, model=m,
-                  single_backward=single, **settings)
-        for _ in range(3):
-            opt.step(lambda m=m: torch.nn.functional.cross_entropy(m(x), y, reduction="none"), targets=y)
-        updates.append([p.detach() - s for p, s in zip(params, start)])
-        passes.append(opt.last_pass_counts["backward"])
-    assert passes == [2, 3]
+    runs = [_run(m, single, cls=cls, seed=2, rho=0.1, **settings) for m, single in ((model, True), (twin, False))]
+    updates = [delta for delta, _, _ in runs]
+    assert [counts["backward"] for _, counts, _ in runs] == [2, 3]
     assert max(float(d.abs().max()) for d in updates[1]) > 1e-4
     for a, b in zip(*updates):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
