@@ -359,28 +359,23 @@ def test_shipped_suites_load():
     assert names["inat2018"]["data"]["label_order"] == "alphabetical"
 
 
-def test_suite_validation_errors(tmp_path):
+SUITE_ERRORS = [   # suite file text -> what the one-line error must say
+    ("kind: imagenet_c\nroot: /x\nbatchsize: 3\n", r"s.yaml: unknown key 'batchsize' \(did you mean 'batch_size'\?\)"),
+    ("kind: imagenet_c\nroot: /x\npreprocessing:\n  crops: 3\n", r"unknown key 'preprocessing.crops'"),
+    ("kind: imagenet_c\nroot: /x\ncorruptions: [gausian_noise]\n",
+     r"'gausian_noise' is not an ImageNet-C corruption \(did you mean 'gaussian_noise'"),
+    ("kind: imagenet_c\nroot: /x\nseverities: [0, 1]\n", "severities"),
+    ("kind: long_tail\ndata: {root: /x}\n", r"key 'data.split_list' is required"),
+    ("kind: nope\n", "kind"),
+    ("kind: imagenet_c\nroot: /x\nbatch_size: true\n", "'batch_size' must be int"),
+]
+
+
+@pytest.mark.parametrize("text,message", SUITE_ERRORS)
+def test_suite_validation_errors(tmp_path, text, message):
     f = tmp_path / "s.yaml"
-    f.write_text("kind: imagenet_c\nroot: /x\nbatchsize: 3\n")
-    with pytest.raises(UserError, match=r"s.yaml: unknown key 'batchsize' \(did you mean 'batch_size'\?\)"):
-        load_eval_suite(f)
-    f.write_text("kind: imagenet_c\nroot: /x\npreprocessing:\n  crops: 3\n")
-    with pytest.raises(UserError, match=r"unknown key 'preprocessing.crops'"):
-        load_eval_suite(f)
-    f.write_text("kind: imagenet_c\nroot: /x\ncorruptions: [gausian_noise]\n")
-    with pytest.raises(UserError, match=r"'gausian_noise' is not an ImageNet-C corruption \(did you mean 'gaussian_noise'"):
-        load_eval_suite(f)
-    f.write_text("kind: imagenet_c\nroot: /x\nseverities: [0, 1]\n")
-    with pytest.raises(UserError, match="severities"):
-        load_eval_suite(f)
-    f.write_text("kind: long_tail\ndata: {root: /x}\n")
-    with pytest.raises(UserError, match=r"key 'data.split_list' is required"):
-        load_eval_suite(f)
-    f.write_text("kind: nope\n")
-    with pytest.raises(UserError, match="kind"):
-        load_eval_suite(f)
-    f.write_text("kind: imagenet_c\nroot: /x\nbatch_size: true\n")
-    with pytest.raises(UserError, match="'batch_size' must be int"):
+    f.write_text(text)
+    with pytest.raises(UserError, match=message):
         load_eval_suite(f)
 
 
