@@ -43,7 +43,6 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import gc  # noqa: E402
 import logging  # noqa: E402
-import math  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -169,13 +168,8 @@ def bare_run(recipe: Recipe, bundle: Any, method: str, steps: int) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=ocfg.lr, momentum=ocfg.momentum, weight_decay=ocfg.weight_decay,
                           nesterov=ocfg.nesterov)
-    warm = cfg.warmup_steps
-
-    def cosine(step: int) -> float:  # linear warm-up, then cosine to 0 at `steps` (as train.lr_lambda)
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
+    # the loop's own schedule function: the LR multipliers must be the same for "the same math"
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, train_mod.lr_lambda(cfg.scheduler, cfg.warmup_steps, steps))
     counts = torch.tensor(list(bundle.class_counts), dtype=torch.float32)
     coef = ocfg.lam * (1.0 - counts / counts.sum()) ** ocfg.gamma  # a_c; a_j = coef[y_j]
 
