@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_optim_reference import (  # noqa: E402
     RefSGD, axpy, batch, max_diff, mlp, ref_focal, scal, weights)
 
+from ft_focal.optim.numerics import global_norm  # noqa: E402
 from ft_focal.optim import CCSAM, SAM, FocalSAM, ImbSAM  # noqa: E402
 
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -55,9 +56,8 @@ def _worker(rank, world, port, out):
                 opt.step(lambda: F.cross_entropy(ddp(xr), yr, reduction="none"), targets=yr)
             res[name] = weights(model)
         # sharded global norm: sqrt(all_reduce(sum of local squares))
-        opt = SAM(mlp(0).parameters(), torch.optim.SGD, lr=0.1, sharded=True)
-        opt._ws, opt._params = world, list(mlp(0).parameters())
-        res["sharded_norm"] = float(opt._global_norm([torch.full((3,), rank + 1.0, dtype=torch.float64)]))
+        res["sharded_norm"] = float(global_norm([torch.full((3,), rank + 1.0, dtype=torch.float64)],
+                                                torch.device("cpu"), sharded_world=world))
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -93,7 +93,7 @@ def test_single_backward_under_bf16_autocast(family, method):
     twin = copy.deepcopy(model)
     fast, passes, opt = _run(model, True, autocast=torch.bfloat16)
     slow, _, _ = _run(twin, False, autocast=torch.bfloat16)
-    assert opt._sb_disabled is None and passes == {"forward": 2, "backward": 2}
+    assert opt.one_backward.disabled is None and passes == {"forward": 2, "backward": 2}
     scale = max(float(d.abs().max()) for d in slow)
     worst = max(float((a - b).abs().max()) for a, b in zip(fast, slow))
     assert scale > 1e-4 and worst <= 0.05 * scale
@@ -125,7 +125,7 @@ def test_single_backward_under_torch_compile(family, method):
     twin = copy.deepcopy(model)
     fast, passes, opt = _run(model, True, compile_backend="aot_eager")
     slow, _, _ = _run(twin, False)
-    assert opt._sb_disabled is None and passes == {"forward": 2, "backward": 2}
+    assert opt.one_backward.disabled is None and passes == {"forward": 2, "backward": 2}
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 

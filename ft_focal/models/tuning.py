@@ -241,9 +241,12 @@ def merge_lora_(backbone: nn.Module) -> bool:
 class BottleneckAdapter(nn.Module):
     """scale * up(relu(down(x))): the trainable part of AdaptFormer, in one small module.
 
-    Keeping the learnable scale here (not on the wrapper that also holds the frozen MLP) lets the
-    one-backward Focal-SAM step re-run just this module to weight its gradient per sample.
+    ``single_backward_rule = "scale"``: the forward is ``self.scale * self.unscaled(x)``, which lets
+    the one-backward Focal-SAM step weight the scale's gradient per sample in closed form
+    (ft_focal/optim/single_backward.py); down / up are plain nn.Linear layers it covers too.
     """
+
+    single_backward_rule = "scale"
 
     def __init__(self, dim: int, bottleneck: int, scale_init: float = 1.0):
         super().__init__()
@@ -255,8 +258,11 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)  # the model at init equals the frozen backbone
         nn.init.zeros_(self.up.bias)
 
+    def unscaled(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(F.relu(self.down(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.up(F.relu(self.down(x)))
+        return self.scale * self.unscaled(x)
 
 
 class AdaptFormerMLP(nn.Module):

@@ -6,7 +6,9 @@ import math
 import torch
 import torch.distributed as dist
 
-from .base import SharpnessOptimizer, Weighting, add, class_table
+from . import numerics as nm
+from .base import SharpnessOptimizer, StepState, Weighting, class_table
+from .numerics import add
 
 
 class CCSAM(SharpnessOptimizer):
@@ -56,71 +58,73 @@ class CCSAM(SharpnessOptimizer):
             raise ValueError(f"rho must be non-negative, got {self.rho}")
         self._cls_ids = {id(p) for p in classifier_params} if classifier_params else None
 
-    def _classes(self):
-        ys = torch.cat([y.reshape(-1).cpu() for _, y in self._mbs])
+    def _classes(self, st):
+        ys = torch.cat([y.reshape(-1).cpu() for _, y in st.micro_batches])
         if ys.numel() and int(ys.max()) >= self.counts.numel():
             raise ValueError(f"label {int(ys.max())} out of range for class_counts of length {self.counts.numel()}")
         present = torch.bincount(ys, minlength=self.counts.numel()).to(torch.float32)
-        if self._ws > 1:   # every rank loops over the same classes (same collectives)
-            present = present.to(self._device())
+        if st.world > 1:   # every rank loops over the same classes (same collectives)
+            present = present.to(st.device)
             dist.all_reduce(present)
             present = present.cpu()
         local = torch.bincount(ys, minlength=self.counts.numel())
         return [int(c) for c in torch.nonzero(present).flatten()], local
 
-    def _masks(self, c, scale=1.0):
+    @staticmethod
+    def _masks(st, c, scale=1.0):
         out = []
-        for _, y in self._mbs:
+        for _, y in st.micro_batches:
             m = y == c
             out.append(m.to(torch.float64) * scale if bool(m.any()) else None)
         return out
 
-    def _compute(self):
-        classes, local = self._classes()
+    def _compute(self, st: StepState) -> list:
+        classes, local = self._classes(st)
         if self.scope == "network":
-            return self._network(classes)
-        return self._classifier(classes, local)
+            return self._network(st, classes)
+        return self._classifier(st, classes, local)
 
-    def _network(self, classes):
-        grads = self._grad_pass([self._masks(c) for c in classes])
-        g_w = [None] * len(self._params)
+    def _network(self, st, classes):
+        grads = self._grad_pass(st, [self._masks(st, c) for c in classes])
+        n = len(st.params)
+        g_w = [None] * n
         for g in grads:
             g_w = add(g_w, g)
-        k = sum(p.numel() for p in self._params)
-        w_norm = float(self._global_norm([p.detach() for p in self._params]))
-        acc = [None] * len(self._params)
+        k = sum(p.numel() for p in st.params)
+        sharded = st.world if self.sharded else 1
+        w_norm = float(nm.global_norm([p.detach() for p in st.params], st.device, sharded))
+        acc = [None] * n
         for c, g in zip(classes, grads):
-            g = self._sync_perturbation_grads(g)
-            gn = float(self._global_norm(g))
+            g = self._sync_perturbation_grads(st, g)
+            gn = float(nm.global_norm(g, st.device, sharded))
             rho_c = self.rho * math.sqrt(w_norm / (2 * gn + 1e-12)) * k ** -0.25 * self._shots(c) ** -0.25
-            self._perturb(g, math.sqrt(k) * rho_c / (gn + 1e-12))
-            (g_adv,) = self._grad_pass([self._masks(c, self.flat_ratio)], perturbed=True)
-            self._restore()
+            nm.perturb_(st.params, g, math.sqrt(k) * rho_c / (gn + 1e-12), st.backup)
+            (g_adv,) = self._grad_pass(st, [self._masks(st, c, self.flat_ratio)], perturbed=True)
+            nm.restore_(st.params, st.backup)
             acc = add(acc, g_adv)
         return add(acc, g_w, alpha=1.0 - self.flat_ratio)
 
-    def _classifier(self, classes, local):
-        idx = [j for j, p in enumerate(self._params) if id(p) in self._cls_ids]
+    def _classifier(self, st, classes, local):
+        idx = [j for j, p in enumerate(st.params) if id(p) in self._cls_ids]
         if not idx:
             raise ValueError("none of classifier_params is a trainable parameter of this optimizer")
-        head = [self._params[j] for j in idx]
+        head = [st.params[j] for j in idx]
         k = sum(p.numel() for p in head)
-        ws = [Weighting([1.0 - self.flat_ratio] * len(self._mbs))]
-        ws += [Weighting(self._masks(c), denom=max(int(local[c]), 1), inputs=head) for c in classes]
-        grads = self._grad_pass(ws)
-        g_w, acc = grads[0], [None] * len(self._params)
+        ws = [Weighting([1.0 - self.flat_ratio] * len(st.micro_batches))]
+        ws += [Weighting(self._masks(st, c), denom=max(int(local[c]), 1), inputs=head) for c in classes]
+        grads = self._grad_pass(st, ws)
+        g_w, acc = grads[0], [None] * len(st.params)
         for c, g in zip(classes, grads[1:]):
-            g = self._sync_perturbation_grads(g)
-            scales = [0.0] * len(self._params)
-            for j in idx:
+            g = self._sync_perturbation_grads(st, g)
+            for j in idx:   # each classifier tensor with its own norms
                 if g[j] is None:
                     continue
-                gn, pn = float(g[j].norm()), float(self._params[j].detach().norm())
+                gn, pn = float(g[j].norm()), float(st.params[j].detach().norm())
                 rho_cp = self.rho * math.sqrt(pn / (2 * gn + 1e-12)) * self._shots(c) ** -0.25 * k ** -0.25
-                scales[j] = rho_cp * math.sqrt(k) / (gn + 1e-12)
-            self._perturb(g, scales, only=set(idx))
-            (g_adv,) = self._grad_pass([self._masks(c, self.flat_ratio)], perturbed=True)
-            self._restore()
+                only = [g[i] if i == j else None for i in range(len(g))]
+                nm.perturb_(st.params, only, rho_cp * math.sqrt(k) / (gn + 1e-12), st.backup)
+            (g_adv,) = self._grad_pass(st, [self._masks(st, c, self.flat_ratio)], perturbed=True)
+            nm.restore_(st.params, st.backup)
             acc = add(acc, g_adv)
         return add(g_w, acc)
 

@@ -1,7 +1,7 @@
 """ERM: the plain base optimizer behind the common ``step(closure, targets)`` call (1F + 1B)."""
 from __future__ import annotations
 
-from .base import SharpnessOptimizer
+from .base import SharpnessOptimizer, StepState
 
 
 class ERM(SharpnessOptimizer):
@@ -16,6 +16,6 @@ class ERM(SharpnessOptimizer):
     def __init__(self, params, base_optimizer_cls, **kwargs):
         super().__init__(params, base_optimizer_cls, **kwargs)
 
-    def _compute(self):
-        (g,) = self._grad_pass([[1.0] * len(self._mbs)])
+    def _compute(self, st: StepState) -> list:
+        (g,) = self._grad_pass(st, [[1.0] * len(st.micro_batches)])
         return g

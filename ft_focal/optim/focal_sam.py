@@ -1,7 +1,8 @@
 """Focal-SAM (Li et al., ICML 2025) - cost 2F + 3B (official), 2F + 2B with ``single_backward``."""
 from __future__ import annotations
 
-from .base import SharpnessOptimizer, add, class_table
+from .base import SharpnessOptimizer, StepState, class_table
+from .numerics import add
 
 
 class FocalSAM(SharpnessOptimizer):
@@ -40,13 +41,12 @@ class FocalSAM(SharpnessOptimizer):
         self.rho, self.gamma, self.lam = float(rho), float(gamma), float(lam)
         self.coefficients = self.lam * (1.0 - counts / counts.sum()) ** self.gamma
 
-    def _compute(self):
-        a = [self._per_sample(self.coefficients, i) for i in range(len(self._mbs))]
-        rest = [1.0 - ai for ai in a]
-        g1, g2 = self._split_pass(rest, a, total=[1.0] * len(a))
-        g2 = self._sync_perturbation_grads(g2)
-        self._perturb_sam(g2, self.rho)
+    def _compute(self, st: StepState) -> list:
+        a = [self.per_sample(st, self.coefficients, i) for i in range(len(st.micro_batches))]
+        rest = [None] * len(a) if st.single_backward else [1.0 - ai for ai in a]   # implied by total
+        g1, g2 = self._split_pass(st, rest, a, total=[1.0] * len(a))
+        g2 = self._sync_perturbation_grads(st, g2)
+        self._perturb_sam(st, g2, self.rho)
         del g2
-        (g3,) = self._grad_pass([a], perturbed=True)
-        self._restore()
+        (g3,) = self._grad_pass(st, [a], perturbed=True)
         return add(g1, g3)

@@ -1,8 +1,8 @@
 """ImbSAM (Zhou et al., ICCV 2023) - cost 2F + 3B (official), 2F + 2B with ``single_backward``."""
 from __future__ import annotations
 
-from .base import SharpnessOptimizer, add, class_table
-from .numerics import sum_optional
+from .base import SharpnessOptimizer, StepState, class_table
+from .numerics import add, sum_optional
 
 
 class ImbSAM(SharpnessOptimizer):
@@ -20,41 +20,45 @@ class ImbSAM(SharpnessOptimizer):
     (``tail_weight=2.0`` reproduces the official runs; on the first sum it cancels in the
     normalisation). The official code adds 1e-16 to the norm; 1e-12 is used here as for every method.
 
-    A batch without tail samples costs 1F + 1B (no perturbation). ``single_backward=True``
+    A batch without tail samples costs 1F + 1B (no perturbation) when its labels are on the CPU
+    and ``skip_empty_groups`` (default); on an accelerator the absent group's pass runs with zero
+    weights instead of reading the labels on the host (same update). ``single_backward=True``
     (needs ``model=``) gets g_head and g_t from one backward (see ``single_backward.py``).
     """
 
     method_kwargs = ("rho", "class_counts", "tail_threshold", "tail_weight", "single_backward",
-                     "single_backward_check")
+                     "single_backward_check", "skip_empty_groups")
 
     def __init__(self, params, base_optimizer_cls, rho=0.05, class_counts=None, tail_threshold=20,
-                 tail_weight=1.0, single_backward=False, **kwargs):
+                 tail_weight=1.0, single_backward=False, skip_empty_groups=True, **kwargs):
         if rho < 0:
             raise ValueError(f"rho must be non-negative, got {rho}")
         counts = class_table(class_counts)
         super().__init__(params, base_optimizer_cls, single_backward=single_backward, **kwargs)
         self.rho, self.tail_threshold, self.tail_weight = float(rho), float(tail_threshold), float(tail_weight)
         self.is_tail = (counts < self.tail_threshold).to(float)
+        self.skip_empty_groups = bool(skip_empty_groups)
 
-    def _compute(self):
-        head, tail = split_head_tail(self, self.tail_weight)
+    def _compute(self, st: StepState) -> list:
+        head, tail = split_head_tail(self, st, self.tail_weight)
         total = [None if h is None and t is None else
                  (1.0 if self.tail_weight == 1.0 else sum_optional(h, t)) for h, t in zip(head, tail)]
-        g_head, g_tail = self._split_pass(head, tail, total=total)
-        g_tail = self._sync_perturbation_grads(g_tail)
-        self._perturb_sam(g_tail, self.rho)
+        g_head, g_tail = self._split_pass(st, head, tail, total=total)
+        g_tail = self._sync_perturbation_grads(st, g_tail)
+        self._perturb_sam(st, g_tail, self.rho)
         del g_tail
-        (g_adv,) = self._grad_pass([tail], perturbed=True)
-        self._restore()
+        (g_adv,) = self._grad_pass(st, [tail], perturbed=True)
         return add(g_head, g_adv)
 
 
-def split_head_tail(opt, tail_weight=1.0):
-    """Per micro-batch head / tail weights (None when the micro-batch has no such sample)."""
+def split_head_tail(opt: SharpnessOptimizer, st: StepState, tail_weight: float = 1.0) -> tuple[list, list]:
+    """Per micro-batch head / tail weights. A group absent from a micro-batch is None (its passes
+    are skipped) when the labels are on the CPU, where counting them costs no device read; on an
+    accelerator both stay tensors (an absent group has zero weights: same update, no host read)."""
     head, tail = [], []
-    for i in range(len(opt._mbs)):
-        t = opt._per_sample(opt.is_tail, i)
-        nt = int(t.sum())
+    for i, (_, y) in enumerate(st.micro_batches):
+        t = opt.per_sample(st, opt.is_tail, i)
+        nt = int(t.sum()) if y.device.type == "cpu" and opt.skip_empty_groups else -1
         head.append(None if nt == t.numel() else (1.0 if nt == 0 else 1.0 - t))
         tail.append(None if nt == 0 else t * tail_weight)
     return head, tail

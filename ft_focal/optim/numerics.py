@@ -1,17 +1,16 @@
-"""Numerics shared by every optimizer: non-finite checks, GradScaler, global norms, distributed
-averaging, normalisation-statistics freezing and the perturb / restore of the weights."""
+"""Numerics shared by every optimizer, as plain functions over gradient lists.
+
+A gradient list is aligned with the optimizer's trainable parameters; None stands for a zero
+gradient. Nothing here reads a device value on the host (each such read is a GPU stall): norms,
+scales and non-finite flags stay tensors, and the perturbation uses foreach kernels.
+"""
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _NormBase
-
-
-class _NonFinite(Exception):
-    """Raised (single process only) to abort a step as soon as a pass is non-finite."""
 
 
 def sum_optional(a, b):
@@ -23,171 +22,172 @@ def sum_optional(a, b):
     return a + b
 
 
-def add(a, b, alpha=1.0):
-    """Elementwise a + alpha * b over gradient lists (None = zero)."""
-    out = []
-    for x, y in zip(a, b):
-        if y is None:
-            out.append(x)
-        elif x is None:
-            out.append(y if alpha == 1.0 else y * alpha)
-        else:
-            out.append(x.add(y, alpha=alpha))
+def add(a: list, b: list, alpha: float = 1.0) -> list:
+    """Elementwise a + alpha * b over gradient lists (None = zero); one foreach kernel for the pairs."""
+    out = list(a)
+    both = [j for j, (x, y) in enumerate(zip(a, b)) if x is not None and y is not None]
+    if both:
+        summed = torch._foreach_add([a[j] for j in both], [b[j] for j in both], alpha=alpha)
+        for j, s in zip(both, summed):
+            out[j] = s
+    for j, (x, y) in enumerate(zip(a, b)):
+        if x is None and y is not None:
+            out[j] = y if alpha == 1.0 else y * alpha
     return out
 
 
-class NumericsMixin:
-    """Methods of ``SharpnessOptimizer`` (see base.py) that do not depend on the method."""
+def _groups(tensors):
+    groups = {}
+    for t in tensors:
+        if t is not None:
+            groups.setdefault((t.device, t.dtype), []).append(t)
+    return groups
 
-    def _frozen_norm_stats(self):
-        """Save running statistics of every normalisation layer in training mode; restore on exit."""
-        saved = []
-        if self.model is not None:
-            for m in self.model.modules():
-                if isinstance(m, _NormBase) and m.training and m.track_running_stats:
-                    saved.append((m, [(n, b.detach().clone()) for n, b in m.named_buffers(recurse=False)
-                                      if b is not None]))
 
-        @contextlib.contextmanager
-        def ctx():
-            try:
-                yield
-            finally:
-                with torch.no_grad():
-                    for m, bufs in saved:
-                        for n, b in bufs:
-                            getattr(m, n).copy_(b)
-        return ctx()
+def global_norm(tensors: list, device: torch.device, sharded_world: int = 1) -> torch.Tensor:
+    """L2 norm over all given tensors (float64 0-d tensor on ``device``); with ``sharded_world > 1``
+    the squares are summed over ranks (FSDP / ZeRO gradients are shards)."""
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for lst in _groups(tensors).values():
+        norms = torch.stack(torch._foreach_norm(lst)).to(device=device, dtype=torch.float64)
+        sq = sq + norms.pow(2).sum()
+    if sharded_world > 1:
+        dist.all_reduce(sq)
+    return sq.sqrt()
 
-    # ------------------------------------------------------------------ numerics
-    def _unscale_check(self, grads):
-        ts = [g for g in grads if g is not None]
-        groups = {}
-        for g in ts:
-            groups.setdefault((g.device, g.dtype), []).append(g)
-        for (dev, _), lst in groups.items():
-            found = self._found_on(dev)
-            inv = torch.full((), 1.0 / self._scale, dtype=torch.float32, device=dev)
-            try:
-                torch._amp_foreach_non_finite_check_and_unscale_(lst, found, inv)
-            except (RuntimeError, AttributeError):
-                for g in lst:
-                    if self._scale != 1.0:
-                        g.mul_(1.0 / self._scale)
-                    found.add_((~torch.isfinite(g)).any().float())
 
-    def _found_on(self, dev):
-        if self._found is None:
-            self._found = {}
-        if dev not in self._found:
-            self._found[dev] = torch.zeros((), dtype=torch.float32, device=dev)
-        return self._found[dev]
+def unscale_and_check(grads: list, found: dict, inv_scale: dict) -> None:
+    """Multiply by 1 / loss scale in place and add 1 to ``found[device]`` for a non-finite value."""
+    for (dev, _), lst in _groups(grads).items():
+        flag = found_flag(found, dev)
+        inv = inv_scale.get(dev)
+        if inv is None:
+            inv = inv_scale[dev] = torch.ones((), dtype=torch.float32, device=dev)
+        try:
+            torch._amp_foreach_non_finite_check_and_unscale_(lst, flag, inv)
+        except (RuntimeError, NotImplementedError):   # dtypes the fused kernel lacks (e.g. CPU float64)
+            torch._foreach_mul_(lst, inv.to(lst[0].dtype))
+            flag.add_((~torch.isfinite(torch.stack(torch._foreach_norm(lst, ord=1)))).any().float())
 
-    def _check_found(self, final_pass=False):
-        """Single process: abort at once if a loss or gradient was non-finite. Several processes:
-        decide (all-reduced) only at the end of the step, so every rank runs the same collectives."""
-        if self._ws > 1 and not final_pass:
-            return False
-        dev = self._device()
-        flags = [f.to(dev) for f in (self._found or {}).values()]
-        flag = torch.stack(flags).sum() if flags else torch.zeros((), device=dev)
-        if self._ws > 1:
-            dist.all_reduce(flag)
-        bad = bool(flag > 0)
-        if bad and not final_pass:
-            raise _NonFinite
-        return bad
 
-    def _device(self):
-        return self._params[0].device if self._params else torch.device("cpu")
+def found_flag(found: dict, dev) -> torch.Tensor:
+    """The non-finite counter of one device (float32 0-d), created on first use."""
+    if dev not in found:
+        found[dev] = torch.zeros((), dtype=torch.float32, device=dev)
+    return found[dev]
 
-    def _update_scaler(self, found):
-        if not self._scaler_on:
-            return
-        s = self.scaler.get_scale()
-        if found:
-            s, self._growth_tracker = s * self.scaler.get_backoff_factor(), 0
-        else:
-            self._growth_tracker += 1
-            if self._growth_tracker >= self.scaler.get_growth_interval():
-                s, self._growth_tracker = s * self.scaler.get_growth_factor(), 0
-        if getattr(self.scaler, "_scale", None) is None:   # never used (no backward ran)
-            self.scaler._lazy_init_scale_growth_tracker(self._device())
-        self.scaler.update(new_scale=min(float(s), torch.finfo(torch.float32).max))
 
-    def _global_norm(self, tensors):
-        """L2 norm over all given tensors (float64 scalar); all-reduced over ranks when sharded."""
-        groups = {}
-        for t in tensors:
-            if t is not None:
-                groups.setdefault((t.device, t.dtype), []).append(t)
-        dev = self._device()
-        sq = torch.zeros((), dtype=torch.float64, device=dev)
-        for lst in groups.values():
-            norms = torch._foreach_norm(lst)
-            sq = sq + torch.stack([n.to(device=dev, dtype=torch.float64) for n in norms]).pow(2).sum()
-        if self.sharded and self._ws > 1:
-            dist.all_reduce(sq)
-        return sq.sqrt()
+def any_found(found: dict, device, world: int) -> torch.Tensor:
+    """Sum of the flags of every device (and rank): a 0-d tensor, > 0 if anything was non-finite."""
+    flags = [f.to(device) for f in found.values()]
+    flag = torch.stack(flags).sum() if flags else torch.zeros((), device=device)
+    if world > 1:
+        dist.all_reduce(flag)
+    return flag
 
-    def _all_reduce_mean(self, grads):
-        """Average a gradient list over processes (parameters without a gradient anywhere stay None)."""
-        if self._ws == 1:
-            return grads
-        dev = self._device()
-        present = torch.tensor([g is not None for g in grads], dtype=torch.float32, device=dev)
-        dist.all_reduce(present)
-        out = [g if g is not None or present[j] == 0 else torch.zeros_like(self._params[j])
-               for j, g in enumerate(grads)]
-        by_dtype = {}
-        for j, g in enumerate(out):
-            if g is not None:
-                by_dtype.setdefault(g.dtype, []).append(j)
-        for idx in by_dtype.values():
-            flat = torch.cat([out[j].reshape(-1) for j in idx])
-            dist.all_reduce(flat)
-            flat.div_(self._ws)
-            off = 0
-            for j in idx:
-                n = out[j].numel()
-                out[j] = flat[off:off + n].view_as(out[j])
-                off += n
-        return out
 
-    def _sync_perturbation_grads(self, grads):
-        return self._all_reduce_mean(grads) if self._manual and self.sync_perturbation else grads
+def all_reduce_mean(grads: list, params: list, world: int) -> list:
+    """Average a gradient list over processes (parameters without a gradient anywhere stay None).
+    Reads one presence vector on the host (distributed runs only)."""
+    if world == 1:
+        return grads
+    dev = params[0].device
+    present = torch.tensor([g is not None for g in grads], dtype=torch.float32, device=dev)
+    dist.all_reduce(present)
+    anywhere = present.tolist()
+    out = [g if g is not None or anywhere[j] == 0 else torch.zeros_like(params[j]) for j, g in enumerate(grads)]
+    by_dtype = {}
+    for j, g in enumerate(out):
+        if g is not None:
+            by_dtype.setdefault(g.dtype, []).append(j)
+    for idx in by_dtype.values():
+        flat = torch.cat([out[j].reshape(-1) for j in idx])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        off = 0
+        for j in idx:
+            n = out[j].numel()
+            out[j] = flat[off:off + n].view_as(out[j])
+            off += n
+    return out
 
-    # ------------------------------------------------------------------ perturbation
-    @torch.no_grad()
-    def _perturb(self, directions, scales, only=None):
-        """w <- w + scale_j * direction_j (w is backed up once per step; _restore copies it back)."""
-        if self._backup is None:
-            self._backup = {}
-        for j, (p, d) in enumerate(zip(self._params, directions)):
-            if d is None or (only is not None and j not in only):
-                continue
-            s = scales[j] if isinstance(scales, (list, tuple)) else scales
-            if j not in self._backup:
-                self._backup[j] = p.detach().clone()
-            p.add_(d.to(p.dtype), alpha=float(s))
 
-    @torch.no_grad()
-    def _restore(self):
-        if self._backup:
-            for j, b in self._backup.items():
-                self._params[j].copy_(b)
+@torch.no_grad()
+def perturb_(params: list, directions: list, scale, backup: dict) -> None:
+    """w <- w + scale * direction (scale: a number or a 0-d tensor, kept on the device). Each
+    perturbed parameter is copied into ``backup`` (index -> tensor) once, for ``restore_``."""
+    idx = [j for j, d in enumerate(directions) if d is not None]
+    if not idx:
+        return
+    fresh = [j for j in idx if j not in backup]
+    if fresh:
+        for j, b in zip(fresh, torch._foreach_mul([params[j].detach() for j in fresh], 1.0)):
+            backup[j] = b
+    ps = [params[j].detach() for j in idx]
+    ds = [directions[j] if directions[j].dtype == ps[k].dtype else directions[j].to(ps[k].dtype)
+          for k, j in enumerate(idx)]
+    if isinstance(scale, torch.Tensor):
+        torch._foreach_add_(ps, torch._foreach_mul(ds, scale.to(ps[0].dtype)))
+    else:
+        torch._foreach_add_(ps, ds, alpha=float(scale))
 
-    def _perturb_sam(self, g, rho, adaptive=False, eta=0.0):
-        """SAM ascent: eps = rho g / (||g|| + 1e-12); ASAM (davda54/sam form, T = |w| + eta):
-        eps = rho T^2 g / (||T g|| + 1e-12). Zero or missing gradient -> no perturbation."""
-        if rho == 0:
-            return
-        if adaptive:
-            t = [None if x is None else p.detach().abs().add(eta) for p, x in zip(self._params, g)]
-            norm = self._global_norm([None if x is None else x * s for x, s in zip(g, t)])
-            g = [None if x is None else x * s * s for x, s in zip(g, t)]
-        else:
-            norm = self._global_norm(g)
-        scale = rho / (float(norm) + 1e-12)
-        if math.isfinite(scale) and math.isfinite(float(norm)):
-            self._perturb(g, scale)
+
+@torch.no_grad()
+def restore_(params: list, backup: dict) -> None:
+    """Copy the backed-up weights back (the exact w, not w + eps - eps)."""
+    if backup:
+        idx = list(backup)
+        torch._foreach_copy_([params[j].detach() for j in idx], [backup[j] for j in idx])
+
+
+def sam_direction(grads: list, params: list, device, adaptive: bool = False, eta: float = 0.0,
+                  sharded_world: int = 1):
+    """(direction, scale) of the SAM ascent step eps = rho * scale * direction, without rho:
+    SAM: g / (||g|| + 1e-12); ASAM (davda54/sam form, T = |w| + eta): T^2 g / (||T g|| + 1e-12).
+    The scale is a 0-d device tensor (no host read); a zero gradient gives a zero step."""
+    if adaptive:
+        idx = [j for j, g in enumerate(grads) if g is not None]
+        t = torch._foreach_add(torch._foreach_abs([params[j].detach() for j in idx]), eta)
+        tg = torch._foreach_mul([grads[j] for j in idx], t)
+        norm = global_norm(tg, device, sharded_world)
+        direction = [None] * len(grads)
+        for j, d in zip(idx, torch._foreach_mul(tg, t)):
+            direction[j] = d
+    else:
+        norm, direction = global_norm(grads, device, sharded_world), grads
+    return direction, 1.0 / (norm + 1e-12)
+
+
+@contextlib.contextmanager
+def frozen_norm_stats(model):
+    """Save running statistics of every normalisation layer in training mode; restore on exit."""
+    saved = []
+    if model is not None:
+        for m in model.modules():
+            if isinstance(m, _NormBase) and m.training and m.track_running_stats:
+                saved.append((m, [(n, b.detach().clone()) for n, b in m.named_buffers(recurse=False)
+                                  if b is not None]))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, bufs in saved:
+                for n, b in bufs:
+                    getattr(m, n).copy_(b)
+
+
+def inverse_scale(scaler, device) -> dict:
+    """{device: 1 / loss scale} as float32 0-d tensors (GradScaler.unscale_'s own arithmetic)."""
+    if scaler is None or not scaler.is_enabled():
+        return {}
+    if getattr(scaler, "_scale", None) is None:
+        scaler._lazy_init_scale_growth_tracker(device)
+    return {scaler._scale.device: scaler._scale.double().reciprocal().float()}
+
+
+def update_scale(scaler, found: torch.Tensor) -> None:
+    """GradScaler.update's rule on the device: back off after a non-finite step, grow after
+    ``growth_interval`` good ones (the scaler's own growth tracker)."""
+    torch._amp_update_scale_(scaler._scale, scaler._growth_tracker, found.to(scaler._scale.device).float(),
+                             scaler.get_growth_factor(), scaler.get_backoff_factor(),
+                             scaler.get_growth_interval())

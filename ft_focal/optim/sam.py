@@ -1,7 +1,7 @@
 """SAM (Foret et al., ICLR 2021) and ASAM (Kwon et al., ICML 2021) - cost 2F + 2B."""
 from __future__ import annotations
 
-from .base import SharpnessOptimizer
+from .base import SharpnessOptimizer, StepState
 
 
 class SAM(SharpnessOptimizer):
@@ -29,12 +29,11 @@ class SAM(SharpnessOptimizer):
         super().__init__(params, base_optimizer_cls, **kwargs)
         self.rho, self.adaptive, self.eta = float(rho), bool(adaptive), float(eta)
 
-    def _compute(self):
-        ones = [1.0] * len(self._mbs)
-        (g,) = self._grad_pass([ones])
-        g = self._sync_perturbation_grads(g)
-        self._perturb_sam(g, self.rho, self.adaptive, self.eta)
+    def _compute(self, st: StepState) -> list:
+        ones = [1.0] * len(st.micro_batches)
+        (g,) = self._grad_pass(st, [ones])
+        g = self._sync_perturbation_grads(st, g)
+        self._perturb_sam(st, g, self.rho, self.adaptive, self.eta)
         del g
-        (g_adv,) = self._grad_pass([ones], perturbed=True)
-        self._restore()
+        (g_adv,) = self._grad_pass(st, [ones], perturbed=True)
         return g_adv

@@ -1,7 +1,9 @@
 """SSE-SAM (Lyu et al., AAAI 2025): stage-wise head / tail sharpness-aware minimisation."""
 from __future__ import annotations
 
-from .base import SharpnessOptimizer, add, class_table
+from .base import SharpnessOptimizer, StepState, class_table
+from . import numerics as nm
+from .numerics import add
 from .imbsam import split_head_tail
 
 
@@ -24,10 +26,11 @@ class SSESAM(SharpnessOptimizer):
     """
 
     method_kwargs = ("rho_head", "rho_tail", "class_counts", "tail_threshold", "switch_fraction",
-                     "single_backward", "single_backward_check")
+                     "single_backward", "single_backward_check", "skip_empty_groups")
 
     def __init__(self, params, base_optimizer_cls, rho_head=0.05, rho_tail=0.1, class_counts=None,
-                 tail_threshold=100, switch_fraction=0.7, single_backward=False, **kwargs):
+                 tail_threshold=100, switch_fraction=0.7, single_backward=False, skip_empty_groups=True,
+                 **kwargs):
         if rho_head < 0 or rho_tail < 0:
             raise ValueError(f"rho_head and rho_tail must be non-negative, got {rho_head}, {rho_tail}")
         counts = class_table(class_counts)
@@ -35,6 +38,7 @@ class SSESAM(SharpnessOptimizer):
         self.rho_head, self.rho_tail = float(rho_head), float(rho_tail)
         self.tail_threshold, self.switch_fraction = float(tail_threshold), float(switch_fraction)
         self.is_tail = (counts < self.tail_threshold).to(float)
+        self.skip_empty_groups = bool(skip_empty_groups)
 
     @property
     def switched(self) -> bool:
@@ -44,20 +48,20 @@ class SSESAM(SharpnessOptimizer):
     def _extra_state(self):
         return {"switched": self.switched}
 
-    def _compute(self):
-        head, tail = split_head_tail(self)
+    def _compute(self, st: StepState) -> list:
+        head, tail = split_head_tail(self, st)
         total = [None if h is None and t is None else 1.0 for h, t in zip(head, tail)]
-        g_head, g_tail = self._split_pass(head, tail, total=total)
+        g_head, g_tail = self._split_pass(st, head, tail, total=total)
         rho_head = 0.0 if self.switched else self.rho_head
-        return add(self._group_update(g_head, head, rho_head), self._group_update(g_tail, tail, self.rho_tail))
+        return add(self._group_update(st, g_head, head, rho_head), self._group_update(st, g_tail, tail, self.rho_tail))
 
-    def _group_update(self, g, weights, rho):
+    def _group_update(self, st, g, weights, rho):
         """grad L_group(w + eps_group), or the gradient at w when rho == 0."""
         if rho == 0:
             return g
-        g = self._sync_perturbation_grads(g)
-        self._perturb_sam(g, rho)
+        g = self._sync_perturbation_grads(st, g)
+        self._perturb_sam(st, g, rho)
         del g
-        (g_adv,) = self._grad_pass([weights], perturbed=True)
-        self._restore()
+        (g_adv,) = self._grad_pass(st, [weights], perturbed=True)
+        nm.restore_(st.params, st.backup)
         return g_adv

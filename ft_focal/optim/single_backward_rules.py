@@ -1,0 +1,133 @@
+"""Per-layer rules of the one-backward step: each gives, in ONE backward, the gradient of its
+parameters under the total weighting AND under the part weighting.
+
+The optimizer back-propagates ``sum_j t_j l_j / B`` once. A covered layer receives, for sample j,
+the output gradient ``delta_j`` of that loss; the part weighting's gradient of its parameters is the
+same sum with ``delta_j`` scaled by ``r_j = part_j / total_j`` (see single_backward.py). Each rule is
+an ``autograd.Function`` whose backward returns the ordinary gradients for the parameters and the
+part gradients for *twins*: ``p.detach().requires_grad_()`` leaves that share p's storage (no copy),
+so autograd accumulates the part gradient in ``twin.grad`` with no hooks and no side effects, which
+keeps ``torch.compile`` graphs whole.
+
+Rules (closed forms, no module is re-run):
+  linear:     y = x W^T + b. grad W = delta^T x; part W = (r delta)^T x, both from ONE (batched)
+              GEMM: the narrower of x and delta is stacked with its r-weighted copy ([2, N, k]).
+  layer_norm: y = xhat w + b. [delta xhat, delta] ([N, 2D]) reduced by [1; r] ([2, N]) in one GEMM.
+  scale:      y = s u (s a learnable scalar / vector). per-sample sums of delta u, then [1; r].
+  cosine:     y = scale <f/|f|, W_c/|W_c|>: the linear rule on the normalised features and weights;
+              the twin goes through the same normalisation, so autograd applies its closed form.
+Under autocast the GEMMs run in the autocast dtype, as autograd's own weight-gradient GEMMs do;
+LayerNorm runs in float32, as autocast runs it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ratio_view(ratio: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """``ratio`` [B] shaped to broadcast against ``like`` with the batch at ``dim``."""
+    shape = [1] * like.dim()
+    shape[dim] = ratio.shape[0]
+    return ratio.view(shape)
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, twin_w, twin_b, ratio, dim):
+        ctx.save_for_backward(x, weight, ratio)
+        ctx.dim = dim
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, ratio = ctx.saved_tensors
+        need_x, need_w, need_b, need_tw, need_tb = ctx.needs_input_grad[:5]
+        gx = gw = gb = pw = pb = None
+        if need_x:
+            gx = grad.matmul(weight)
+        r = ratio_view(ratio, grad, ctx.dim)
+        if need_w or need_tw:
+            n_in, n_out = x.shape[-1], grad.shape[-1]
+            # one batched GEMM; the wide operand is broadcast (stride 0), not copied
+            if n_in <= n_out:   # x is the narrow operand: delta^T [x; r x] -> [2, out, in]
+                narrow = torch.stack([x, x * r]).reshape(2, -1, n_in)
+                both = torch.bmm(grad.reshape(-1, n_out).t().expand(2, -1, -1), narrow)
+            else:               # delta is the narrow one: [delta; r delta]^T x -> [2, out, in]
+                narrow = torch.stack([grad, grad * r]).reshape(2, -1, n_out)
+                both = torch.bmm(narrow.transpose(1, 2), x.reshape(-1, n_in).expand(2, -1, -1))
+            gw, pw = both.unbind(0)   # contiguous: autograd accumulates them without a copy
+        if need_b or need_tb:
+            dims = tuple(range(grad.dim() - 1))
+            gb, pb = grad.sum(dims), (grad * r).sum(dims)
+        return gx, gw, gb, pw, pb, None, None
+
+
+def linear(x, weight, bias, twin_w, twin_b, ratio, dim):
+    """F.linear(x, weight, bias) whose backward also fills twin_w.grad / twin_b.grad with the part
+    gradient. Under autocast the operands are cast as autocast casts them (recorded by autograd)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    with torch.autocast(dev, enabled=False):
+        return _Linear.apply(x, weight, bias, twin_w, twin_b, ratio.to(x.dtype), dim)
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, twin_w, twin_b, ratio, dim, shape, eps):
+        out, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd, ratio)
+        ctx.dim, ctx.shape = dim, shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, mean, rstd, ratio = ctx.saved_tensors
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.native_layer_norm_backward(grad, x, ctx.shape, mean, rstd, weight, bias,
+                                                           [True, False, False])[0]
+        d = x.shape[-1]
+        rows = torch.cat([grad * ((x - mean) * rstd), grad], -1).reshape(-1, 2 * d)     # [N, 2D]
+        r = ratio_view(ratio, grad[..., 0], ctx.dim).expand(grad.shape[:-1]).reshape(1, -1)
+        both = torch.cat([torch.ones_like(r), r]).mm(rows)                                 # [2, 2D]
+        gw, gb, pw, pb = both[0, :d], both[0, d:], both[1, :d], both[1, d:]
+        keep = ctx.needs_input_grad
+        return (gx, gw if keep[1] else None, gb if keep[2] else None, pw if keep[3] else None,
+                pb if keep[4] else None, None, None, None, None)
+
+
+def layer_norm(x, weight, bias, twin_w, twin_b, ratio, dim, eps, upcast=False):
+    """F.layer_norm over the last dim (float32 under autocast or with ``upcast``), twin part grads."""
+    dev = x.device.type
+    if upcast or (torch.is_autocast_enabled(dev) and x.dtype in (torch.float16, torch.bfloat16)):
+        x = x.float()
+    with torch.autocast(dev, enabled=False):
+        return _LayerNorm.apply(x, weight.to(x.dtype), bias.to(x.dtype), twin_w, twin_b, ratio.to(x.dtype), dim,
+                                [x.shape[-1]], eps)
+
+
+class _Scale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, u, twin_s, ratio, dim):
+        ctx.save_for_backward(s, u, ratio)
+        ctx.dim = dim
+        return s * u
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, u, ratio = ctx.saved_tensors
+        gu = (grad * s).to(u.dtype) if ctx.needs_input_grad[1] else None
+        dims = [k for k in range(grad.dim()) if k != ctx.dim]
+        per_sample = (grad * u).sum(dims) if dims else grad * u                              # [B]
+        both = torch.stack([per_sample, per_sample * ratio.to(per_sample.dtype)]).sum(1)    # [2]
+        gs, ps = both[0].reshape(s.shape).to(s.dtype), both[1].reshape(s.shape).to(s.dtype)
+        return gs if ctx.needs_input_grad[0] else None, gu, ps, None, None
+
+
+def scale(s, u, twin_s, ratio, dim):
+    """s * u (s broadcast over u, batch at ``dim`` of u); twin_s.grad gets the part gradient."""
+    return _Scale.apply(s, u, twin_s, ratio, dim)
