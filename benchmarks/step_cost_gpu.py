@@ -1,0 +1,243 @@
+"""Step cost on a GPU (``--device cuda``) and the CPU proxies that predict it (``--proxies``).
+
+    python benchmarks/step_cost.py --device cuda --preset vit-b16        # this file, on a GPU
+    python benchmarks/step_cost_gpu.py --proxies                         # CPU: ops, reads, breaks
+
+GPU preset ``vit-b16``: open_clip ViT-B/16 at 224 px, random init (the FLOPs of the OpenAI weights),
+the toolkit's cosine head over 1000 classes with ImageNet-LT-like counts, batch 128, bf16 autocast,
+SGD. Workloads: AdaptFormer (bottleneck 64) and LoRA r=8 (the recipes' targets). Optimizers: ERM,
+SAM, Focal-SAM official (2F + 3B), Focal-SAM one-backward (2F + 2B) and a bare-torch SAM step (two
+forward / backward passes, a foreach norm and perturbation, ``SGD.step``; no wrapper, no non-finite
+check). All drive ONE model on one batch; each round runs every optimizer once in a fresh random
+order, the ratio to SAM is paired within the round, and the table gives medians over the rounds.
+``--compile`` adds the same rows with the model compiled once (inductor) for all of them. Peak:
+``torch.cuda.max_memory_allocated`` during one step above the memory before it.
+
+CPU proxies (tiny open_clip models, bf16 autocast, one steady-state step): aten ops dispatched,
+device-to-host reads (``aten._local_scalar_dense``), matmul count, graph breaks of the armed forward
+(``torch._dynamo.explain``) and peak bytes, each beside SAM's.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import random
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch._functorch.config  # noqa: E402,F401 (donated_buffer)
+import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from ft_focal.config import ModelConfig, TuningConfig  # noqa: E402
+from ft_focal.models import build_classifier, tiny_model_config  # noqa: E402
+from ft_focal.optim import ERM, SAM, FocalSAM  # noqa: E402
+
+FOCAL = dict(rho=0.05, gamma=0.5, lam=0.8)
+SGD = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+WORKLOADS = {"adaptformer": dict(method="adaptformer", adapter_bottleneck=64),
+             "lora": dict(method="lora", lora_rank=8)}
+
+
+def imagenet_lt_counts(n=1000):
+    """A Pareto-like profile from 1280 down to 5 images per class (ImageNet-LT's range)."""
+    return [max(5, int(1280 * (k + 1) ** -1.1)) for k in range(n)]
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+    def summary(self):
+        mm = sum(v for k, v in self.ops.items() if k in ("aten.mm", "aten.addmm", "aten.bmm"))
+        return {"ops": sum(self.ops.values()), "reads": self.ops["aten._local_scalar_dense"], "matmuls": mm}
+
+
+def make_optimizers(model, counts):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return {
+        "ERM": ERM(params, torch.optim.SGD, **SGD),
+        "SAM": SAM(params, torch.optim.SGD, rho=0.05, **SGD),
+        "Focal-SAM official": FocalSAM(params, torch.optim.SGD, class_counts=counts, **FOCAL, **SGD),
+        "Focal-SAM 1-bwd": FocalSAM(params, torch.optim.SGD, class_counts=counts, model=model,
+                                    single_backward=True, **FOCAL, **SGD),
+    }
+
+
+class BareSAM:
+    """The plainest SAM step in torch: what the toolkit's SAM is compared against."""
+
+    def __init__(self, params, rho=0.05):
+        self.params, self.rho = params, rho
+        self.sgd = torch.optim.SGD(params, **SGD)
+
+    def step(self, closure, targets=None):
+        closure().mean().backward()
+        grads = [p.grad for p in self.params]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        eps = torch._foreach_mul(grads, self.rho / (norm + 1e-12))
+        with torch.no_grad():
+            torch._foreach_add_(self.params, eps)
+        for p in self.params:
+            p.grad = None
+        loss = closure().mean()
+        loss.backward()
+        with torch.no_grad():
+            torch._foreach_sub_(self.params, eps)
+        self.sgd.step()
+        self.sgd.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def run_gpu(args):
+    dev = torch.device("cpu" if args.smoke else "cuda")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    counts = imagenet_lt_counts(1000)
+    torch._functorch.config.donated_buffer = False   # the official step back-propagates one graph twice
+    results = []
+    for wl in args.workloads.split(","):
+        torch.manual_seed(0)
+        mcfg = dict(tiny_model_config("open_clip"), head_init="random") if args.smoke else \
+            dict(family="open_clip", name="ViT-B-16", head_init="random")
+        model = build_classifier(ModelConfig(**mcfg), TuningConfig(**WORKLOADS[wl]), 1000,
+                                 [f"c{i}" for i in range(1000)]).to(dev)
+        size = 32 if args.smoke else 224
+        opts = make_optimizers(model, counts)
+        opts["bare SAM"] = BareSAM([p for p in model.parameters() if p.requires_grad])
+        x = torch.randn(args.batch, 3, size, size, device=dev)
+        y = torch.randint(0, 1000, (args.batch,), device=dev)
+        modes = ["eager"] + (["compiled"] if args.compile else [])
+        for mode in modes:
+            if mode == "compiled":
+                torch._dynamo.reset()
+                forward = torch.compile(model)
+            else:
+                forward = model
+
+            def closure():
+                with torch.autocast(dev.type, dtype=torch.bfloat16):
+                    logits = forward(x)
+                return F.cross_entropy(logits.float(), y, reduction="none")
+            t0 = time.time()
+            for opt in opts.values():   # warm-up (and compile)
+                for _ in range(3):
+                    opt.step(closure, targets=y)
+            sync()
+            warm = time.time() - t0
+            times, peaks = collections.defaultdict(list), collections.defaultdict(list)
+            for _ in range(args.rounds):
+                order = list(opts)
+                random.shuffle(order)
+                for name in order:
+                    sync()
+                    base = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
+                    if dev.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    t = time.perf_counter()
+                    opts[name].step(closure, targets=y)
+                    sync()
+                    times[name].append(time.perf_counter() - t)
+                    peaks[name].append(torch.cuda.max_memory_allocated() - base if dev.type == "cuda" else 1)
+            sam = times["SAM"]
+            for name in opts:
+                ratio = statistics.median(a / b for a, b in zip(times[name], sam))
+                passes = getattr(opts[name], "last_pass_counts", {"forward": 2, "backward": 2})
+                row = dict(workload=wl, mode=mode, optimizer=name, ms=1e3 * statistics.median(times[name]),
+                           ratio=ratio, peak_gib=max(peaks[name]) / 2 ** 30,
+                           peak_ratio=max(peaks[name]) / max(peaks["SAM"]), warmup_s=warm,
+                           passes=f"{passes['forward']}F+{passes['backward']}B")
+                results.append(row)
+                print_row(row)
+            if mode == "compiled":
+                torch._dynamo.reset()
+        del model, opts
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def print_row(r):
+    print(f"| {r['workload']} | {r['mode']} | {r['optimizer']} | {r['passes']} | {r['ms']:.1f} ms | "
+          f"{r['ratio']:.3f} | {r['peak_gib']:.2f} GiB ({r['peak_ratio']:.2f}x) | warm-up {r['warmup_s']:.0f} s |",
+          flush=True)
+
+
+def proxies(family="open_clip"):
+    """One steady-state step of SAM and of Focal-SAM one-backward on tiny models (CPU, bf16)."""
+    rows = []
+    for method in ("lora", "adaptformer"):
+        for name in ("SAM", "Focal-SAM 1-bwd"):
+            torch.manual_seed(0)
+            model = build_classifier(ModelConfig(**tiny_model_config(family)),
+                                     TuningConfig(method=method, lora_rank=4), 6, [f"c{i}" for i in range(6)])
+            opt = make_optimizers(model, [100, 50, 20, 10, 5, 2])[name]
+            x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5, 0, 5])
+
+            def closure():
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    logits = model(x)
+                return F.cross_entropy(logits.float(), y, reduction="none")
+            for _ in range(3):
+                opt.step(closure, targets=y)
+            with OpCounter() as counter:
+                opt.step(closure, targets=y)
+            row = dict(method=method, optimizer=name, **counter.summary(), breaks=graph_breaks(model, opt, x))
+            rows.append(row)
+    for r in rows:
+        sam = next(s for s in rows if s["method"] == r["method"] and s["optimizer"] == "SAM")
+        print(f"| {r['method']} | {r['optimizer']} | {r['ops']} ({r['ops'] / sam['ops']:.3f}x) | {r['reads']} | "
+              f"{r['matmuls']} | {r['breaks']} |")
+    return rows
+
+
+def graph_breaks(model, opt, x):
+    sb = getattr(opt, "one_backward", None)
+    torch._dynamo.reset()
+    ctx = sb.armed(torch.rand(x.shape[0], dtype=torch.float64), x.shape[0]) if sb else _null()
+    with ctx, torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model)(x)
+    torch._dynamo.reset()
+    return explained.graph_break_count
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--proxies", action="store_true", help="CPU proxies on tiny models instead of GPU timing")
+    ap.add_argument("--preset", default="vit-b16", choices=["vit-b16"])
+    ap.add_argument("--workloads", default="adaptformer,lora")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--compile", action="store_true", help="also time the model compiled with inductor")
+    ap.add_argument("--smoke", action="store_true", help="the GPU code path on the CPU with a tiny model (tests)")
+    args = ap.parse_args(argv)
+    if args.proxies:
+        print("| tuning | optimizer | aten ops (x SAM) | host reads | matmuls | graph breaks |\n|---|---|---|---|---|---|")
+        return proxies()
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("step_cost_gpu: no CUDA device (use --proxies on the CPU)")
+    print(f"device: {torch.cuda.get_device_name() if not args.smoke else 'cpu (smoke)'}, torch {torch.__version__}, batch {args.batch}, bf16")
+    print("| tuning | mode | optimizer | passes | step | x SAM | peak above weights | |\n|---|---|---|---|---|---|---|---|")
+    return run_gpu(args)
+
+
+if __name__ == "__main__":
+    main()
