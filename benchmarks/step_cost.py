@@ -3,6 +3,7 @@
     python benchmarks/step_cost.py                      # ~15 min: four models, 20 rounds each
     python benchmarks/step_cost.py --quick              # ~1 min smoke run
     python benchmarks/step_cost.py --models lora,adaptformer --rounds 60 --optimizers SAM,"Focal-SAM 1-bwd"
+    python benchmarks/step_cost.py --device cuda --preset vit-b16 --compile   # GPU: step_cost_gpu.py
 
 Models: `ft_focal.models.build_classifier` with a random-init CLIP vision tower (width 256, 4 blocks,
 64 px images, patch 8: 65 tokens; no download), the toolkit's cosine head, default tuning settings:
@@ -161,7 +162,8 @@ def bench(kind: str, names: list, args: argparse.Namespace) -> tuple:
         flops = fc.get_total_flops()
         mem = float("nan") if args.no_memory else peak_step_memory(lambda: opt.step(closure, targets=y))
         pc = opt.last_pass_counts
-        note = opt._sb_disabled or ("fallback" if opt.single_backward and not opt._sb_active else "")
+        sb = getattr(opt, "one_backward", None)
+        note = (sb.disabled or ("fallback" if pc["backward"] > 2 else "")) if sb is not None else ""
         paired = [a / b for a, b in zip(wall[name], wall[ref])]
         rows.append(dict(name=name, passes=f"{pc['forward']}F+{pc['backward']}B", flops=flops, mem=mem,
                          wall=statistics.median(wall[name]), cpu=statistics.median(cpu[name]),
@@ -185,6 +187,13 @@ def print_table(kind: str, n_train: int, ref: str, rows: list) -> None:
 
 
 def main(argv: list | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--device" in argv:   # the GPU benchmark (ViT-B/16 preset, eager and compiled): step_cost_gpu.py
+        i = argv.index("--device")
+        if argv[i + 1] != "cpu":
+            import step_cost_gpu
+            return step_cost_gpu.main(argv[:i] + argv[i + 2:])
+        argv = argv[:i] + argv[i + 2:]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small batch, few rounds (a smoke run)")
     ap.add_argument("--models", default="lora,adaptformer,open_clip_lora,full", help=", ".join(MODELS))

@@ -319,3 +319,15 @@ def test_peft_lora(method):
 def _seeded(cls, seed=0, **kw):
     torch.manual_seed(seed)
     return cls(**kw).double()
+
+
+def test_two_optimizers_on_one_model_each_split_their_own_steps():
+    """Benchmarks drive one model with several one-backward optimizers: each re-binds the layers."""
+    x = tokens(13, T=3)
+    m = _seeded(AdaptNet)
+    ps = [p for p in m.parameters() if p.requires_grad]
+    opts = [METHODS[k](ps, single_backward=True, model=m) for k in ("focal_sam", "imbsam")]
+    for _ in range(2):
+        for opt in opts:
+            opt.step(lambda: F.cross_entropy(m(x), LABELS, reduction="none"), targets=LABELS)
+    assert all(o.one_backward.disabled is None and o.last_pass_counts == {"forward": 2, "backward": 2} for o in opts)

@@ -182,6 +182,7 @@ class SingleBackward:
         self._key = None
         self._reason = None
         self._twins = {}          # id(param) -> twin leaf sharing its storage
+        self._bound = []          # (covered module, its twins)
         self.validated = False    # the first step matched the exact path
         self.disabled = None      # reason, once switched off for good
 
@@ -217,7 +218,7 @@ class SingleBackward:
         missing = [p for p in params if id(p) not in owned]
         if missing:
             return f"parameter {names.get(id(missing[0]), tuple(missing[0].shape))} has no owning module"
-        self._twins = {}
+        self._twins, self._bound = {}, []
         for m, (rule, attrs) in chosen:
             twins = []
             for a in attrs:
@@ -227,14 +228,23 @@ class SingleBackward:
                     t = self._twins[id(p)] = p.detach().requires_grad_()
                 twins.append(t)
             _swap_class(m, rule)
-            m.split_state, m.split_twins = self.state, tuple(twins)
+            self._bound.append((m, tuple(twins)))
+        self._bind()
         return None
+
+    def _bind(self):
+        """Point the covered modules at this strategy (another optimizer of the same model may
+        have taken them over since)."""
+        for m, twins in self._bound:
+            m.split_state, m.split_twins = self.state, twins
 
     # ----------------------------------------------------------------- one forward / backward
     @contextlib.contextmanager
     def armed(self, ratio: torch.Tensor, n: int):
         """The covered layers split the next forward: ``ratio[j]`` = part_j / total_j ([n])."""
         st = self.state
+        if self._bound and self._bound[0][0].split_state is not st:
+            self._bind()
         st.ratios = {None: ratio, ratio.dtype: ratio}
         st.n, st.problems, st.low_precision = n, {}, False
         try:
