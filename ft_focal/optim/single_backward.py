@@ -136,13 +136,10 @@ _OPEN_CLIP_NORMS = {("open_clip.transformer", "LayerNorm"): False, ("open_clip.t
 
 def rule_of(module: nn.Module):
     """(rule name, own parameter names it covers) or None."""
-    cls = type(module)
-    if cls is nn.Linear or getattr(cls, "split_base", None) is nn.Linear:
+    cls = getattr(type(module), "split_base", type(module))   # the original class once swapped
+    if cls is nn.Linear:
         return "linear", ("weight", "bias")
     if cls is nn.LayerNorm or (cls.__module__, cls.__name__) in _OPEN_CLIP_NORMS:
-        return "layer_norm", ("weight", "bias")
-    base = getattr(cls, "split_base", cls)
-    if (base.__module__, base.__name__) in _OPEN_CLIP_NORMS:
         return "layer_norm", ("weight", "bias")
     declared = getattr(cls, "single_backward_rule", None)
     if declared == "cosine":
