@@ -1,0 +1,221 @@
+"""SharpnessTrainer: each update the HF Trainer applies equals the ft_focal optimizer's own step.
+
+Tiny random-init ViTForImageClassification in float64 on CPU; a recording subclass keeps every batch,
+the learning rate and the parameters after every update; a replay with a fresh copy of the model and
+a fresh optimizer built the same way must match to 1e-9.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import TrainingArguments, ViTConfig, ViTForImageClassification  # noqa: E402
+
+from ft_focal.integrations.transformers import SharpnessTrainer, _AppliedStep  # noqa: E402
+from ft_focal.losses import build_loss  # noqa: E402
+from ft_focal.optim import build_optimizer  # noqa: E402
+
+COUNTS = [40, 20, 8, 2]   # class counts: 2 head, 2 tail classes for the long-tail methods
+METHODS = {
+    "focal_sam": {"rho": 0.05, "gamma": 0.5, "lam": 0.8, "momentum": 0.9},   # one-backward path
+    "ccsam": {"rho": 1.0, "momentum": 0.9},
+    "asam": {"rho": 0.5, "base": "adamw"},
+    "sse_sam": {"rho_head": 0.05, "rho_tail": 0.1, "tail_threshold": 10, "switch_fraction": 0.5},
+}
+
+
+def tiny_vit() -> ViTForImageClassification:
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                    num_attention_heads=2, intermediate_size=32, num_labels=len(COUNTS))
+    return ViTForImageClassification(cfg).double()
+
+
+class ImageSet(torch.utils.data.Dataset):
+    def __init__(self, n: int = 12) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(n, 3, 16, 16, generator=g, dtype=torch.float64)
+        self.y = torch.tensor([i % len(COUNTS) for i in range(n)])
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+class Recording(SharpnessTrainer):
+    """Keeps (inputs, learning rates) of every micro-batch and the parameters after every update."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.micro, self.updates = [], []
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        lrs = [g["lr"] for g in self.sharpness_optimizer.param_groups]
+        self.micro.append(({k: v.clone() for k, v in inputs.items()}, lrs))
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not self._pending:   # the window closed: an update was applied
+            self.updates.append((self.micro, [p.detach().clone() for p in self.model.parameters()]))
+            self.micro = []
+        return loss
+
+
+def max_diff(a, b) -> float:
+    """max |a_i - b_i| over two parameter lists."""
+    return max(float((p.detach() - q.detach()).abs().max()) for p, q in zip(a, b))
+
+
+def make_args(tmp_path, **kw) -> TrainingArguments:
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=0.05,
+                weight_decay=0.01, lr_scheduler_type="linear", max_grad_norm=0.0, use_cpu=True,
+                report_to="none", save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
+                dataloader_num_workers=0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def replay_optimizer(trainer: SharpnessTrainer, model: torch.nn.Module, method: str, kwargs: dict):
+    """The same optimizer the Trainer built, on ``model``, without any Trainer code."""
+    args = trainer.args
+    decay = set(trainer.get_decay_parameter_names(model))
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if n in decay], "weight_decay": args.weight_decay},
+              {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+    cfg = {"lr": args.learning_rate, "weight_decay": args.weight_decay, **kwargs}
+    if cfg.get("base") in ("adam", "adamw"):
+        cfg["betas"] = (args.adam_beta1, args.adam_beta2)
+    if method in ("focal_sam", "imbsam", "sse_sam"):
+        cfg["single_backward"] = True
+    return build_optimizer(method, groups, COUNTS, model=model, **cfg)
+
+
+def assert_replay_matches(trainer: Recording, model0: torch.nn.Module, method: str, kwargs: dict,
+                          loss_fn=None, epochs_per_update=None) -> None:
+    model = copy.deepcopy(model0)
+    opt = replay_optimizer(trainer, model, method, kwargs)
+    crit = loss_fn or (lambda logits, y: torch.nn.functional.cross_entropy(logits, y, reduction="none"))
+    for k, (micro, params_after) in enumerate(trainer.updates):
+        for g, lr in zip(opt.param_groups, micro[-1][1]):
+            g["lr"] = lr
+        if epochs_per_update is not None:
+            opt.set_epoch(epochs_per_update[k], trainer.state.num_train_epochs)
+        closures = [lambda x=x: crit(model(pixel_values=x["pixel_values"]).logits, x["labels"]) for x, _ in micro]
+        opt.step(closures=closures, targets=[x["labels"] for x, _ in micro])
+        err = max_diff(model.parameters(), params_after)
+        assert err <= 1e-9, f"update {k}: max |trainer - own step| = {err:.3g}"
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_trainer_updates_equal_own_step_float64(tmp_path, method):
+    model = tiny_vit()
+    model0 = copy.deepcopy(model)
+    trainer = Recording(model=model, args=make_args(tmp_path), train_dataset=ImageSet(), optim=method,
+                        optim_kwargs=METHODS[method], class_counts=COUNTS)
+    out = trainer.train()
+    assert out.global_step == 3 and len(trainer.updates) == 3
+    assert isinstance(trainer.optimizer.optimizer, _AppliedStep)
+    moved = max_diff(model.parameters(), model0.parameters())
+    assert moved > 1e-4   # the check below is not vacuous
+    assert_replay_matches(trainer, model0, method, METHODS[method], epochs_per_update=[0, 0, 0])
+    assert trainer.sharpness_optimizer.skipped_steps == 0
+
+
+def test_trainer_sse_sam_switches_at_the_trainers_epoch(tmp_path):
+    """12 samples / batch 4 = 3 updates per epoch, 2 epochs, switch at 0.5: stage 2 from update 3."""
+    model = tiny_vit()
+    model0 = copy.deepcopy(model)
+    kwargs = METHODS["sse_sam"]
+    trainer = Recording(model=model, args=make_args(tmp_path, max_steps=-1, num_train_epochs=2),
+                        train_dataset=ImageSet(), optim="sse_sam", optim_kwargs=kwargs, class_counts=COUNTS)
+    trainer.train()
+    assert len(trainer.updates) == 6 and trainer.sharpness_optimizer.switched
+    assert_replay_matches(trainer, model0, "sse_sam", kwargs, epochs_per_update=[0, 0, 0, 1, 1, 1])
+
+
+def test_trainer_user_per_sample_loss(tmp_path):
+    model = tiny_vit()
+    model0 = copy.deepcopy(model)
+    ldam = build_loss("ldam", COUNTS)
+    kwargs = {"rho": 0.05, "momentum": 0.9}
+    trainer = Recording(model=model, args=make_args(tmp_path), train_dataset=ImageSet(), optim="sam",
+                        optim_kwargs=kwargs, class_counts=COUNTS, loss_fn=ldam)
+    trainer.train()
+    assert_replay_matches(trainer, model0, "sam", kwargs, loss_fn=ldam)
+
+
+def test_trainer_gradient_accumulation_is_exact_big_batch(tmp_path):
+    """gradient_accumulation_steps=2 with batches of 2: one step over both micro-batches, equal to the
+    optimizer's micro-batch step and to one step on the concatenated batch of 4."""
+    model = tiny_vit()
+    model0 = copy.deepcopy(model)
+    kwargs = METHODS["focal_sam"]
+    trainer = Recording(model=model, args=make_args(tmp_path, per_device_train_batch_size=2,
+                                                    gradient_accumulation_steps=2),
+                        train_dataset=ImageSet(), optim="focal_sam", optim_kwargs=kwargs, class_counts=COUNTS)
+    trainer.train()
+    assert [len(m) for m, _ in trainer.updates] == [2, 2, 2]
+    assert trainer.sharpness_optimizer.pass_counts["forward"] == 3 * 2   # 2 passes per step, not per micro
+    assert_replay_matches(trainer, model0, "focal_sam", kwargs, epochs_per_update=[0, 0, 0])
+    # the same updates from the concatenated batches
+    big = copy.deepcopy(model0)
+    opt = replay_optimizer(trainer, big, "focal_sam", kwargs)
+    for micro, params_after in trainer.updates:
+        for g, lr in zip(opt.param_groups, micro[-1][1]):
+            g["lr"] = lr
+        x = torch.cat([m["pixel_values"] for m, _ in micro])
+        y = torch.cat([m["labels"] for m, _ in micro])
+        opt.step(lambda: torch.nn.functional.cross_entropy(big(pixel_values=x).logits, y, reduction="none"),
+                 targets=y)
+        err = max_diff(big.parameters(), params_after)
+        assert err <= 1e-9
+
+
+def test_trainer_resume_continues_identically(tmp_path):
+    """5 updates in one run == 2 updates, checkpoint, a new Trainer resumed from it for the other 3
+    (optimizer wrapper state, momentum, LR schedule and data order restored)."""
+    kwargs = {"rho": 0.05, "gamma": 0.5, "lam": 0.8, "momentum": 0.9}
+    args = dict(max_steps=5, save_strategy="steps", save_steps=2)
+    full = tiny_vit()
+    t_full = SharpnessTrainer(model=full, args=make_args(tmp_path / "a", **args), train_dataset=ImageSet(),
+                              optim="focal_sam", optim_kwargs=kwargs, class_counts=COUNTS)
+    t_full.train()
+    # transformers 5.24 saves ViT weights under the legacy key names and the Trainer's resume loads
+    # them without the key conversion (missing keys, weights left as they are): load them through
+    # from_pretrained, which converts; the Trainer restores the rest (optimizer, schedule, RNG, data).
+    resumed = ViTForImageClassification.from_pretrained(str(tmp_path / "a" / "checkpoint-2"),
+                                                        dtype=torch.float64)
+    t_res = SharpnessTrainer(model=resumed, args=make_args(tmp_path / "b", **args), train_dataset=ImageSet(),
+                             optim="focal_sam", optim_kwargs=kwargs, class_counts=COUNTS)
+    t_res.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    err = max_diff(full.parameters(), resumed.parameters())
+    assert err <= 1e-12
+    assert t_res.sharpness_optimizer.pass_counts == t_full.sharpness_optimizer.pass_counts
+
+
+def test_trainer_state_dict_is_the_ft_focal_one(tmp_path):
+    model = tiny_vit()
+    trainer = SharpnessTrainer(model=model, args=make_args(tmp_path, max_steps=1), train_dataset=ImageSet(),
+                               optim="sam", optim_kwargs={"rho": 0.05}, class_counts=COUNTS)
+    trainer.train()
+    sd = trainer.optimizer.state_dict()
+    assert set(sd) == {"base_optimizer", "wrapper"} and sd["wrapper"]["pass_counts"]["forward"] == 2
+
+
+def test_trainer_unknown_method_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown optimizer 'focal'"):
+        SharpnessTrainer(model=tiny_vit(), args=make_args(tmp_path), train_dataset=ImageSet(), optim="focal")
+
+
+def test_integrations_package_imports_no_trainer_library():
+    code = ("import sys, ft_focal.integrations; "
+            "assert 'transformers' not in sys.modules and 'lightning' not in sys.modules, sorted(sys.modules)")
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
