@@ -219,3 +219,105 @@ def test_integrations_package_imports_no_trainer_library():
 
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def _mixed_precision_run(tmp_path, device: str, dtype: torch.dtype):
+    """Trainer under bf16 / fp16 autocast vs the optimizer's own step under the same autocast (and,
+    for fp16, a GradScaler like the accelerator's)."""
+    model = tiny_vit().float()
+    model0 = copy.deepcopy(model)
+    kwargs = METHODS["focal_sam"]
+    flag = {"bf16": True} if dtype == torch.bfloat16 else {"fp16": True}
+    trainer = Recording(model=model, args=make_args(tmp_path, use_cpu=device == "cpu", max_steps=6, **flag),
+                        train_dataset=ImageSet(24), optim="focal_sam", optim_kwargs=kwargs, class_counts=COUNTS)
+    scaler = trainer.accelerator.scaler
+    if dtype == torch.float16:
+        assert scaler is not None
+        scaler._growth_interval = 2   # let the scale grow within the run (growth kept by the optimizer)
+    trainer.train()
+    replay = copy.deepcopy(model0).to(device)
+    opt = replay_optimizer(trainer, replay, "focal_sam", kwargs)
+    own_scaler = None
+    if dtype == torch.float16:
+        own_scaler = torch.amp.GradScaler(device, init_scale=65536.0, growth_interval=2)
+        opt.scaler = own_scaler
+    errs = []
+    for micro, params_after in trainer.updates:
+        for g, lr in zip(opt.param_groups, micro[-1][1]):
+            g["lr"] = lr
+        x, y = micro[0][0]["pixel_values"].to(device).float(), micro[0][0]["labels"].to(device)
+
+        def closure():
+            with torch.autocast(device, dtype=dtype):
+                logits = replay(pixel_values=x).logits
+            return torch.nn.functional.cross_entropy(logits.float(), y, reduction="none")
+
+        opt.step(closure, targets=y)
+        errs.append(max_diff(replay.parameters(), params_after))
+    return trainer, own_scaler, errs
+
+
+def test_trainer_bf16_cpu_matches_own_step_under_autocast(tmp_path):
+    trainer, _, errs = _mixed_precision_run(tmp_path, "cpu", torch.bfloat16)
+    assert len(errs) == 6 and max(errs) <= 1e-6, errs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 GradScaler path needs CUDA")
+def test_trainer_fp16_cuda_matches_own_step_and_scaler(tmp_path):
+    """fp16: the accelerator's scaler is updated by the optimizer only (scale after 6 steps with
+    growth every 2 good steps = the own run's scale; a second update per step would differ)."""
+    trainer, own_scaler, errs = _mixed_precision_run(tmp_path, "cuda", torch.float16)
+    assert len(errs) == 6 and max(errs) <= 1e-5, errs
+    assert trainer.accelerator.scaler.get_scale() == own_scaler.get_scale() == 65536.0 * 2 ** 3
+    assert trainer.sharpness_optimizer.skipped_steps == 0
+
+
+_DDP_WORKER = """
+import faulthandler, os, sys, torch
+faulthandler.dump_traceback_later(150, exit=True)   # a hung collective fails the test instead of blocking it
+sys.path.insert(0, {tests!r})
+from test_integrations_transformers import COUNTS, METHODS, ImageSet, Recording, make_args, tiny_vit
+torch.set_num_threads(1)
+model = tiny_vit()
+trainer = Recording(model=model, args=make_args({out!r}, per_device_train_batch_size=2, max_steps=2),
+                    train_dataset=ImageSet(), optim={method!r}, optim_kwargs=METHODS[{method!r}],
+                    class_counts=COUNTS)
+trainer.train()
+assert trainer.accelerator.num_processes == 2
+wrapped = type(trainer.model_wrapped).__name__
+torch.save({{"updates": trainer.updates, "wrapped": wrapped}},
+           os.path.join({out!r}, "rank%d.pt" % trainer.args.process_index))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["focal_sam", "ccsam"])
+def test_trainer_ddp_two_processes_equals_own_step_on_global_batch(tmp_path, method):
+    """2 CPU processes (gloo, torchrun): each update equals the optimizer's own single-process step
+    on the concatenation of both ranks' batches (no_sync + the optimizer's own all-reduce)."""
+    import subprocess
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "worker.py"
+    script.write_text(_DDP_WORKER.format(tests=tests, out=str(tmp_path), method=method))
+    import socket
+
+    with socket.socket() as s:   # torchrun's static rendezvous needs a concrete free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(tests), OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                    str(script)], check=True, env=env, timeout=200)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["wrapped"] == "DistributedDataParallel"
+    model = tiny_vit()
+    opt = replay_optimizer(SharpnessTrainer(model=tiny_vit(), args=make_args(tmp_path / "r")), model,
+                           method, METHODS[method])
+    for (m0, p0), (m1, _) in zip(ranks[0]["updates"], ranks[1]["updates"]):
+        for g, lr in zip(opt.param_groups, m0[-1][1]):
+            g["lr"] = lr
+        x = torch.cat([m0[0][0]["pixel_values"], m1[0][0]["pixel_values"]])
+        y = torch.cat([m0[0][0]["labels"], m1[0][0]["labels"]])
+        opt.step(lambda: torch.nn.functional.cross_entropy(model(pixel_values=x).logits, y, reduction="none"),
+                 targets=y)
+        assert max_diff(model.parameters(), p0) <= 1e-9
