@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import pickle  # only for the exception type raised by torch.load(weights_only=True)
@@ -45,7 +44,6 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -60,36 +58,9 @@ from ft_focal.errors import UserError
 from ft_focal.malloc import keep_freed_memory
 from ft_focal.sampling import ResumableBatchSampler, SeededDataset, prefetch_to_device, steps_per_epoch
 from ft_focal.trainlog import TrainLog
+from ft_focal.trainstate import BEST, OPERATIONAL_KEYS, TrainState, recipe_digest, save_best  # noqa: F401
 
 logger = logging.getLogger("ft_focal")
-
-BEST = "best_model.safetensors"  # in output_dir: trainable tensors of the best epoch on validation
-# Recipe keys that do not change what a run computes: a resumed run may change them freely.
-OPERATIONAL_KEYS = (("data", "num_workers"), ("train", "threads"), ("train", "keep_checkpoints"),
-                    ("train", "save_every_steps"), ("train", "log_every_steps"), ("train", "eval_batch_size"),
-                    ("train", "max_bad_steps"), ("train", "log_with"))
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint's trainer.json holds besides tensors (field order = the file's key order)."""
-
-    step: int = 0                       # updates done
-    best: Optional[float] = None        # best validation score so far
-    best_epoch: Optional[int] = None
-    best_sha256: Optional[str] = None   # of best_model.safetensors (checked before it is used)
-    history: list = field(default_factory=list)  # one entry per validation
-    bad_streak: int = 0                 # consecutive skipped (non-finite) updates
-    bad_images: int = 0                 # unreadable training images skipped (data.skip_bad_images)
-    epoch_end_step: int = 0             # update at which the last epoch end ran (it runs once)
-    train_seconds: float = 0.0          # across resumes
-    recipe_sha256: Optional[str] = None
-
-    @classmethod
-    def from_json(cls, raw: dict) -> "TrainState":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in names})
-
 
 class Trainer:
     """One run of a recipe: `run()` = setup, resume, (train_epoch, epoch_end)*, select_and_report,
@@ -99,7 +70,7 @@ class Trainer:
         self.recipe, self.cfg, self.bundle = recipe, recipe.train, bundle
         self.out = Path(recipe.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        self.state = TrainState(recipe_sha256=_recipe_digest(recipe))
+        self.state = TrainState(recipe_sha256=recipe_digest(recipe))
 
     def run(self) -> dict:
         self.setup()
@@ -330,7 +301,7 @@ class Trainer:
         if score is not None and (s.best is None or score > s.best):
             s.best, s.best_epoch = score, epoch
             if acc.is_main_process:
-                s.best_sha256 = _save_best(self.out, self.model)
+                s.best_sha256 = save_best(self.out, self.model)
 
     def save(self) -> None:
         """A checkpoint of the current update (atomic; every process writes its RNG state)."""
@@ -421,29 +392,6 @@ def train(recipe: Recipe, bundle: Any = None) -> dict:
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2], previous[3]
-
-
-def _save_best(out: Path, model: torch.nn.Module) -> str:
-    """Write best_model.safetensors atomically; returns its sha256 (recorded in the checkpoint)."""
-    from safetensors.torch import save_file
-
-    tmp = out / (BEST + ".tmp")
-    save_file(ckpt.trainable_state(model), str(tmp))
-    digest = ckpt._sha256(tmp)
-    os.replace(tmp, out / BEST)
-    return digest
-
-
-def _recipe_digest(recipe: Recipe) -> str:
-    """sha256 of the resolved recipe without where it is written (a resumed run must match it)."""
-    import hashlib
-
-    raw = dataclasses.asdict(recipe)
-    raw.pop("output_dir", None)
-    raw.pop("hub", None)
-    for section, key in OPERATIONAL_KEYS:
-        raw[section].pop(key, None)
-    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _one_line(exc: BaseException) -> str:

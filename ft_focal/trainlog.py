@@ -70,7 +70,7 @@ class TrainLog:
         self.seconds_before, self.started = seconds_before, time.time()
         self._loss_sum: Optional[torch.Tensor] = None
         self._loss_count = 0
-        self._mark = (start_step, time.perf_counter())  # (update, clock) of the previous line
+        self._mark = self._start = (start_step, time.perf_counter())  # (update, clock): previous line, start
         self._bar = None
         if self.main:
             _truncate_after(self.path, start_step)
@@ -116,10 +116,12 @@ class TrainLog:
         if self.main:
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            self._show(record, rate)
+            done, seconds = step - self._start[0], now - self._start[1]
+            self._show(record, done / seconds if done > 0 and seconds > 0 else None)
         return record
 
     def _show(self, record: dict, rate: Optional[float]) -> None:
+        """The bar's postfix, or one plain line; ETA from the mean rate of this process so far."""
         loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
         if self._bar is not None:
             self._bar.set_postfix(loss=loss, lr=f"{record['lr']:.2e}")
