@@ -88,7 +88,7 @@ class TrainLog:
         """Sum one update's mean loss on its device (no host read)."""
         if loss is None:
             return
-        loss = loss.detach()
+        loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         self._loss_sum = loss.clone() if self._loss_sum is None else self._loss_sum.add_(loss)
         self._loss_count += 1
 
