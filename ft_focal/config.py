@@ -307,6 +307,8 @@ def _build_section(cls: type, section: str, values: dict) -> Any:
             raise UserError(f"unknown recipe key '{full}'" + _closest(key, list(types_)))
         if value is False and "no" in CHOICES.get(full, ()):
             value = "no"  # YAML 1.1 reads a bare `no` as false; it is Accelerate's spelling of "off"
+        if full == "train.log_with" and isinstance(value, str):
+            value = [value]  # train.log_with=tensorboard on the command line
         value = _coerce(full, value, types_[key])
         if full in CHOICES and value not in CHOICES[full]:
             valid = ", ".join(str(c) for c in CHOICES[full])

@@ -251,3 +251,8 @@ def test_save_checkpoint_takes_keywords_after_the_state(tmp_path):
     with pytest.raises(TypeError):
         ckpt.save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1}, 0)
     assert ckpt.save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1}, keep=1).is_dir()
+
+
+def test_log_with_accepts_one_name():
+    assert load_recipe(DEMO, ["train.log_with=tensorboard"]).train.log_with == ["tensorboard"]
+    assert load_recipe(DEMO, ["train.log_with=[wandb, trackio]"]).train.log_with == ["wandb", "trackio"]
