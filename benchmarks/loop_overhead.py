@@ -25,6 +25,8 @@ How to run:
     python benchmarks/loop_overhead.py              # ~2-4 min on a 2-core CPU
     python benchmarks/loop_overhead.py --quick      # ~30 s smoke run
     python benchmarks/loop_overhead.py --tuning lora --optimizers focal_sam --threads 2
+    python benchmarks/loop_overhead.py --device cuda   # ViT-B/16 AdaptFormer, synthetic, bf16: see
+                                                       # benchmarks/loop_overhead_cuda.py
 
 How to read the ratio: median toolkit ms/step / median bare ms/step; 1.00 = no overhead, 1.10 = the
 loop adds 10 % per update. Per-repeat ratios show the noise: trust the spread, not the 2nd decimal.
@@ -65,7 +67,22 @@ from ft_focal.config import Recipe, load_recipe  # noqa: E402
 from ft_focal.data import build_datasets  # noqa: E402
 from ft_focal.models import build_classifier, preprocess_for  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import loop_overhead_cuda  # noqa: E402
+
 RECIPE = ROOT / "recipes" / "demo" / "digits_lt_focal_sam.yaml"
+VIT_RECIPE = ROOT / "recipes" / "imagenet_lt" / "clip_vit_b16_adaptformer_focal_sam.yaml"
+PRESETS = {
+    # the demo as it is (CPU default)
+    "demo": {"recipe": RECIPE, "overrides": lambda args: []},
+    # issue 13's GPU setup: ViT-B/16 AdaptFormer at 224 px, batch 128, bf16, 1000 synthetic classes
+    # (random init: the FLOPs of the OpenAI weights), DataLoader workers as in the recipe
+    "vit-b16": {"recipe": VIT_RECIPE, "overrides": lambda args: [
+        "data.dataset=synthetic", "data.synthetic_num_classes=1000", "model.pretrained=null",
+        "model.head_init=random", "train.mixed_precision=bf16", "data.synthetic_eval_size=256",
+        f"data.synthetic_train_size={128 * (args.steps or 150)}", f"data.num_workers={args.workers}",
+        f"train.compile={str(args.compile).lower()}"]},
+}
 METHODS = ("erm", "sam", "focal_sam")
 UNUSED_KEYS = {"erm": ("rho", "gamma", "lam"), "sam": ("gamma", "lam"), "focal_sam": ()}  # must be null
 
@@ -79,7 +96,7 @@ def make_recipe(args: argparse.Namespace, method: str, steps: int, out: str,
     overrides += [f"optim.{key}=null" for key in UNUSED_KEYS[method]]
     if method == "focal_sam" and single_backward is not None:
         overrides.append(f"optim.single_backward={str(single_backward).lower()}")
-    return load_recipe(RECIPE, overrides)
+    return load_recipe(PRESETS[args.preset]["recipe"], overrides + PRESETS[args.preset]["overrides"](args))
 
 
 def clocks() -> tuple[float, float]:  # wall, process CPU
@@ -90,8 +107,8 @@ def clocks() -> tuple[float, float]:  # wall, process CPU
 def instrumented() -> Iterator[dict]:
     """Wrap (not replace) toolkit functions by module attribute for one `train` call; restored on exit."""
     probe = {"step": 0.0, "excl": 0.0, "excl_cpu": 0.0, "cpu_open": None, "cpu_close": None}
-    saved = [(train_mod, "build_optimizer_from"), (train_mod, "_progress"), (train_mod, "_save_best"),
-             (ckpt_mod, "save_checkpoint"), (evaluate_mod, "evaluate_split")]  # evaluate: imported in _train
+    saved = [(train_mod, "build_optimizer_from"), (train_mod, "TrainLog"), (train_mod, "save_best"),
+             (ckpt_mod, "save_checkpoint"), (evaluate_mod, "evaluate_split")]  # evaluate: imported by the Trainer
     real = {name: getattr(mod, name) for mod, name in saved}
 
     def timed(fn: Callable, is_step: bool) -> Callable:
@@ -115,18 +132,17 @@ def instrumented() -> Iterator[dict]:
         opt.step = types.MethodType(lambda _self, *a, **kw: step(*a, **kw), opt)
         return opt
 
-    def progress(*a: Any, **kw: Any) -> Any:  # opened right after / closed right before train_seconds' clock
-        bar = real["_progress"](*a, **kw)
-        close, probe["cpu_open"] = bar.close, time.process_time()
+    class TrainLog(real["TrainLog"]):  # opened when train_seconds' clock starts, closed when it stops
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            probe["cpu_open"] = time.process_time()
 
-        def closed() -> None:
+        def close(self) -> None:
             probe["cpu_close"] = time.process_time()
-            close()
-        bar.close = closed
-        return bar
+            super().close()
 
-    wrappers = {"build_optimizer_from": optimizer_from, "_progress": progress,
-                "_save_best": timed(real["_save_best"], False), "save_checkpoint": timed(real["save_checkpoint"], False),
+    wrappers = {"build_optimizer_from": optimizer_from, "TrainLog": TrainLog,
+                "save_best": timed(real["save_best"], False), "save_checkpoint": timed(real["save_checkpoint"], False),
                 "evaluate_split": timed(real["evaluate_split"], False)}
     try:
         for mod, name in saved:
@@ -264,7 +280,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--tuning", default="full", choices=("full", "lora", "adaptformer"))
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3, --quick 1)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 34 steps, 1 repeat")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cuda: loop ms/update (difference of two run lengths) vs the step alone (default cpu)")
+    parser.add_argument("--preset", default=None, choices=tuple(PRESETS),
+                        help="recipe: demo (CPU default) or vit-b16 (CUDA default: the ViT-B/16 AdaptFormer recipe, "
+                             "synthetic data, bf16)")
+    parser.add_argument("--workers", type=int, default=8, help="DataLoader workers (vit-b16 preset)")
+    parser.add_argument("--compile", action="store_true", help="train.compile=true (vit-b16 preset)")
     args = parser.parse_args(argv)
+    args.preset = args.preset or ("vit-b16" if args.device == "cuda" else "demo")
+    if args.device == "cuda":
+        if args.tuning == "full" and args.preset == "vit-b16":
+            args.tuning = "adaptformer"  # the preset's recipe
+        return loop_overhead_cuda.run(args, sys.modules[__name__])
     # Whole epochs by default (17 updates of 32 out of 544 images): both loops build as many DataLoaders.
     steps = args.steps or (34 if args.quick else 136)
     repeats = args.repeats or (1 if args.quick else 3)

@@ -429,7 +429,7 @@ def render_card(recipe: Any, metrics: dict, eval_result: Optional[dict], info: d
         count_text = (f"; {counts['trainable']:,} trainable of {counts['total']:,} parameters "
                       f"({100 * counts['trainable'] / counts['total']:.2f}%)")
     add(f"- **Tuning**: {TUNING.get(tuning, (tuning,))[0]}{detail}; head: {recipe.model.head} "
-        f"(scale {recipe.model.head_scale:g}) initialised from `{recipe.model.head_init}`"
+        f"(scale {recipe.model.head_scale:g}) initialised from `{info.get('head_init', recipe.model.head_init)}`"
         + ("" if tun.train_head else ", frozen") + f"{count_text}.")
     add(f"- **Precision**: `{tr.mixed_precision}` mixed precision"
         if tr.mixed_precision != "no" else "- **Precision**: float32 (no mixed precision).")

@@ -32,7 +32,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -210,9 +210,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     trainer_state: dict,
+    *,
     rank: int = 0,
     world_size: int = 1,
-    barrier=lambda: None,
+    barrier: Callable[[], Any] = lambda: None,
     keep: int = 2,
     scaler: Any = None,
     files: Optional[dict[str, Path]] = None,

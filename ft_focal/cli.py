@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import sys
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from ft_focal.errors import UserError
 
@@ -91,6 +91,18 @@ def run_guarded(fn: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def list_flag(values: Optional[list[str]], convert: Callable[[str], Any], flag: str) -> Optional[list]:
+    """A list flag's values given either way, `--flag 1,3,5` or `--flag 1 3 5` (or mixed)."""
+    if values is None:
+        return None
+    items = [part.strip() for value in values for part in str(value).split(",") if part.strip()]
+    try:
+        return [convert(item) for item in items]
+    except ValueError:
+        raise UserError(f"{flag}: cannot read {' '.join(values)!r} as a list of {convert.__name__} "
+                        f"(write e.g. {flag} 1,3,5 or {flag} 1 3 5)") from None
 
 
 def _lazy(module: str) -> Callable[[list[str]], int]:

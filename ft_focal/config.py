@@ -160,6 +160,8 @@ class TrainConfig:
         turns off AOT autograd's donated buffers (the SAM family back-propagates one graph twice);
         the one-backward Focal-SAM path splits the compiled graph at each hooked layer (see
         ft_focal/optim/single_backward.py).
+    log_with: Accelerate trackers to log to (tensorboard, wandb, trackio, ...; each an optional
+        package). Empty = none; train_log.jsonl in output_dir is always written.
     """
 
     epochs: int = 10
@@ -179,6 +181,7 @@ class TrainConfig:
     deterministic: bool = False
     compile: bool = False
     threads: Optional[int] = None
+    log_with: list = field(default_factory=list)
 
 
 @dataclass
@@ -302,6 +305,10 @@ def _build_section(cls: type, section: str, values: dict) -> Any:
         full = f"{section}.{key}"
         if key not in types_:
             raise UserError(f"unknown recipe key '{full}'" + _closest(key, list(types_)))
+        if value is False and "no" in CHOICES.get(full, ()):
+            value = "no"  # YAML 1.1 reads a bare `no` as false; it is Accelerate's spelling of "off"
+        if full == "train.log_with" and isinstance(value, str):
+            value = [value]  # train.log_with=tensorboard on the command line
         value = _coerce(full, value, types_[key])
         if full in CHOICES and value not in CHOICES[full]:
             valid = ", ".join(str(c) for c in CHOICES[full])

@@ -43,7 +43,7 @@ import torch
 
 from ft_focal.data.transforms import describe_test_transform, preprocessor_config
 from ft_focal.errors import UserError
-from ft_focal.saved import WEIGHTS, SavedModel, load_model_dir, save_model_dir
+from ft_focal.saved import WEIGHTS, SavedModel, load_model_dir, save_model_dir, trained_head_init
 
 logger = logging.getLogger("ft_focal")
 
@@ -222,6 +222,7 @@ def export_run(run_dir: str | os.PathLike, export_dir: str | os.PathLike, merge_
             "adapter": adapter,
             "base_model": base_model,
             "trained_model_config": dataclasses.asdict(recipe.model),
+            "head_init": trained_head_init(source, recipe.model.head_init),
         }
         _write_json(tmp / EXPORT_INFO, info)
         files.append((EXPORT_INFO, "what was exported from what"))

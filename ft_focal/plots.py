@@ -27,6 +27,7 @@ __all__ = [
     "plot_error_vs_severity",
     "plot_sharpness",
     "plot_trace_vs_count",
+    "plot_learning_curves",
 ]
 
 _GROUP_COLORS = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
@@ -254,4 +255,32 @@ def plot_trace_vs_count(
     ax.set_title(title or "Per-class Hessian trace vs training count")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_learning_curves(runs: Mapping[str, tuple[Sequence[dict], Sequence[dict]]],
+                         path: str | os.PathLike) -> Path:
+    """Training loss and validation accuracy by update, one colour per run.
+
+    ``runs``: name -> (train_log.jsonl records with ``update`` / ``loss``, validation history
+    entries with ``step`` and ``val.overall`` as in metrics.json). Several runs overlay.
+    """
+    fig, (ax_loss, ax_val) = _subplots(1, 2, figsize=(10.0, 3.8))
+    for i, (name, (records, history)) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        pts = [(r["update"], r["loss"]) for r in records if "update" in r and _finite(r.get("loss"))]
+        if pts:
+            ax_loss.plot(*zip(*pts), color=color, lw=1.3, label=name)
+        val = [(h["step"], 100 * h["val"]["overall"]) for h in history
+               if _finite((h.get("val") or {}).get("overall"))]
+        if val:
+            ax_val.plot(*zip(*val), color=color, marker="o", ms=3.5, lw=1.3, label=name)
+    ax_loss.set(xlabel="update", ylabel="training loss (mean since previous log line)", title="Training loss")
+    ax_val.set(xlabel="update", ylabel="validation accuracy, overall (%)", title="Validation accuracy")
+    for ax in (ax_loss, ax_val):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
     return _save(fig, path)

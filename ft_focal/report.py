@@ -1,7 +1,8 @@
 """Markdown reports with PNG plots: of one run, of one evaluation, or a comparison of runs.
 
 `ft-focal report RUN_DIR [RUN_DIR ...] [--out DIR]` compares runs (each a folder with a
-metrics.json) in one table and one grouped bar chart.
+metrics.json) in one table, one grouped bar chart and their learning curves overlaid (training
+loss from train_log.jsonl, validation accuracy from metrics.json, by update).
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ def write_run_report(run_dir: Path, metrics: dict) -> Path:
              accuracy_table({split: metrics.get(split) for split in ("val", "test") if metrics.get(split)})]
     if test:
         lines += _accuracy_plots(test, metrics.get("class_counts"), run_dir, "", "test")
+    curve = _learning_curves({metrics.get("recipe", run_dir.name): run_dir}, run_dir / "learning_curves.png",
+                             {metrics.get("recipe", run_dir.name): metrics})
+    if curve:
+        lines += ["", "## Learning curves", "", f"![learning curves]({curve})"]
     if metrics.get("history"):
         lines += ["", "## Validation history", "", "| epoch | update | overall | many | medium | few |", "|---|---|---|---|---|---|"]
         for h in metrics["history"]:
@@ -89,6 +94,18 @@ def write_run_report(run_dir: Path, metrics: dict) -> Path:
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _learning_curves(runs: dict[str, Path], path: Path, metrics: dict[str, dict]) -> Optional[str]:
+    """learning_curves.png from each run's train_log.jsonl and validation history; its name, or
+    None when no run has either."""
+    from ft_focal.trainlog import read_train_log
+
+    data = {name: (read_train_log(run), metrics[name].get("history") or []) for name, run in runs.items()}
+    if not any(records or history for records, history in data.values()):
+        return None
+    plots.plot_learning_curves(data, path)
+    return path.name
 
 
 def write_eval_report(result: dict, directory: Path, class_counts_path: Optional[Path] = None) -> Path:
@@ -120,16 +137,30 @@ def _load_metrics(run: Path) -> dict:
 
 def compare_runs(runs: list[Path], out: Path) -> Path:
     """One table and one grouped bar chart over several runs' test results."""
-    results = {}
+    results, metrics, dirs = {}, {}, {}
     for run in runs:
-        metrics = _load_metrics(Path(run))
-        results[Path(run).name] = metrics.get("test") or {}
+        name = _unique(Path(run).name, results)
+        metrics[name] = _load_metrics(Path(run))
+        results[name] = metrics[name].get("test") or {}
+        dirs[name] = Path(run) if Path(run).is_dir() else Path(run).parent
     out.mkdir(parents=True, exist_ok=True)
     plots.plot_group_accuracy(results, out / "comparison.png")
     lines = ["# Comparison (test accuracy, %)", "", accuracy_table(results), "", "![comparison](comparison.png)"]
+    curve = _learning_curves(dirs, out / "learning_curves.png", metrics)
+    if curve:
+        lines += ["", "## Learning curves", "", f"![learning curves]({curve})"]
     path = out / "comparison.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _unique(name: str, taken: dict) -> str:
+    """`name`, or `name (2)`, ... when two runs share a folder name (e.g. a/final and b/final)."""
+    serial, candidate = 1, name
+    while candidate in taken:
+        serial += 1
+        candidate = f"{name} ({serial})"
+    return candidate
 
 
 def main(argv: Optional[list[str]] = None) -> int:

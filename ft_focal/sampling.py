@@ -12,8 +12,9 @@ and of DataLoader worker scheduling. Here:
 
 from __future__ import annotations
 
+import contextlib
 import random
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -153,3 +154,48 @@ def unshard(parts: list[torch.Tensor], sizes: Optional[list[int]] = None) -> tor
         count = len(range(rank, total, world))
         out[rank::world] = part[:count]
     return out
+
+
+_END = object()
+
+
+def prefetch_to_device(groups: Iterator[list], device: torch.device,
+                       tag: Optional[Callable[[], Any]] = None) -> Iterator[tuple[list, Any]]:
+    """Yield (group on `device`, tag) for each group of (images, labels) micro-batches, one group ahead.
+
+    The next group is loaded and its copy issued before the current one is handed out, so loading
+    and copying overlap the update. On CUDA the copies are `non_blocking` (from the DataLoader's
+    pinned memory) on a side stream; the compute stream waits for its own group's copy only, and
+    the tensors are marked as used there so the caching allocator does not reuse them early. On
+    the CPU the tensors are passed through unchanged. `tag()` is called right after each group is
+    loaded (e.g. the count of unreadable images skipped so far, so that a checkpoint counts only
+    the groups the loop has consumed). A None micro-batch (every image unreadable) stays None.
+    """
+    cuda = device.type == "cuda"
+    stream = torch.cuda.Stream(device) if cuda else None
+
+    def load() -> Any:
+        group = next(groups, _END)
+        if group is _END:
+            return _END
+        label = tag() if tag is not None else None
+        if device.type == "cpu":
+            return group, label, None
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            moved = [None if m is None else tuple(t.to(device, non_blocking=True) for t in m) for m in group]
+            event = torch.cuda.Event() if cuda else None
+            if event is not None:
+                event.record(stream)
+        return moved, label, event
+
+    upcoming = load()
+    while upcoming is not _END:
+        (group, label, event), upcoming = upcoming, load()
+        if event is not None:
+            current = torch.cuda.current_stream(device)
+            current.wait_event(event)
+            for micro in group:
+                for tensor in micro or ():
+                    tensor.record_stream(current)
+        yield group, label
+

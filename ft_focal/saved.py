@@ -150,3 +150,24 @@ def load_model_dir(directory: str | os.PathLike, overrides: Optional[list[str]] 
     model.eval()
     wnids = _read_json(directory / "wnids.json") if (directory / "wnids.json").is_file() else None
     return SavedModel(model, recipe, classnames, [int(c) for c in class_counts], preprocess, directory, wnids)
+
+
+def trained_head_init(model_dir: Path, default: str) -> str:
+    """How the head of a `final/` or export folder was initialised in training.
+
+    The folder's recipe.yaml is the REBUILD recipe (head_init random: reloading needs no text
+    tower), so this reads what an export recorded, else the run's own recipe.yaml next to `final/`.
+    """
+    import yaml
+
+    model_dir = Path(model_dir)
+    exported = model_dir / "export.json"
+    run_recipe = model_dir.parent / "recipe.yaml"
+    try:
+        if exported.is_file():
+            return str(json.loads(exported.read_text()).get("head_init") or default)
+        if model_dir.name == "final" and run_recipe.is_file():
+            return str((yaml.safe_load(run_recipe.read_text()) or {})["model"]["head_init"])
+    except (ValueError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        pass  # unreadable: the card falls back to the folder's recipe
+    return default

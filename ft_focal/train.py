@@ -1,8 +1,16 @@
 """The training loop: `accelerate launch -m ft_focal.train RECIPE.yaml [key=value ...]`.
 
-Read it top to bottom: recipe -> data (+ class counts) -> model (+ PEFT) -> loss -> optimizer
-(SAM family, one `step` call per update) -> loop with checkpoints -> selection on validation ->
-test report -> `final/` + metrics.json -> (optional) push.
+`Trainer.run` reads top to bottom, one named phase each: `setup` (recipe -> data + class counts
+-> model + PEFT -> loss -> optimizer of the SAM family, one `step` call per update -> LR schedule),
+`resume` (the newest checkpoint that verifies), then per epoch `train_epoch` (the updates, periodic
+checkpoints, logs: ft_focal/trainlog.py) and `epoch_end` (validation, best model, the epoch's
+checkpoint), then `select_and_report` (best weights on validation, test report) and
+`write_artifacts` (`final/`, metrics.json, report.md, optional push). What it builds from the
+recipe lives in ft_focal/builders.py.
+
+Hot path: batches come from pinned memory with non-blocking copies, one update ahead
+(`prefetch_to_device`), and the loop reads no device value on the host between log steps (the
+loss is summed on the device and read at log steps only; every read is a GPU sync).
 
 Gradient accumulation with a multi-pass optimizer: `train.batch_size` is the GLOBAL batch of
 one update. It is split over processes and then into `train.grad_accum_steps` micro-batches;
@@ -25,13 +33,11 @@ written after it; a crash before that checkpoint re-runs the epoch end exactly o
 Non-finite updates (loss or gradient NaN / inf in any pass) are skipped by the optimizer and
 counted; `train.max_bad_steps` consecutive ones stop the run with a checkpoint and one line.
 """
-
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
-import math
 import os
 import pickle  # only for the exception type raised by torch.load(weights_only=True)
 import re
@@ -45,105 +51,332 @@ import torch
 from torch.utils.data import DataLoader
 
 from ft_focal import checkpoint as ckpt
+from ft_focal.builders import (LOSS_KEYS, METHOD_KEYS, build_loss_from, build_optimizer_from,  # noqa: F401
+                               clip_final_gradient, compile_model, lr_lambda, make_accelerator)
 from ft_focal.config import Recipe, load_recipe, save_recipe
 from ft_focal.errors import UserError
 from ft_focal.malloc import keep_freed_memory
-from ft_focal.sampling import ResumableBatchSampler, SeededDataset, steps_per_epoch
+from ft_focal.sampling import ResumableBatchSampler, SeededDataset, prefetch_to_device, steps_per_epoch
+from ft_focal.trainlog import TrainLog
+from ft_focal.trainstate import BEST, OPERATIONAL_KEYS, TrainState, recipe_digest, save_best  # noqa: F401
 
 logger = logging.getLogger("ft_focal")
 
-# Optimizer-specific recipe keys, passed to the optimizer only when set (not null).
-METHOD_KEYS = ("rho", "gamma", "lam", "tail_threshold", "tail_weight", "rho_head", "rho_tail",
-               "switch_fraction", "scope", "flat_ratio")
-LOSS_KEYS = {
-    "ce": (), "focal": ("focal_gamma",), "cb_ce": ("beta",), "la": ("tau",), "balanced_softmax": (),
-    "ldam": ("max_m", "s"), "ldam_drw": ("max_m", "s", "beta", "drw_epoch"), "vs": ("vs_gamma", "vs_tau"),
-}
+class Trainer:
+    """One run of a recipe: `run()` = setup, resume, (train_epoch, epoch_end)*, select_and_report,
+    write_artifacts. `bundle`: prebuilt datasets (tests, --dry-run); None = from the recipe."""
 
+    def __init__(self, recipe: Recipe, bundle: Any = None) -> None:
+        self.recipe, self.cfg, self.bundle = recipe, recipe.train, bundle
+        self.out = Path(recipe.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.state = TrainState(recipe_sha256=recipe_digest(recipe))
 
-BEST = "best_model.safetensors"  # in output_dir: trainable tensors of the best epoch on validation
-# Recipe keys that do not change what a run computes: a resumed run may change them freely.
-OPERATIONAL_KEYS = (("data", "num_workers"), ("train", "threads"), ("train", "keep_checkpoints"),
-                    ("train", "save_every_steps"), ("train", "log_every_steps"), ("train", "eval_batch_size"),
-                    ("train", "max_bad_steps"))
+    def run(self) -> dict:
+        self.setup()
+        self.resume()
+        self.start_loop()
+        self.epoch_end()  # a run killed between an epoch's last update and its checkpoint
+        while self.state.step < self.total_steps:
+            self.train_epoch(self.state.step // self.n_steps_epoch)
+            self.epoch_end()
+        self.log.close()
+        results = self.select_and_report()
+        self.write_artifacts(results)
+        return results
 
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Accelerator and seeds, then data (+ class counts), model, loss, optimizer, LR schedule."""
+        from accelerate.utils import set_seed
 
-def make_accelerator(recipe: Recipe):
-    from ft_focal.accel import make_accelerator as accelerator_for
-    from accelerate.utils import ProjectConfiguration
+        from ft_focal.data import build_datasets
+        from ft_focal.models import build_classifier, preprocess_for
 
-    trackers = None
-    try:
-        import tensorboard  # noqa: F401
+        recipe, cfg = self.recipe, self.cfg
+        if self.bundle is None:
+            from ft_focal.preflight import check_paths
 
-        trackers = "tensorboard"
-    except ImportError:
-        pass
-    return accelerator_for(
-        mixed_precision=recipe.train.mixed_precision,
-        log_with=trackers,
-        project_config=ProjectConfiguration(project_dir=recipe.output_dir, logging_dir=str(Path(recipe.output_dir) / "logs")),
-    )
+            check_paths(recipe)  # every missing weights / data path at once, before anything heavy
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:  # before the accelerator touches CUDA: cuBLAS reads this at init
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        acc = self.accelerator = make_accelerator(recipe)
+        self.rank, self.world = acc.process_index, acc.num_processes
+        if acc.device.type == "cpu":
+            # Reuse each step's freed activation buffers instead of page-faulting them in again
+            # (ft_focal/malloc.py: ~50 000 faults per step on a small CLIP otherwise).
+            keep_freed_memory()
+        set_seed(recipe.seed)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        if cfg.batch_size % (self.world * cfg.grad_accum_steps):
+            raise UserError(f"recipe key 'train.batch_size' ({cfg.batch_size}) must be divisible by "
+                            f"processes x grad_accum_steps = {self.world * cfg.grad_accum_steps}")
+        if acc.is_main_process:
+            save_recipe(recipe, self.out / "recipe.yaml")
 
+        # Data. Class counts are those of the TRAINING split: the optimizers and losses need them.
+        self.preprocess = preprocess_for(recipe.model)
+        bundle = self.bundle = self.bundle or build_datasets(recipe.data, self.preprocess, recipe.seed)
+        self.class_counts = list(bundle.class_counts)
+        self.n_steps_epoch = steps_per_epoch(len(bundle.train), cfg.batch_size)
+        if self.n_steps_epoch == 0:
+            raise UserError(f"recipe key 'train.batch_size' ({cfg.batch_size}) exceeds the training set "
+                            f"({len(bundle.train)} images)")
+        self.total_steps = cfg.epochs * self.n_steps_epoch if cfg.max_steps is None else cfg.max_steps
+        logger.info("data: %d train / %s val / %d test images, %d classes, %d updates per epoch, %d in all",
+                    len(bundle.train), len(bundle.val) if bundle.val is not None else "no", len(bundle.test),
+                    bundle.num_classes, self.n_steps_epoch, self.total_steps)
 
-def build_loss_from(recipe: Recipe, class_counts: list[int]):
-    from ft_focal.losses import build_loss
+        # Model, then loss and optimizer over its trainable parameters.
+        self.model = build_classifier(recipe.model, recipe.tuning, bundle.num_classes, bundle.classnames)
+        self.criterion = build_loss_from(recipe, self.class_counts).to(acc.device)
+        self.wrapped = acc.prepare(self.model)
+        if cfg.compile:
+            self.wrapped = compile_model(self.wrapped)
+        self.optimizer = build_optimizer_from(recipe, self.model, self.wrapped, self.class_counts, acc)
+        if cfg.grad_clip:
+            clip_final_gradient(self.optimizer, self.model, cfg.grad_clip)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.scheduler, cfg.warmup_steps, self.total_steps))
+        # torchvision's training transforms draw from torch's generator only (see SeededDataset)
+        self.train_set = SeededDataset(bundle.train, recipe.seed, generators=("torch",))
+        has_val = bundle.val is not None and recipe.eval.select_split == "val"
+        self.val_set = bundle.eval_dataset("val") if has_val else None
 
-    cfg = recipe.loss
-    kwargs = {key: getattr(cfg, key) for key in LOSS_KEYS[cfg.name] if getattr(cfg, key) is not None}
-    renames = {"focal_gamma": "gamma", "vs_gamma": "gamma", "vs_tau": "tau"}
-    kwargs = {renames.get(k, k): v for k, v in kwargs.items()}
-    try:
-        return build_loss(cfg.name, class_counts, **kwargs)
-    except ValueError as exc:
-        raise UserError(f"recipe section 'loss': {exc}") from None
+    # ------------------------------------------------------------------ resume
+    def resume(self) -> None:
+        """Restore the newest checkpoint that verifies, if any.
 
+        Everything a later update depends on: trainable weights, optimizer (incl. the SAM-family
+        wrapper: skipped steps, scaler growth, SSE-SAM epoch), LR schedule, GradScaler, the RNG of
+        every process, and the TrainState. Data order and augmentations are functions of
+        (seed, epoch, position): nothing to restore.
+        """
+        resume_from = ckpt.latest_good(self.ckpt_root)
+        if resume_from is None:
+            return
+        acc = self.accelerator
+        try:
+            restored = ckpt.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, self.rank,
+                                            acc.scaler)
+        except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused an object
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            what = f"it references {found.group(1)}" if found else _one_line(exc)[:120]
+            raise UserError(f"{resume_from}: refusing to load a checkpoint file that holds more than tensors "
+                            f"({what}); remove this checkpoint") from None
+        except (KeyError, ValueError, RuntimeError, OSError) as exc:
+            raise UserError(f"{resume_from}: cannot resume from this checkpoint ({_one_line(exc)}); it does not "
+                            f"fit this recipe or holds more than tensors: use another output_dir or remove it") from None
+        digest = self.state.recipe_sha256
+        if restored.get("recipe_sha256") not in (None, digest):
+            logger.warning("the recipe differs from the one %s was written with: the resumed run is not the "
+                           "run this recipe describes from scratch", resume_from)
+        if restored.get("world_size", self.world) != self.world:
+            logger.warning("%s was written by %s process(es), this run has %d", resume_from,
+                           restored.get("world_size"), self.world)
+        self.state = dataclasses.replace(TrainState.from_json(restored), recipe_sha256=digest)
+        if acc.is_main_process and (resume_from / BEST).is_file():
+            # The best model as of the checkpoint (a later one may have been written before the crash).
+            shutil.copyfile(resume_from / BEST, self.out / (BEST + ".tmp"))
+            os.replace(self.out / (BEST + ".tmp"), self.out / BEST)
+        acc.wait_for_everyone()
+        logger.info("resumed from %s (update %d of %d)", resume_from, self.state.step, self.total_steps)
 
-def build_optimizer_from(recipe: Recipe, model: torch.nn.Module, wrapped: torch.nn.Module, class_counts: list[int],
-                         accelerator: Any):
-    """The recipe's optimizer over the trainable parameters, wired to Accelerate."""
-    from ft_focal.optim import build_optimizer
+    def start_loop(self) -> None:
+        """Trackers, the log and the training clock (train_seconds counts from here)."""
+        if self.accelerator.trackers:
+            self.accelerator.init_trackers(self.recipe.name.replace("/", "_"))
+        self.bad_images_before = int(self.state.bad_images)  # skipped before a resume (data.skip_bad_images)
+        self.bad_consumed = getattr(self.bundle.train, "bad_count", 0)
+        self.first_update_logged = False
+        self.log = TrainLog(self.out, self.accelerator, self.total_steps, min(self.state.step, self.total_steps),
+                            self.cfg.batch_size, float(self.state.train_seconds))
 
-    cfg = recipe.optim
-    base_kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
-    if cfg.base == "sgd":
-        base_kwargs.update(momentum=cfg.momentum, nesterov=cfg.nesterov)
-    method = {key: getattr(cfg, key) for key in METHOD_KEYS if getattr(cfg, key) is not None}
-    if cfg.name in ("focal_sam", "imbsam", "sse_sam"):
-        # Exact either way; the one-backward path is cheaper and falls back by itself.
-        method["single_backward"] = True if cfg.single_backward is None else cfg.single_backward
-    elif cfg.single_backward:
-        raise UserError(f"recipe key 'optim.single_backward' applies to focal_sam, imbsam and sse_sam, not {cfg.name}")
-    if cfg.name == "ccsam":
-        method["classifier_params"] = list(model.head.parameters())
-    runtime: dict[str, Any] = {"model": model, "sync_perturbation": cfg.sync_perturbation}
-    if accelerator.num_processes > 1:
-        runtime["no_sync"] = lambda: accelerator.no_sync(wrapped)
-    if accelerator.scaler is not None:  # fp16: accelerator.backward scales the loss itself
-        runtime.update(scaler=accelerator.scaler, backward=accelerator.backward, backward_applies_scaler=True)
-    else:
-        runtime["backward"] = accelerator.backward
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise UserError("the recipe's tuning leaves no trainable parameter (check 'tuning.method')")
-    try:
-        return build_optimizer(cfg.name, params, class_counts, base=cfg.base, **base_kwargs, **method, **runtime)
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"recipe section 'optim': {exc}") from None
+    # ------------------------------------------------------------------ the loop
+    def train_epoch(self, epoch: int) -> None:
+        """The updates of `epoch` from where the run stands, up to the epoch end (or the run's end)."""
+        s, cfg, n = self.state, self.cfg, self.n_steps_epoch
+        self.train_set.set_epoch(epoch)
+        self.criterion.set_epoch(epoch)
+        self.optimizer.set_epoch(epoch, cfg.epochs)
+        last = min(n, self.total_steps - epoch * n)  # no group is loaded past the run's last update
+        self.wrapped.train()
+        for group, bad_count in prefetch_to_device(self._groups(epoch, s.step - epoch * n, last),
+                                                   self.accelerator.device, self._bad_count):
+            self.bad_consumed = bad_count
+            loss = self._update(group)
+            self.log.add_loss(loss)
+            if s.step % cfg.log_every_steps == 0 or s.step == self.total_steps:
+                self.log.write(s.step, (s.step - 1) // n, self.scheduler.get_last_lr()[0], self.optimizer.skipped_steps)
+            self.log.tick()
+            if self._at_epoch_end(s.step):
+                return  # epoch_end evaluates and saves
+            if self._save_due(s.step):
+                self.save()
 
+    def _groups(self, epoch: int, first: int, last: int) -> Any:
+        """The micro-batches of updates first..last-1 of `epoch`, one list per update."""
+        cfg = self.cfg
+        sampler = ResumableBatchSampler(len(self.train_set), cfg.batch_size, self.rank, self.world,
+                                        cfg.grad_accum_steps, self.recipe.seed, epoch, first)
+        # The loader's own generator: creating an iterator must not draw from the global RNG,
+        # or a resumed run (one more iterator) would continue with other dropout masks.
+        loader_rng = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + epoch)
+        batches = iter(DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.recipe.data.num_workers,
+                                  collate_fn=self.bundle.collate_fn,
+                                  pin_memory=self.accelerator.device.type == "cuda", generator=loader_rng))
+        for _ in range(first, last):
+            yield [next(batches) for _ in range(cfg.grad_accum_steps)]
 
-def lr_lambda(kind: str, warmup: int, total: int):
-    """Multiplier of the base LR at update `step`: linear warm-up, then cosine / linear / constant."""
+    def _bad_count(self) -> int:
+        return getattr(self.bundle.train, "bad_count", 0)
 
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+    def _update(self, group: list) -> Optional[torch.Tensor]:
+        """One optimizer call and one scheduler step; the mean loss (on the device), None if skipped."""
+        s = self.state
+        micro = [m for m in group if m is not None]  # None: every image of it was unreadable and skipped
+        if not micro:
+            s.step += 1
+            self.scheduler.step()
+            return None
+        wrapped, criterion = self.wrapped, self.criterion
+        closures = [lambda images=images, labels=labels: criterion(wrapped(images).float(), labels)
+                    for images, labels in micro]
+        skipped_before = self.optimizer.skipped_steps
+        loss = self.optimizer.step(closures, targets=[labels for _, labels in micro])
+        self.scheduler.step()
+        s.step += 1
+        if not self.first_update_logged:
+            self.first_update_logged = True
+            passes = self.optimizer.last_pass_counts
+            logger.info("first update: %s runs %dF + %dB (forward / backward passes over the batch)",
+                        self.recipe.optim.name, passes.get("forward", 0), passes.get("backward", 0))
+        skipped = self.optimizer.skipped_steps > skipped_before
+        s.bad_streak = s.bad_streak + 1 if skipped else 0
+        if s.bad_streak >= self.cfg.max_bad_steps:
+            # Skipped updates leave weights and optimizer state as after the last good update.
+            self.save()
+            raise UserError(
+                f"training stopped at update {s.step}: {s.bad_streak} consecutive updates had non-finite loss or "
+                f"gradients (limit 'train.max_bad_steps' = {self.cfg.max_bad_steps}); the last good weights are "
+                f"saved in {self.ckpt_root} (try a lower 'optim.lr' or 'train.mixed_precision')")
+        return None if skipped else loss
 
-    return factor
+    def _at_epoch_end(self, step: int) -> bool:
+        return step > 0 and (step % self.n_steps_epoch == 0 or step >= self.total_steps)
+
+    def _save_due(self, step: int) -> bool:
+        return step % self.cfg.save_every_steps == 0 or step == self.total_steps
+
+    # ------------------------------------------------------------------ epoch end
+    def epoch_end(self) -> None:
+        """After an epoch's last update: validation (if due), best model, then ONE checkpoint that
+        records it, so a crash between the last update and that checkpoint re-runs it exactly once."""
+        s = self.state
+        if not self._at_epoch_end(s.step) or s.epoch_end_step == s.step:
+            return
+        epoch = (s.step - 1) // self.n_steps_epoch
+        s.epoch_end_step = s.step
+        due = (epoch + 1) % self.cfg.eval_every_epochs == 0 or s.step >= self.total_steps
+        evaluated = self.val_set is not None and due
+        if evaluated:
+            self._validate(epoch)
+        if evaluated or self._save_due(s.step):
+            self.save()
+
+    def _validate(self, epoch: int) -> None:
+        from ft_focal.evaluate import evaluate_split
+
+        s, recipe, acc = self.state, self.recipe, self.accelerator
+        val = evaluate_split(self.model, self.val_set, self.class_counts, recipe.eval, self.cfg.eval_batch_size,
+                             acc, recipe.data.num_workers, self.bundle.collate_fn)
+        score = val[recipe.eval.select_metric]
+        s.history.append({"epoch": epoch, "step": s.step, "val": _short(val)})
+        acc.log({f"val/{k}": v for k, v in _short(val).items() if v is not None}, step=s.step)
+        if score is not None and (s.best is None or score > s.best):
+            s.best, s.best_epoch = score, epoch
+            if acc.is_main_process:
+                s.best_sha256 = save_best(self.out, self.model)
+
+    def save(self) -> None:
+        """A checkpoint of the current update (atomic; every process writes its RNG state)."""
+        s, acc = self.state, self.accelerator
+        s.bad_images = self.bad_images_before + self.bad_consumed
+        s.train_seconds = round(self.log.elapsed(), 3)
+        best = self.out / BEST
+        files = {BEST: best} if self.rank == 0 and s.best_sha256 and best.is_file() else None
+        ckpt.save_checkpoint(self.ckpt_root, s.step, self.model, self.optimizer, self.scheduler,
+                             dataclasses.asdict(s), rank=self.rank, world_size=self.world,
+                             barrier=acc.wait_for_everyone, keep=self.cfg.keep_checkpoints, scaler=acc.scaler,
+                             files=files)
+
+    # ------------------------------------------------------------------ after the loop
+    def select_and_report(self) -> dict:
+        """Best weights on validation (else the last ones), then the val / test evaluation."""
+        from ft_focal.evaluate import evaluate_split
+
+        s, recipe, cfg, bundle = self.state, self.recipe, self.cfg, self.bundle
+        train_seconds = self.log.elapsed()
+        skipped_train_images = self.bad_images_before + self._bad_count()
+        if skipped_train_images:
+            logger.warning("skipped %d unreadable training image(s) in all (data.skip_bad_images; counted each "
+                           "time an image was drawn)", skipped_train_images)
+        selected = "last"
+        best_file = self.out / BEST
+        if recipe.eval.select_split == "val" and s.best is not None:
+            from safetensors.torch import load_file
+
+            if best_file.is_file() and s.best_sha256 in (None, ckpt._sha256(best_file)):
+                ckpt.load_trainable_state(self.model, load_file(str(best_file)))
+                selected = f"best on val ({recipe.eval.select_metric}) at epoch {s.best_epoch}"
+            else:
+                logger.warning("%s is missing or not the best model this run recorded (epoch %s); reporting the "
+                               "last weights instead", best_file, s.best_epoch)
+        opt = self.optimizer
+        results = {"recipe": recipe.name, "world_size": self.world, "selected": selected,
+                   "class_counts": self.class_counts, "skipped_images": {"train": skipped_train_images},
+                   "optimizer": recipe.optim.name, "updates": s.step, "train_seconds": round(train_seconds, 2),
+                   "skipped_steps": opt.skipped_steps, "pass_counts": dict(opt.pass_counts), "history": s.history}
+        for split in dict.fromkeys(["val", recipe.eval.test_split]):
+            dataset = bundle.eval_dataset(split, five_crop=recipe.eval.five_crop and split != "val")
+            if dataset is not None:
+                results[split] = evaluate_split(self.model, dataset, self.class_counts, recipe.eval,
+                                                cfg.eval_batch_size, self.accelerator, recipe.data.num_workers,
+                                                bundle.collate_fn)
+                results["skipped_images"][split] = getattr(dataset, "bad_count", 0)
+        results["test"] = results.get(recipe.eval.test_split)
+        return results
+
+    def write_artifacts(self, results: dict) -> None:
+        """final/ (safetensors + what reloads it), metrics.json, report.md; then the optional push."""
+        from ft_focal.saved import save_model_dir, write_json
+
+        acc, out, recipe = self.accelerator, self.out, self.recipe
+        if acc.is_main_process:
+            final = save_model_dir(out / "final", self.model, recipe, self.bundle.classnames, self.class_counts,
+                                   self.preprocess, getattr(self.bundle, "wnids", None))
+            write_json(out / "metrics.json", results)
+            write_json(final / "metrics.json", results)
+            try:
+                from ft_focal.report import write_run_report
+
+                write_run_report(out, results)
+            except Exception as exc:  # a plotting problem must not lose a finished run
+                logger.warning("could not write the report: %s", exc)
+            test = results["test"] or {}
+            logger.info("test: overall %s many %s medium %s few %s (%s)", *(_pct(test.get(k)) for k in
+                        ("overall", "many", "medium", "few")), results["selected"])
+        acc.wait_for_everyone()
+        acc.end_training()
+        if recipe.hub.push and acc.is_main_process:
+            from ft_focal.hub import push_run
+
+            push_run(out, recipe.hub.repo_id, private=recipe.hub.private, revision=recipe.hub.revision)
 
 
 def train(recipe: Recipe, bundle: Any = None) -> dict:
@@ -155,302 +388,10 @@ def train(recipe: Recipe, bundle: Any = None) -> dict:
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     try:
-        return _train(recipe, bundle)
+        return Trainer(recipe, bundle).run()
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2], previous[3]
-
-
-def _train(recipe: Recipe, bundle: Any = None) -> dict:
-    from accelerate.utils import set_seed
-
-    from ft_focal.data import build_datasets
-    from ft_focal.evaluate import evaluate_split
-    from ft_focal.models import build_classifier, preprocess_for
-    from ft_focal.saved import save_model_dir, write_json
-
-    cfg = recipe.train
-    out = Path(recipe.output_dir)
-    if bundle is None:
-        from ft_focal.preflight import check_paths
-
-        check_paths(recipe)  # every missing weights / data path at once, before anything heavy
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.deterministic:  # before the accelerator touches CUDA: cuBLAS reads this at init
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    accelerator = make_accelerator(recipe)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if accelerator.device.type == "cpu":
-        # Reuse each step's freed activation buffers instead of page-faulting them in again
-        # (ft_focal/malloc.py: ~50 000 faults per step on a small CLIP otherwise).
-        keep_freed_memory()
-    set_seed(recipe.seed)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    if cfg.batch_size % (world * cfg.grad_accum_steps):
-        raise UserError(f"recipe key 'train.batch_size' ({cfg.batch_size}) must be divisible by "
-                        f"processes x grad_accum_steps = {world * cfg.grad_accum_steps}")
-    if accelerator.is_main_process:
-        save_recipe(recipe, out / "recipe.yaml")
-
-    # 1. Data. Class counts are those of the TRAINING split: the optimizers and losses need them.
-    preprocess = preprocess_for(recipe.model)
-    bundle = bundle or build_datasets(recipe.data, preprocess, recipe.seed)
-    class_counts = list(bundle.class_counts)
-    n_steps_epoch = steps_per_epoch(len(bundle.train), cfg.batch_size)
-    if n_steps_epoch == 0:
-        raise UserError(f"recipe key 'train.batch_size' ({cfg.batch_size}) exceeds the training set ({len(bundle.train)} images)")
-    total_steps = cfg.epochs * n_steps_epoch if cfg.max_steps is None else cfg.max_steps
-    logger.info("data: %d train / %s val / %d test images, %d classes, %d updates per epoch, %d in all",
-                len(bundle.train), len(bundle.val) if bundle.val is not None else "no", len(bundle.test),
-                bundle.num_classes, n_steps_epoch, total_steps)
-
-    # 2. Model, then 3. loss and optimizer over its trainable parameters.
-    model = build_classifier(recipe.model, recipe.tuning, bundle.num_classes, bundle.classnames)
-    logger.info("model: %s", model.describe())
-    criterion = build_loss_from(recipe, class_counts).to(accelerator.device)
-    wrapped = accelerator.prepare(model)
-    if cfg.compile:
-        # The SAM family back-propagates one forward graph twice (the official ImbSAM / Focal-SAM /
-        # SSE-SAM steps, the one-backward path's first-step check): AOT autograd's donated buffers
-        # would make that second backward fail.
-        import torch._functorch.config as functorch_config
-
-        functorch_config.donated_buffer = False
-        # Dynamo does not guard on module hooks: code compiled earlier in this process without the
-        # one-backward path's layer hooks would be reused and hide them (the step then falls back
-        # to 2F + 3B). Start from an empty cache so the first, hooked forward is what gets compiled.
-        torch._dynamo.reset()
-        wrapped = torch.compile(wrapped)
-    optimizer = build_optimizer_from(recipe, model, wrapped, class_counts, accelerator)
-    if cfg.grad_clip:
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        # Clip the FINAL (descent) gradient, right before the base optimizer applies it.
-        def clip(*_: Any) -> None:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-
-        optimizer.base_optimizer.register_step_pre_hook(clip)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.scheduler, cfg.warmup_steps, total_steps))
-
-    # 4. Resume from the newest checkpoint that verifies, if any. Everything a later update
-    # depends on is restored: trainable weights, optimizer (incl. the SAM-family wrapper: skipped
-    # steps, scaler growth, SSE-SAM epoch), LR schedule, GradScaler, the RNG of every process,
-    # and `state` (update count, history, best, whether the epoch-end evaluation already ran).
-    # Data order and augmentations are functions of (seed, epoch, position): nothing to restore.
-    state = {"step": 0, "best": None, "best_epoch": None, "best_sha256": None, "history": [],
-             "bad_streak": 0, "bad_images": 0, "epoch_end_step": 0, "train_seconds": 0.0,
-             "recipe_sha256": _recipe_digest(recipe)}
-    ckpt_root = out / "checkpoints"
-    resume_from = ckpt.latest_good(ckpt_root)
-    if resume_from is not None:
-        try:
-            restored = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, rank, accelerator.scaler)
-        except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused an object
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-            what = f"it references {found.group(1)}" if found else _one_line(exc)[:120]
-            raise UserError(f"{resume_from}: refusing to load a checkpoint file that holds more than tensors "
-                            f"({what}); remove this checkpoint") from None
-        except (KeyError, ValueError, RuntimeError, OSError) as exc:
-            raise UserError(f"{resume_from}: cannot resume from this checkpoint ({_one_line(exc)}); it does not fit "
-                            f"this recipe or holds more than tensors: use another output_dir or remove it") from None
-        if restored.get("recipe_sha256") not in (None, state["recipe_sha256"]):
-            logger.warning("the recipe differs from the one %s was written with: the resumed run is not the "
-                           "run this recipe describes from scratch", resume_from)
-        if restored.get("world_size", world) != world:
-            logger.warning("%s was written by %s process(es), this run has %d", resume_from,
-                           restored.get("world_size"), world)
-        restored.pop("world_size", None)
-        state.update(restored)
-        state["recipe_sha256"] = _recipe_digest(recipe)
-        if accelerator.is_main_process and (resume_from / BEST).is_file():
-            # The best model as of the checkpoint (a later one may have been written before the crash).
-            shutil.copyfile(resume_from / BEST, out / (BEST + ".tmp"))
-            os.replace(out / (BEST + ".tmp"), out / BEST)
-        accelerator.wait_for_everyone()
-        logger.info("resumed from %s (update %d of %d)", resume_from, state["step"], total_steps)
-    if accelerator.trackers:
-        accelerator.init_trackers(recipe.name.replace("/", "_"))
-
-    # torchvision's training transforms draw from torch's generator only (see SeededDataset)
-    train_set = SeededDataset(bundle.train, recipe.seed, generators=("torch",))
-    bad_images_before = int(state["bad_images"])  # skipped before a resume (data.skip_bad_images)
-    started = time.time()
-    seconds_before = float(state["train_seconds"])
-
-    def save(step: int) -> None:
-        state["bad_images"] = bad_images_before + getattr(bundle.train, "bad_count", 0)
-        state["train_seconds"] = round(seconds_before + time.time() - started, 3)
-        best = out / BEST
-        files = {BEST: best} if rank == 0 and state["best_sha256"] and best.is_file() else None
-        ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, rank, world,
-                             accelerator.wait_for_everyone, cfg.keep_checkpoints, accelerator.scaler, files)
-
-    def save_due(step: int) -> bool:
-        return step % cfg.save_every_steps == 0 or step == total_steps
-
-    def at_epoch_end(step: int) -> bool:
-        return step > 0 and (step % n_steps_epoch == 0 or step >= total_steps)
-
-    collate = bundle.collate_fn
-    val_set = bundle.eval_dataset("val") if bundle.val is not None and recipe.eval.select_split == "val" else None
-
-    def epoch_end(epoch: int) -> bool:
-        """Evaluation / model selection after the last update of `epoch`; True if it evaluated."""
-        state["epoch_end_step"] = state["step"]
-        if val_set is None or not ((epoch + 1) % cfg.eval_every_epochs == 0 or state["step"] >= total_steps):
-            return False
-        val = evaluate_split(model, val_set, class_counts, recipe.eval, cfg.eval_batch_size,
-                             accelerator, recipe.data.num_workers, collate)
-        score = val[recipe.eval.select_metric]
-        state["history"].append({"epoch": epoch, "step": state["step"], "val": _short(val)})
-        accelerator.log({f"val/{k}": v for k, v in _short(val).items() if v is not None}, step=state["step"])
-        if score is not None and (state["best"] is None or score > state["best"]):
-            state["best"], state["best_epoch"] = score, epoch
-            if accelerator.is_main_process:
-                state["best_sha256"] = _save_best(out, model)
-        return True
-
-    # 5. The loop. Each update: load the micro-batches, one optimizer call, one scheduler step.
-    # At an epoch end: evaluation (if due), then ONE checkpoint that records it, so a crash between
-    # the last update of an epoch and its evaluation re-runs that evaluation exactly once.
-    progress = _progress(accelerator, total_steps, min(state["step"], total_steps))
-    while True:
-        if at_epoch_end(state["step"]) and state.get("epoch_end_step") != state["step"]:
-            evaluated = epoch_end((state["step"] - 1) // n_steps_epoch)
-            if evaluated or save_due(state["step"]):
-                save(state["step"])
-        if state["step"] >= total_steps:
-            break
-        epoch, first = divmod(state["step"], n_steps_epoch)
-        train_set.set_epoch(epoch)
-        criterion.set_epoch(epoch)
-        optimizer.set_epoch(epoch, cfg.epochs)
-        sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, rank, world, cfg.grad_accum_steps,
-                                        recipe.seed, epoch, first)
-        # The loader's own generator: creating an iterator must not draw from the global RNG,
-        # or a resumed run (one more iterator) would continue with other dropout masks.
-        loader_rng = torch.Generator().manual_seed(recipe.seed * 1_000_003 + epoch)
-        batches = iter(DataLoader(train_set, batch_sampler=sampler, num_workers=recipe.data.num_workers,
-                                  collate_fn=collate, pin_memory=accelerator.device.type == "cuda",
-                                  generator=loader_rng))
-        wrapped.train()
-        for _ in range(first, n_steps_epoch):
-            micro = [next(batches) for _ in range(cfg.grad_accum_steps)]
-            micro = [m for m in micro if m is not None]  # None: every image of it was unreadable and skipped
-            if not micro:
-                loss = None
-                state["step"] += 1
-                scheduler.step()
-            else:
-                closures, targets = [], []
-                for images, labels in micro:
-                    images, labels = images.to(accelerator.device), labels.to(accelerator.device)
-                    closures.append(lambda images=images, labels=labels: criterion(wrapped(images).float(), labels))
-                    targets.append(labels)
-                skipped_before = optimizer.skipped_steps
-                loss = optimizer.step(closures, targets=targets)
-                scheduler.step()
-                state["step"] += 1
-                state["bad_streak"] = state["bad_streak"] + 1 if optimizer.skipped_steps > skipped_before else 0
-                if state["bad_streak"] >= cfg.max_bad_steps:
-                    # Skipped updates leave weights and optimizer state as after the last good update.
-                    save(state["step"])
-                    raise UserError(
-                        f"training stopped at update {state['step']}: {state['bad_streak']} consecutive updates had "
-                        f"non-finite loss or gradients (limit 'train.max_bad_steps' = {cfg.max_bad_steps}); the last "
-                        f"good weights are saved in {ckpt_root} (try a lower 'optim.lr' or 'train.mixed_precision')")
-            if loss is not None and (state["step"] % cfg.log_every_steps == 0 or state["step"] == total_steps):
-                logs = {"train/loss": float(loss), "train/lr": scheduler.get_last_lr()[0],
-                        "train/skipped_steps": optimizer.skipped_steps}
-                accelerator.log(logs, step=state["step"])
-                progress.set_postfix(loss=f"{float(loss):.4f}", lr=f"{logs['train/lr']:.2e}")
-            progress.update(1)
-            if at_epoch_end(state["step"]):
-                break  # the epoch-end block at the top of the loop evaluates and saves
-            if save_due(state["step"]):
-                save(state["step"])
-        del batches
-    progress.close()
-    train_seconds = seconds_before + time.time() - started
-    skipped_train_images = bad_images_before + getattr(bundle.train, "bad_count", 0)
-    if skipped_train_images:
-        logger.warning("skipped %d unreadable training image(s) in all (data.skip_bad_images; counted each "
-                       "time an image was drawn)", skipped_train_images)
-
-    # 6. Model selection on validation, final report on test.
-    selected = "last"
-    best_file = out / BEST
-    if recipe.eval.select_split == "val" and state["best"] is not None:
-        from safetensors.torch import load_file
-
-        if best_file.is_file() and state.get("best_sha256") in (None, ckpt._sha256(best_file)):
-            ckpt.load_trainable_state(model, load_file(str(best_file)))
-            selected = f"best on val ({recipe.eval.select_metric}) at epoch {state['best_epoch']}"
-        else:
-            logger.warning("%s is missing or not the best model this run recorded (epoch %s); reporting the "
-                           "last weights instead", best_file, state["best_epoch"])
-    results = {"recipe": recipe.name, "world_size": world, "selected": selected, "class_counts": class_counts,
-               "skipped_images": {"train": skipped_train_images},
-               "optimizer": recipe.optim.name, "updates": state["step"], "train_seconds": round(train_seconds, 2),
-               "skipped_steps": optimizer.skipped_steps, "pass_counts": dict(optimizer.pass_counts),
-               "history": state["history"]}
-    for split in dict.fromkeys(["val", recipe.eval.test_split]):
-        dataset = bundle.eval_dataset(split, five_crop=recipe.eval.five_crop and split != "val")
-        if dataset is not None:
-            results[split] = evaluate_split(model, dataset, class_counts, recipe.eval, cfg.eval_batch_size,
-                                            accelerator, recipe.data.num_workers, collate)
-            results["skipped_images"][split] = getattr(dataset, "bad_count", 0)
-    results["test"] = results.get(recipe.eval.test_split)
-
-    # 7. Artefacts: final/ (safetensors + what reloads it), metrics.json, the report.
-    if accelerator.is_main_process:
-        final = save_model_dir(out / "final", model, recipe, bundle.classnames, class_counts, preprocess,
-                               getattr(bundle, "wnids", None))
-        write_json(out / "metrics.json", results)
-        write_json(final / "metrics.json", results)
-        try:
-            from ft_focal.report import write_run_report
-
-            write_run_report(out, results)
-        except Exception as exc:  # a plotting problem must not lose a finished run
-            logger.warning("could not write the report: %s", exc)
-        test = results["test"] or {}
-        logger.info("test: overall %s many %s medium %s few %s (%s)", *(_pct(test.get(k)) for k in
-                    ("overall", "many", "medium", "few")), selected)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if recipe.hub.push and accelerator.is_main_process:
-        from ft_focal.hub import push_run
-
-        push_run(out, recipe.hub.repo_id, private=recipe.hub.private, revision=recipe.hub.revision)
-    return results
-
-
-def _save_best(out: Path, model: torch.nn.Module) -> str:
-    """Write best_model.safetensors atomically; returns its sha256 (recorded in the checkpoint)."""
-    from safetensors.torch import save_file
-
-    tmp = out / (BEST + ".tmp")
-    save_file(ckpt.trainable_state(model), str(tmp))
-    digest = ckpt._sha256(tmp)
-    os.replace(tmp, out / BEST)
-    return digest
-
-
-def _recipe_digest(recipe: Recipe) -> str:
-    """sha256 of the resolved recipe without where it is written (a resumed run must match it)."""
-    import dataclasses
-    import hashlib
-
-    raw = dataclasses.asdict(recipe)
-    raw.pop("output_dir", None)
-    raw.pop("hub", None)
-    for section, key in OPERATIONAL_KEYS:
-        raw[section].pop(key, None)
-    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -464,20 +405,6 @@ def _short(result: dict) -> dict:
 
 def _pct(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
-
-
-class _NoProgress:
-    def update(self, *_: Any) -> None: ...
-    def set_postfix(self, **_: Any) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(accelerator: Any, total: int, initial: int):
-    if not accelerator.is_main_process:
-        return _NoProgress()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, disable=None)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

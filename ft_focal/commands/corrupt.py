@@ -46,8 +46,21 @@ def sources_from_recipe(path: str, overrides: list[str], split: str) -> list[tup
     return sources
 
 
+def summary_sentence(summary: dict, n_corruptions: int, n_severities: int) -> str:
+    """What `render_corruptions` did, in one sentence."""
+    failed = summary.get("failed") or []
+    text = (f"Rendered {summary['written']} of {summary['outputs_total']} images ({summary['images']} source images x "
+            f"{n_corruptions} corruption(s) x {n_severities} severity level(s)) into {summary['out_dir']} in "
+            f"{summary['seconds']:.1f} s ({summary['outputs_per_second']:.1f} images/s)")
+    if summary.get("skipped"):
+        text += f"; {summary['skipped']} already there were kept"
+    if failed:
+        text += f"; {len(failed)} failed (run the command again to retry them)"
+    return text + "."
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    from ft_focal.cli import run_guarded
+    from ft_focal.cli import list_flag, run_guarded
 
     def run() -> int:
         from ft_focal.data.corrupt import render_corruptions, sources_from_folder, sources_from_split_list
@@ -61,12 +74,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.add_argument("--root", help="image root of a split list")
         parser.add_argument("--split", default="test", help="recipe split to render (default test)")
         parser.add_argument("--corruptions", nargs="+", default=list(BENCHMARK_CORRUPTIONS),
-                            help="names (default: the 15 benchmark corruptions; 'all' adds the 4 extra)")
-        parser.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+                            help="names, 'a,b' or 'a b' (default: the 15 benchmark corruptions; 'all' adds the 4 extra)")
+        parser.add_argument("--severities", nargs="+", default=["1,2,3,4,5"], help="e.g. 1,3,5 or 1 3 5")
         parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)))
         parser.add_argument("--quality", type=int, default=85)
         parser.add_argument("--limit", type=int, help="render only N evenly spaced images (a quick subset)")
         args = parser.parse_args(argv)
+        args.corruptions = list_flag(args.corruptions, str, "--corruptions")
+        args.severities = list_flag(args.severities, int, "--severities")
         corruptions = list(BENCHMARK_CORRUPTIONS) + list(EXTRA_CORRUPTIONS) if args.corruptions == ["all"] else args.corruptions
         source = Path(args.source)
         if source.suffix in (".yaml", ".yml"):
@@ -82,7 +97,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             sources = [sources[int(i * step)] for i in range(args.limit)]
         summary = render_corruptions(sources, args.out, corruptions, args.severities, workers=args.workers,
                                      quality=args.quality)
-        print({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+        print(summary_sentence(summary, len(corruptions), len(args.severities)))
         return 0
 
     return run_guarded(run)

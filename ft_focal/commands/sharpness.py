@@ -72,7 +72,7 @@ def measure(model_dir: str, groups: Optional[list[str]] = None, classes: Optiona
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from ft_focal.cli import run_guarded
+    from ft_focal.cli import list_flag, run_guarded
 
     def run() -> int:
         from ft_focal import plots
@@ -82,8 +82,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("model_dir", help="a run's final/ folder or an export")
         parser.add_argument("overrides", nargs="*", help="recipe overrides key=value (e.g. data.root=...)")
-        parser.add_argument("--groups", help="comma-separated subset of many,medium,few")
-        parser.add_argument("--classes", help="comma-separated class ids instead of shot groups")
+        parser.add_argument("--groups", nargs="+", help="subset of many,medium,few ('a,b' or 'a b')")
+        parser.add_argument("--classes", nargs="+", help="class ids instead of shot groups ('1,3,5' or '1 3 5')")
         parser.add_argument("--batches", type=int, default=4, help="training batches per loss evaluation")
         parser.add_argument("--batch-size", type=int, default=64)
         parser.add_argument("--k", type=int, default=1, help="number of top eigenvalues")
@@ -95,8 +95,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.add_argument("--out", help="output folder")
         args = parser.parse_args(argv)
         result = measure(
-            args.model_dir, args.groups.split(",") if args.groups else None,
-            [int(c) for c in args.classes.split(",")] if args.classes else None,
+            args.model_dir, list_flag(args.groups, str, "--groups") or None,
+            list_flag(args.classes, int, "--classes") or None,
             args.batches, args.batch_size, args.k, args.iters, args.trace_samples, args.rho, args.seed,
             args.per_class, args.overrides)
         model_dir = Path(args.model_dir)

@@ -6,7 +6,9 @@ Public API:
     preprocess_for(model_cfg)
 """
 
+import contextlib
 import dataclasses
+import logging
 
 import torch
 
@@ -25,9 +27,21 @@ def preprocess_for(model_cfg: ModelConfig) -> dict:
     the data pipeline can be set up before the real model is loaded.
     """
     spec = dataclasses.replace(model_cfg, head_init="random")
-    with torch.device("meta"):
+    with torch.device("meta"), _quiet():  # a throwaway model: its "model ..." line would mislead
         model = build_classifier(spec, TuningConfig(method="head"), 2, None, load_weights=False)
     return dict(model.preprocess)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Hold back ft_focal's INFO lines (warnings still pass)."""
+    log = logging.getLogger("ft_focal")
+    level = log.level
+    log.setLevel(max(logging.WARNING, log.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 __all__ = [

@@ -1,0 +1,173 @@
+"""What the training loop builds from a recipe: the Accelerator, the loss, the optimizer, the LR schedule.
+
+Kept apart from ft_focal/train.py so that the Trainer there reads as the order of events only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ft_focal.config import Recipe
+from ft_focal.errors import UserError
+
+logger = logging.getLogger("ft_focal")
+
+# Optimizer-specific recipe keys, passed to the optimizer only when set (not null).
+METHOD_KEYS = ("rho", "gamma", "lam", "tail_threshold", "tail_weight", "rho_head", "rho_tail",
+               "switch_fraction", "scope", "flat_ratio")
+LOSS_KEYS = {
+    "ce": (), "focal": ("focal_gamma",), "cb_ce": ("beta",), "la": ("tau",), "balanced_softmax": (),
+    "ldam": ("max_m", "s"), "ldam_drw": ("max_m", "s", "beta", "drw_epoch"), "vs": ("vs_gamma", "vs_tau"),
+}
+SINGLE_BACKWARD_METHODS = ("focal_sam", "imbsam", "sse_sam")
+
+
+def check_trackers(names: list) -> list[str]:
+    """`train.log_with` as Accelerate tracker names; a one-line error for an unknown or missing one."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    wanted = [str(n) for n in names]
+    for name in wanted:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise UserError(f"recipe key 'train.log_with': unknown tracker '{name}' "
+                            f"(valid: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))})")
+        if name not in available:
+            raise UserError(f"recipe key 'train.log_with': tracker '{name}' is not installed (pip install {name})")
+    return list(dict.fromkeys(wanted))
+
+
+def make_accelerator(recipe: Recipe) -> Any:
+    """The run's Accelerator: the recipe's precision, and the trackers it names (none by default).
+
+    Nothing is switched on because a package happens to be importable: only `train.log_with`.
+    """
+    from accelerate.utils import ProjectConfiguration
+
+    from ft_focal.accel import make_accelerator as accelerator_for
+
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")  # `accelerate launch --mixed_precision`
+    if launched and launched != recipe.train.mixed_precision:
+        logger.warning("accelerate launch asked for mixed precision '%s' but the recipe's "
+                       "train.mixed_precision is '%s': the recipe wins (override it with train.mixed_precision=%s)",
+                       launched, recipe.train.mixed_precision, launched)
+    trackers = check_trackers(recipe.train.log_with or [])
+    return accelerator_for(
+        mixed_precision=recipe.train.mixed_precision,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=recipe.output_dir,
+                                            logging_dir=str(Path(recipe.output_dir) / "logs")),
+    )
+
+
+def build_loss_from(recipe: Recipe, class_counts: list[int]) -> torch.nn.Module:
+    """The recipe's per-sample loss over the training class counts."""
+    from ft_focal.losses import build_loss
+
+    cfg = recipe.loss
+    kwargs = {key: getattr(cfg, key) for key in LOSS_KEYS[cfg.name] if getattr(cfg, key) is not None}
+    renames = {"focal_gamma": "gamma", "vs_gamma": "gamma", "vs_tau": "tau"}
+    kwargs = {renames.get(k, k): v for k, v in kwargs.items()}
+    try:
+        return build_loss(cfg.name, class_counts, **kwargs)
+    except ValueError as exc:
+        raise UserError(f"recipe section 'loss': {exc}") from None
+
+
+def method_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """The method keys set in the recipe that `optim.name` takes.
+
+    A recipe written for one method keeps its keys when `optim.name=...` switches to another
+    (`optim.name=sam` on a Focal-SAM recipe): keys the new method does not take are dropped, with
+    one line naming them, instead of failing the run.
+    """
+    from ft_focal.optim import optimizer_kwargs
+
+    cfg = recipe.optim
+    taken = set(optimizer_kwargs(cfg.name))
+    method = {key: getattr(cfg, key) for key in METHOD_KEYS if getattr(cfg, key) is not None}
+    dropped = [key for key in method if key not in taken]
+    if dropped:
+        logger.info("optim.name=%s does not take %s: ignored", cfg.name,
+                    ", ".join(f"optim.{key}={method[key]}" for key in dropped))
+    method = {key: value for key, value in method.items() if key in taken}
+    if cfg.name in SINGLE_BACKWARD_METHODS:
+        # Exact either way; the one-backward path is cheaper and falls back by itself.
+        method["single_backward"] = True if cfg.single_backward is None else cfg.single_backward
+    elif cfg.single_backward:
+        logger.info("optim.name=%s does not take optim.single_backward=true (only %s do): ignored",
+                    cfg.name, ", ".join(SINGLE_BACKWARD_METHODS))
+    return method
+
+
+def build_optimizer_from(recipe: Recipe, model: torch.nn.Module, wrapped: torch.nn.Module, class_counts: list[int],
+                         accelerator: Any) -> Any:
+    """The recipe's optimizer over the trainable parameters, wired to Accelerate."""
+    from ft_focal.optim import build_optimizer
+
+    cfg = recipe.optim
+    base_kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    if cfg.base == "sgd":
+        base_kwargs.update(momentum=cfg.momentum, nesterov=cfg.nesterov)
+    method = method_kwargs(recipe)
+    if cfg.name == "ccsam":
+        method["classifier_params"] = list(model.head.parameters())
+    runtime: dict[str, Any] = {"model": model, "sync_perturbation": cfg.sync_perturbation}
+    if accelerator.num_processes > 1:
+        runtime["no_sync"] = lambda: accelerator.no_sync(wrapped)
+    if accelerator.scaler is not None:  # fp16: accelerator.backward scales the loss itself
+        runtime.update(scaler=accelerator.scaler, backward=accelerator.backward, backward_applies_scaler=True)
+    else:
+        runtime["backward"] = accelerator.backward
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("the recipe's tuning leaves no trainable parameter (check 'tuning.method')")
+    try:
+        return build_optimizer(cfg.name, params, class_counts, base=cfg.base, **base_kwargs, **method, **runtime)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"recipe section 'optim': {exc}") from None
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the base LR at update `step`: linear warm-up, then cosine / linear / constant."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return factor
+
+
+def compile_model(wrapped: torch.nn.Module) -> torch.nn.Module:
+    """`torch.compile` set up for the SAM family (train.compile)."""
+    # The SAM family back-propagates one forward graph twice (the official ImbSAM / Focal-SAM /
+    # SSE-SAM steps, the one-backward path's first-step check): AOT autograd's donated buffers
+    # would make that second backward fail.
+    import torch._functorch.config as functorch_config
+
+    functorch_config.donated_buffer = False
+    # Dynamo does not guard on module hooks: code compiled earlier in this process without the
+    # one-backward path's layer hooks would be reused and hide them (the step then falls back
+    # to 2F + 3B). Start from an empty cache so the first, hooked forward is what gets compiled.
+    torch._dynamo.reset()
+    return torch.compile(wrapped)
+
+
+def clip_final_gradient(optimizer: Any, model: torch.nn.Module, max_norm: float) -> None:
+    """Clip the FINAL (descent) gradient, right before the base optimizer applies it."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def clip(*_: Any) -> None:
+        torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+
+    optimizer.base_optimizer.register_step_pre_hook(clip)

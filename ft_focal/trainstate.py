@@ -1,0 +1,64 @@
+"""The loop's state between updates, as a checkpoint's trainer.json records it, and the run-level files."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ft_focal import checkpoint as ckpt
+from ft_focal.config import Recipe
+
+BEST = "best_model.safetensors"  # in output_dir: trainable tensors of the best epoch on validation
+# Recipe keys that do not change what a run computes: a resumed run may change them freely.
+OPERATIONAL_KEYS = (("data", "num_workers"), ("train", "threads"), ("train", "keep_checkpoints"),
+                    ("train", "save_every_steps"), ("train", "log_every_steps"), ("train", "eval_batch_size"),
+                    ("train", "max_bad_steps"), ("train", "log_with"))
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint's trainer.json holds besides tensors (field order = the file's key order)."""
+
+    step: int = 0                       # updates done
+    best: Optional[float] = None        # best validation score so far
+    best_epoch: Optional[int] = None
+    best_sha256: Optional[str] = None   # of best_model.safetensors (checked before it is used)
+    history: list = field(default_factory=list)  # one entry per validation
+    bad_streak: int = 0                 # consecutive skipped (non-finite) updates
+    bad_images: int = 0                 # unreadable training images skipped (data.skip_bad_images)
+    epoch_end_step: int = 0             # update at which the last epoch end ran (it runs once)
+    train_seconds: float = 0.0          # across resumes
+    recipe_sha256: Optional[str] = None
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "TrainState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+def save_best(out: Path, model: torch.nn.Module) -> str:
+    """Write best_model.safetensors atomically; returns its sha256 (recorded in the checkpoint)."""
+    from safetensors.torch import save_file
+
+    tmp = out / (BEST + ".tmp")
+    save_file(ckpt.trainable_state(model), str(tmp))
+    digest = ckpt._sha256(tmp)
+    os.replace(tmp, out / BEST)
+    return digest
+
+
+def recipe_digest(recipe: Recipe) -> str:
+    """sha256 of the resolved recipe without where it is written (a resumed run must match it)."""
+    raw = dataclasses.asdict(recipe)
+    raw.pop("output_dir", None)
+    raw.pop("hub", None)
+    for section, key in OPERATIONAL_KEYS:
+        raw[section].pop(key, None)
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()

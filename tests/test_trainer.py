@@ -1,0 +1,258 @@
+"""The Trainer's logs (train_log.jsonl, progress lines, learning curves), its hot path (no host
+reads between log steps) and the rough edges a new user hit (issue 14), one test each."""
+
+import json
+import logging
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ft_focal.config import load_recipe, recipe_from_dict
+from ft_focal.errors import UserError
+from ft_focal.models import tiny_model_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "recipes" / "demo" / "digits_lt_focal_sam.yaml"
+
+
+def _tiny(out: Path, **train: object) -> object:
+    return recipe_from_dict({
+        "name": "tiny", "output_dir": str(out), "seed": 0, "model": tiny_model_config("open_clip"),
+        "tuning": {"method": "lora", "lora_rank": 4},
+        "data": {"dataset": "synthetic", "synthetic_num_classes": 4, "synthetic_train_size": 64,
+                 "synthetic_eval_size": 8, "image_size": 32, "test_resize": 32, "num_workers": 0},
+        "optim": {"name": "erm", "lr": 0.01},
+        "train": {"epochs": 1, "batch_size": 8, "eval_batch_size": 16, "save_every_steps": 1000, "threads": 1,
+                  **train},
+    })
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny run (6 updates, log every 2, validation at updates 4 and 6) with its captured stdout."""
+    import contextlib
+    import io
+
+    from ft_focal.train import train
+
+    out = tmp_path_factory.mktemp("trainer") / "run"
+    recipe = _tiny(out, max_steps=6, log_every_steps=2)
+    recipe.data.synthetic_train_size = 32  # 4 updates per epoch
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):  # not a terminal: plain progress lines
+        metrics = train(recipe)
+    return out, metrics, stdout.getvalue()
+
+
+def test_train_log_jsonl_has_one_line_per_log_step(run):
+    out, metrics, _ = run
+    lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in lines] == [2, 4, 6]
+    for r in lines:
+        assert set(r) >= {"update", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "skipped_updates"}
+        assert r["loss"] > 0 and r["lr"] >= 0 and r["skipped_updates"] == 0
+    assert [r["epoch"] for r in lines] == [0, 0, 1]
+    assert lines[-1]["elapsed_s"] <= metrics["train_seconds"] + 1
+
+
+def test_progress_lines_when_stdout_is_not_a_terminal(run):
+    _, _, stdout = run
+    lines = [line for line in stdout.splitlines() if line.startswith("update ")]
+    assert len(lines) == 3 and lines[0].startswith("update 2/6") and "ETA" in lines[-1] and "img/s" in lines[1]
+
+
+def test_report_shows_learning_curves_and_report_overlays_runs(run, tmp_path):
+    import shutil
+
+    from ft_focal.report import main as report_main
+
+    out, _, _ = run
+    assert "learning_curves.png" in (out / "report.md").read_text()
+    assert (out / "learning_curves.png").stat().st_size > 5000
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    assert report_main([str(out), str(other), "--out", str(tmp_path / "cmp")]) == 0
+    assert "learning_curves.png" in (tmp_path / "cmp" / "comparison.md").read_text()
+    assert (tmp_path / "cmp" / "learning_curves.png").is_file()
+
+
+def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
+    from ft_focal.trainlog import LOG_FILE, _truncate_after, read_train_log
+
+    path = tmp_path / LOG_FILE
+    path.write_text("".join(json.dumps({"update": u, "loss": 1.0}) + "\n" for u in (2, 4, 6)) + '{"upd')
+    _truncate_after(path, 4)
+    assert [r["update"] for r in read_train_log(tmp_path)] == [2, 4]
+
+
+class _CountReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts device -> host reads (`aten._local_scalar_dense`: .item(), float(t), bool(t), ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count, self.paused = 0, False
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and not self.paused:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_loop_reads_no_device_value_between_log_steps(tmp_path, monkeypatch):
+    """Between two optimizer steps the loop reads nothing from the device, except once at a log step
+    (the summed loss). The optimizer's own reads are not the loop's and are not counted here."""
+    import ft_focal.train as train_mod
+
+    counter, starts, ends = _CountReads(), [], []
+    real_build = train_mod.build_optimizer_from
+
+    def build(*args, **kwargs):
+        opt = real_build(*args, **kwargs)
+        real_step = opt.step
+
+        def step(_self, *a, **kw):
+            starts.append(counter.count)
+            counter.paused = True
+            try:
+                return real_step(*a, **kw)
+            finally:
+                counter.paused = False
+                ends.append(counter.count)
+        opt.step = types.MethodType(step, opt)  # LambdaLR re-wraps a bound method
+        return opt
+
+    monkeypatch.setattr(train_mod, "build_optimizer_from", build)
+    recipe = _tiny(tmp_path / "run", max_steps=7, log_every_steps=3)
+    with counter:
+        train_mod.train(recipe)
+    between = [starts[i + 1] - ends[i] for i in range(len(ends) - 1)]  # after update i + 1
+    assert len(between) == 6
+    assert between == [0, 0, 1, 0, 0, 1], between  # updates 3 and 6 are log steps
+
+
+# ------------------------------------------------------------------ rough edges
+
+
+def test_yaml_no_is_accepted_for_mixed_precision(tmp_path):
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(DEMO.read_text().replace("train:\n", "train:\n  mixed_precision: no\n", 1))
+    assert load_recipe(recipe_file).train.mixed_precision == "no"
+    assert load_recipe(DEMO, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(UserError, match="mixed_precision"):
+        load_recipe(DEMO, ["train.mixed_precision=yes"])
+
+
+@pytest.mark.parametrize("name,dropped", [("erm", "optim.rho=0.05, optim.gamma=1.0, optim.lam=0.8"),
+                                          ("sam", "optim.gamma=1.0, optim.lam=0.8"),
+                                          ("imbsam", "optim.gamma=1.0, optim.lam=0.8")])
+def test_switching_the_method_drops_keys_it_does_not_take(name, dropped, caplog):
+    from ft_focal.train import build_optimizer_from
+
+    recipe = load_recipe(DEMO, [f"optim.name={name}"])
+    model = torch.nn.Sequential(torch.nn.Linear(4, 10))
+    accelerator = types.SimpleNamespace(num_processes=1, scaler=None, backward=lambda loss, **kw: loss.backward())
+    with caplog.at_level(logging.INFO, logger="ft_focal"):
+        opt = build_optimizer_from(recipe, model, model, [50 - 4 * c for c in range(10)], accelerator)
+    assert type(opt).__name__.lower().replace("_", "") == name.replace("_", "")
+    lines = [r.getMessage() for r in caplog.records if "does not take" in r.getMessage()]
+    assert lines == [f"optim.name={name} does not take {dropped}: ignored"]
+
+
+def test_precision_conflict_with_accelerate_launch_warns(monkeypatch, caplog, tmp_path):
+    from ft_focal.train import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with caplog.at_level(logging.WARNING, logger="ft_focal"):
+        make_accelerator(_tiny(tmp_path))
+    assert any("'bf16'" in r.getMessage() and "'no'" in r.getMessage() for r in caplog.records)
+
+
+def test_trackers_only_through_log_with(tmp_path):
+    from ft_focal.train import make_accelerator
+
+    assert not make_accelerator(_tiny(tmp_path)).trackers
+    with pytest.raises(UserError, match="unknown tracker 'tensorbord'"):
+        make_accelerator(_tiny(tmp_path, log_with=["tensorbord"]))
+
+
+def test_model_card_reports_the_trained_head_init(run, tmp_path):
+    from ft_focal import hub
+
+    out, _, _ = run
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["model"]["head_init"] == "text"
+    export = hub.export_run(out, tmp_path / "export")
+    assert "initialised from `text`" in (export / "README.md").read_text()
+    again = hub.export_run(export, tmp_path / "export2")  # an export of an export keeps it
+    assert "initialised from `text`" in (again / "README.md").read_text()
+
+
+def test_no_log_line_about_a_throwaway_model(caplog):
+    from ft_focal.models import preprocess_for
+
+    with caplog.at_level(logging.INFO, logger="ft_focal"):
+        preprocess_for(load_recipe(DEMO).model)
+    assert not [r for r in caplog.records if "tuning head" in r.getMessage()]
+
+
+def test_demo_first_step_is_info_and_names_the_passes(tmp_path, caplog):
+    from ft_focal.train import train
+
+    recipe = load_recipe(DEMO, [f"output_dir={tmp_path / 'demo'}", "train.max_steps=2", "train.eval_every_epochs=100"])
+    with caplog.at_level(logging.INFO, logger="ft_focal"):
+        train(recipe)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
+    assert any("2F + 3B" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
+
+
+@pytest.mark.parametrize("severities", [["1,2"], ["1", "2"]])
+def test_corrupt_list_flags_both_ways_and_a_summary_sentence(tmp_path, capsys, severities):
+    import numpy as np
+    from PIL import Image
+
+    from ft_focal.commands.corrupt import main
+
+    for cls in ("a", "b"):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        pixels = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "src" / cls / "x.png")
+    argv = [str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--corruptions", "contrast,brightness",
+            "--workers", "1", "--severities", *severities]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed.startswith("Rendered 8 of 8 images (2 source images x 2 corruption(s) x 2 severity level(s))")
+    assert "{" not in printed
+    assert len(list((tmp_path / "out").rglob("*.JPEG"))) == 8
+
+
+def test_corrupt_bad_list_flag_is_one_line(tmp_path, capsys):
+    from ft_focal.commands.corrupt import main
+
+    assert main([str(tmp_path), "--out", str(tmp_path / "o"), "--severities", "1,x"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_preflight_skips_list_paths_for_synthetic_data():
+    from ft_focal.preflight import missing_paths
+
+    recipe = load_recipe(REPO / "recipes" / "imagenet_lt" / "clip_vit_b16_adaptformer_focal_sam.yaml",
+                         ["data.dataset=synthetic", "model.pretrained=null"])
+    assert missing_paths(recipe) == []
+
+
+def test_save_checkpoint_takes_keywords_after_the_state(tmp_path):
+    from ft_focal import checkpoint as ckpt
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(TypeError):
+        ckpt.save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1}, 0)
+    assert ckpt.save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1}, keep=1).is_dir()
+
+
+def test_log_with_accepts_one_name():
+    assert load_recipe(DEMO, ["train.log_with=tensorboard"]).train.log_with == ["tensorboard"]
+    assert load_recipe(DEMO, ["train.log_with=[wandb, trackio]"]).train.log_with == ["wandb", "trackio"]
