@@ -35,9 +35,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ft_focal.config import ModelConfig, TuningConfig  # noqa: E402
 from ft_focal.models import build_classifier, tiny_model_config  # noqa: E402
 from ft_focal.optim import ERM, SAM, FocalSAM  # noqa: E402
+from step_cost import peak_step_memory  # noqa: E402
 
 FOCAL = dict(rho=0.05, gamma=0.5, lam=0.8)
 SGD = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -192,12 +194,14 @@ def proxies(family="open_clip"):
                 opt.step(closure, targets=y)
             with OpCounter() as counter:
                 opt.step(closure, targets=y)
-            row = dict(method=method, optimizer=name, **counter.summary(), breaks=graph_breaks(model, opt, x))
+            peak = peak_step_memory(lambda: opt.step(closure, targets=y))
+            row = dict(method=method, optimizer=name, **counter.summary(), peak=peak,
+                       breaks=graph_breaks(model, opt, x))
             rows.append(row)
     for r in rows:
         sam = next(s for s in rows if s["method"] == r["method"] and s["optimizer"] == "SAM")
         print(f"| {r['method']} | {r['optimizer']} | {r['ops']} ({r['ops'] / sam['ops']:.3f}x) | {r['reads']} | "
-              f"{r['matmuls']} | {r['breaks']} |")
+              f"{r['matmuls']} | {r['breaks']} | {r['peak'] / 2 ** 20:.2f} MiB ({r['peak'] / sam['peak']:.3f}x) |")
     return rows
 
 
@@ -230,7 +234,8 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="the GPU code path on the CPU with a tiny model (tests)")
     args = ap.parse_args(argv)
     if args.proxies:
-        print("| tuning | optimizer | aten ops (x SAM) | host reads | matmuls | graph breaks |\n|---|---|---|---|---|---|")
+        print("| tuning | optimizer | aten ops (x SAM) | host reads | matmuls | graph breaks | peak (x SAM) |\n"
+              "|---|---|---|---|---|---|---|")
         return proxies()
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("step_cost_gpu: no CUDA device (use --proxies on the CPU)")

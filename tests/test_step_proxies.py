@@ -7,6 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from step_cost import peak_step_memory  # noqa: E402
 from step_cost_gpu import OpCounter, graph_breaks, make_optimizers  # noqa: E402
 
 from ft_focal.config import ModelConfig, TuningConfig  # noqa: E402
@@ -62,12 +63,32 @@ def test_one_backward_forward_compiles_without_graph_breaks(method):
 
 @pytest.mark.parametrize("method", ["lora", "adaptformer"])
 def test_one_backward_ops_and_matmuls_against_sam(method):
-    """Same matmul count as SAM (the part gradient shares each layer's GEMM); aten ops within 1.15x
-    (measured 1.10x AdaptFormer, 1.12x LoRA: python benchmarks/step_cost_gpu.py --proxies)."""
+    """Same matmul count as SAM (the part gradient shares each layer's GEMM); at most 1.1x SAM's aten
+    ops (measured 1.099x AdaptFormer, 1.093x LoRA: python benchmarks/step_cost_gpu.py --proxies)."""
     counts = {}
     for name in ("SAM", "Focal-SAM 1-bwd"):
         model = _model(method)
         counts[name] = _steady_state(model, make_optimizers(model, COUNTS)[name])
     sam, fast = counts["SAM"], counts["Focal-SAM 1-bwd"]
     assert fast["matmuls"] == sam["matmuls"]
-    assert fast["ops"] <= 1.15 * sam["ops"]
+    assert fast["ops"] <= 1.10 * sam["ops"]
+
+
+def test_one_backward_peak_memory_against_sam():
+    """Peak bytes of one steady-state step (profiler allocation timeline) within 1.05x SAM's."""
+    peaks = {}
+    for name in ("SAM", "Focal-SAM 1-bwd"):
+        model = _model("lora")
+        opt = make_optimizers(model, COUNTS)[name]
+        x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5, 0, 5])
+
+        def closure():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(x)
+            return torch.nn.functional.cross_entropy(logits.float(), y, reduction="none")
+        for _ in range(3):
+            opt.step(closure, targets=y)
+        peaks[name] = peak_step_memory(lambda: opt.step(closure, targets=y))
+    if peaks["SAM"] != peaks["SAM"]:   # NaN: the profiler's private memory API is unavailable
+        pytest.skip("torch.profiler memory timeline unavailable")
+    assert 0 < peaks["Focal-SAM 1-bwd"] <= 1.05 * peaks["SAM"]

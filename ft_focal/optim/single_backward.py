@@ -59,6 +59,16 @@ class ArmedState:
                 self.ratios[dtype] = r
         return r
 
+    def pair(self, dtype, ndim, dim):
+        """``rules.pair_weights`` of the ratio for a layer tensor of ``ndim`` dims, batch at ``dim``."""
+        key = (dtype, ndim, dim)
+        w = self.ratios.get(key)
+        if w is None:
+            w = rules.pair_weights(self.ratio(dtype), ndim, dim)
+            if not torch.compiler.is_compiling():
+                self.ratios[key] = w
+        return w
+
 
 def _batch_dim(module, x, n):
     cands = [d for d in range(max(x.dim() - 1, 1)) if x.shape[d] == n]
@@ -93,7 +103,7 @@ def _linear_forward(self, x):
     dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     if dt in (torch.float16, torch.bfloat16):
         st.low_precision = True
-    return rules.linear(x, self.weight, self.bias, tw, tb, st.ratio(dt), d)
+    return rules.linear(x, self.weight, self.bias, tw, tb, st.pair(dt, x.dim(), d))
 
 
 def _layer_norm_forward(self, x):
@@ -104,7 +114,7 @@ def _layer_norm_forward(self, x):
     tw, tb = self.split_twins
     upcast = getattr(self, "split_upcast", False)
     dt = torch.float32 if upcast or torch.is_autocast_enabled(x.device.type) else x.dtype
-    out = rules.layer_norm(x, self.weight, self.bias, tw, tb, st.ratio(dt), d, self.eps, upcast)
+    out = rules.layer_norm(x, self.weight, self.bias, tw, tb, st.pair(dt, x.dim(), d), self.eps, upcast)
     return out.to(x.dtype) if getattr(self, "split_cast_back", False) else out
 
 
@@ -118,7 +128,7 @@ def _cosine_forward(self, features):
           else torch.promote_types(features.dtype, self.weight.dtype))
     fn, wn = F.normalize(features, dim=-1), F.normalize(self.weight, dim=-1)
     twn = F.normalize(tw, dim=-1) if tw is not None else None
-    return self.scale * rules.linear(fn, wn, None, twn, None, st.ratio(dt), d)
+    return self.scale * rules.linear(fn, wn, None, twn, None, st.pair(dt, features.dim(), d))
 
 
 def _scale_forward(self, x):

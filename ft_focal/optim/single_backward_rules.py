@@ -25,88 +25,90 @@ import torch
 import torch.nn.functional as F
 
 
-def ratio_view(ratio: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
-    """``ratio`` [B] shaped to broadcast against ``like`` with the batch at ``dim``."""
-    shape = [1] * like.dim()
-    shape[dim] = ratio.shape[0]
-    return ratio.view(shape)
+def pair_weights(ratio: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
+    """[1; r] shaped [2, 1, .., B (at 1 + dim), .., 1]: broadcast against a ``t`` of ``ndim`` dims
+    with the batch at ``dim``, ``t * pair`` is [t; r t] ([2, *t.shape]) in one multiply."""
+    shape = [2] + [1] * ndim
+    shape[1 + dim] = ratio.shape[0]
+    return torch.stack([torch.ones_like(ratio), ratio]).view(shape)
 
 
 class _Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, twin_w, twin_b, ratio, dim):
-        ctx.save_for_backward(x, weight, ratio)
-        ctx.dim = dim
+    def forward(ctx, x, weight, bias, twin_w, twin_b, pair):
+        ctx.save_for_backward(x, weight, pair)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, ratio = ctx.saved_tensors
+        x, weight, pair = ctx.saved_tensors
         need_x, need_w, need_b, need_tw, need_tb = ctx.needs_input_grad[:5]
         gx = gw = gb = pw = pb = None
         if need_x:
             gx = grad.matmul(weight)
-        r = ratio_view(ratio, grad, ctx.dim)
+        n_in, n_out = x.shape[-1], grad.shape[-1]
+        both_d = None
         if need_w or need_tw:
-            n_in, n_out = x.shape[-1], grad.shape[-1]
             # one batched GEMM; the wide operand is broadcast (stride 0), not copied
             if n_in <= n_out:   # x is the narrow operand: delta^T [x; r x] -> [2, out, in]
-                narrow = torch.stack([x, x * r]).reshape(2, -1, n_in)
+                narrow = (x * pair).reshape(2, -1, n_in)
                 both = torch.bmm(grad.reshape(-1, n_out).t().expand(2, -1, -1), narrow)
             else:               # delta is the narrow one: [delta; r delta]^T x -> [2, out, in]
-                narrow = torch.stack([grad, grad * r]).reshape(2, -1, n_out)
-                both = torch.bmm(narrow.transpose(1, 2), x.reshape(-1, n_in).expand(2, -1, -1))
+                both_d = (grad * pair).reshape(2, -1, n_out)
+                both = torch.bmm(both_d.transpose(1, 2), x.reshape(-1, n_in).expand(2, -1, -1))
             gw, pw = both.unbind(0)   # contiguous: autograd accumulates them without a copy
         if need_b or need_tb:
-            dims = tuple(range(grad.dim() - 1))
-            gb, pb = grad.sum(dims), (grad * r).sum(dims)
-        return gx, gw, gb, pw, pb, None, None
+            if both_d is None:
+                both_d = (grad * pair).reshape(2, -1, n_out)
+            gb, pb = both_d.sum(1).unbind(0)
+        return gx, gw, gb, pw, pb, None
 
 
-def linear(x, weight, bias, twin_w, twin_b, ratio, dim):
+def linear(x, weight, bias, twin_w, twin_b, pair):
     """F.linear(x, weight, bias) whose backward also fills twin_w.grad / twin_b.grad with the part
-    gradient. Under autocast the operands are cast as autocast casts them (recorded by autograd)."""
+    gradient (``pair``: ``pair_weights`` for x's layout). Under autocast the operands are cast as
+    autocast casts them (recorded by autograd)."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
     with torch.autocast(dev, enabled=False):
-        return _Linear.apply(x, weight, bias, twin_w, twin_b, ratio.to(x.dtype), dim)
+        return _Linear.apply(x, weight, bias, twin_w, twin_b, pair)
 
 
 class _LayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, twin_w, twin_b, ratio, dim, shape, eps):
+    def forward(ctx, x, weight, bias, twin_w, twin_b, pair, shape, eps):
         out, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
-        ctx.save_for_backward(x, weight, bias, mean, rstd, ratio)
-        ctx.dim, ctx.shape = dim, shape
+        ctx.save_for_backward(x, weight, bias, mean, rstd, pair)
+        ctx.shape = shape
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, mean, rstd, ratio = ctx.saved_tensors
+        x, weight, bias, mean, rstd, pair = ctx.saved_tensors
         gx = None
         if ctx.needs_input_grad[0]:
             gx = torch.ops.aten.native_layer_norm_backward(grad, x, ctx.shape, mean, rstd, weight, bias,
                                                            [True, False, False])[0]
         d = x.shape[-1]
         rows = torch.cat([grad * ((x - mean) * rstd), grad], -1).reshape(-1, 2 * d)     # [N, 2D]
-        r = ratio_view(ratio, grad[..., 0], ctx.dim).expand(grad.shape[:-1]).reshape(1, -1)
-        both = torch.cat([torch.ones_like(r), r]).mm(rows)                                 # [2, 2D]
+        weights = pair.expand(2, *grad.shape[:-1], 1).reshape(2, -1)                      # [2, N]
+        both = weights.mm(rows)                                                            # [2, 2D]
         gw, gb, pw, pb = both[0, :d], both[0, d:], both[1, :d], both[1, d:]
         keep = ctx.needs_input_grad
         return (gx, gw if keep[1] else None, gb if keep[2] else None, pw if keep[3] else None,
-                pb if keep[4] else None, None, None, None, None)
+                pb if keep[4] else None, None, None, None)
 
 
-def layer_norm(x, weight, bias, twin_w, twin_b, ratio, dim, eps, upcast=False):
+def layer_norm(x, weight, bias, twin_w, twin_b, pair, eps, upcast=False):
     """F.layer_norm over the last dim (float32 under autocast or with ``upcast``), twin part grads."""
     dev = x.device.type
     if upcast or (torch.is_autocast_enabled(dev) and x.dtype in (torch.float16, torch.bfloat16)):
         x = x.float()
     with torch.autocast(dev, enabled=False):
-        return _LayerNorm.apply(x, weight.to(x.dtype), bias.to(x.dtype), twin_w, twin_b, ratio.to(x.dtype), dim,
+        return _LayerNorm.apply(x, weight.to(x.dtype), bias.to(x.dtype), twin_w, twin_b, pair,
                                 [x.shape[-1]], eps)
 
 
