@@ -156,9 +156,9 @@ def compile_model(wrapped: torch.nn.Module) -> torch.nn.Module:
     import torch._functorch.config as functorch_config
 
     functorch_config.donated_buffer = False
-    # Dynamo does not guard on module hooks: code compiled earlier in this process without the
-    # one-backward path's layer hooks would be reused and hide them (the step then falls back
-    # to 2F + 3B). Start from an empty cache so the first, hooked forward is what gets compiled.
+    # Start from an empty cache: code compiled earlier in this process for another model object
+    # must not be reused. Build the optimizer first: the one-backward path swaps the classes of
+    # the layers it covers (single_backward.py), and the compiled graphs should see those.
     torch._dynamo.reset()
     return torch.compile(wrapped)
 

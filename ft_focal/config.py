@@ -157,9 +157,10 @@ class TrainConfig:
     """The loop. batch_size is the GLOBAL batch (split over processes and accumulation steps).
 
     compile: torch.compile the model (default inductor). The loop then resets dynamo's cache and
-        turns off AOT autograd's donated buffers (the SAM family back-propagates one graph twice);
-        the one-backward Focal-SAM path splits the compiled graph at each hooked layer (see
-        ft_focal/optim/single_backward.py).
+        turns off AOT autograd's donated buffers (the SAM family back-propagates one graph twice).
+        The one-backward path compiles without graph breaks (two graphs: the plain forward and the
+        one with the per-sample ratio; ft_focal/optim/single_backward.py). Measured on one H200
+        (ViT-B/16, bf16, batch 128): the step runs 1.6x faster compiled, after ~1-2 min warm-up.
     log_with: Accelerate trackers to log to (tensorboard, wandb, trackio, ...; each an optional
         package). Empty = none; train_log.jsonl in output_dir is always written.
     """

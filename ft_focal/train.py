@@ -136,9 +136,9 @@ class Trainer:
         self.model = build_classifier(recipe.model, recipe.tuning, bundle.num_classes, bundle.classnames)
         self.criterion = build_loss_from(recipe, self.class_counts).to(acc.device)
         self.wrapped = acc.prepare(self.model)
-        if cfg.compile:
-            self.wrapped = compile_model(self.wrapped)
         self.optimizer = build_optimizer_from(recipe, self.model, self.wrapped, self.class_counts, acc)
+        if cfg.compile:   # after the optimizer: its one-backward path swaps layer classes first
+            self.wrapped = compile_model(self.wrapped)
         if cfg.grad_clip:
             clip_final_gradient(self.optimizer, self.model, cfg.grad_clip)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
