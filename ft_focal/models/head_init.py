@@ -132,7 +132,9 @@ def init_head_for_run(model: nn.Module, recipe: Any, bundle: Any, accelerator: A
 
     "class_mean" when `model.head_init` asks for it, or asks for "text" that the backbone could
     not give (`model.head_init_used == "random"` after `build_classifier`); else what
-    `build_classifier` did. The result is recorded as `model.head_init_used`.
+    `build_classifier` did. The result is recorded as `model.head_init_used`. A resumed run
+    computes the means again (deterministic: test transform, eval mode), then the checkpoint's
+    trainable head replaces them; a frozen head (tuning.train_head=false) is not in checkpoints.
     """
     wanted = recipe.model.head_init
     used = getattr(model, "head_init_used", wanted)
