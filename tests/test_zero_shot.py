@@ -109,3 +109,29 @@ def test_text_head_without_a_text_tower_falls_back_to_class_means_of_the_trainin
     labels = torch.tensor([int(train_set[i][1]) for i in range(len(train_set))])
     expected = torch.stack([F.normalize(feats[labels == c].mean(0), dim=-1) for c in range(4)])
     torch.testing.assert_close(model.head.weight.detach(), expected, atol=1e-5, rtol=0)
+
+
+def _run_recipe_file(path):
+    from ft_focal.config import load_recipe
+    from ft_focal.train import train as run
+
+    run(load_recipe(path))
+
+
+def test_class_means_of_two_processes_equal_those_of_one(tmp_path):
+    """Each process reads its shard rank::2 of 25 images (uneven); the sums are all-reduced."""
+    from accelerate import debug_launcher
+    from safetensors.torch import load_file
+
+    from ft_focal.train import train
+
+    raw = _raw(tmp_path / "two", family="hf_vit")
+    raw["model"]["head_init"] = "class_mean"
+    raw["data"]["synthetic_train_size"] = 25
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    debug_launcher(_run_recipe_file, args=(str(tmp_path / "r.yaml"),), num_processes=2)
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["world_size"] == 2
+    train(recipe_from_dict({**raw, "output_dir": str(tmp_path / "one")}))
+    two = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))["head.weight"]
+    one = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))["head.weight"]
+    torch.testing.assert_close(two, one, atol=1e-6, rtol=0)
