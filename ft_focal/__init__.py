@@ -1,7 +1,8 @@
 """ft_focal: fine-tune CLIP / ViT on long-tailed data with Focal-SAM and its family.
 
 `ft_focal.load_model(EXPORT_DIR_OR_REPO_ID)` returns a ready classifier (imported lazily, so
-`import ft_focal` stays light).
+`import ft_focal` stays light); `load_model(..., plain=True)` an `nn.Module` on RGB in [0, 1]
+that normalises inside (RobustBench's convention, ft_focal/plain.py).
 """
 
 __version__ = "0.1.0"

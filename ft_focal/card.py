@@ -25,6 +25,8 @@ from typing import Any, Optional
 
 import yaml
 
+from ft_focal import zeroshot
+
 # ----------------------------------------------------------------------------- base model
 
 # open_clip (model name, pretrained tag) -> the Hub repository of those weights. OpenAI weights
@@ -277,6 +279,8 @@ def front_matter(recipe: Any, metrics: dict, eval_result: Optional[dict], info: 
     if info.get("merged_lora"):
         tuning_tags = ["lora", "merged-lora"]
     tags = ["ft_focal", "image-classification", "long-tail", *opt_tags, *family_tags, *tuning_tags]
+    if zeroshot.metrics_are_zero_shot(metrics):
+        tags.append("zero-shot")
     if recipe.loss.name in ("la", "balanced_softmax"):
         tags.append("logit-adjustment")
     tags = list(dict.fromkeys(t for t in tags if t))
@@ -358,9 +362,13 @@ def render_card(recipe: Any, metrics: dict, eval_result: Optional[dict], info: d
     base = info.get("base_model")
     backbone = f"{family_label} `{recipe.model.name}`" + (f" (pretrained: [{base}](https://huggingface.co/{base}))"
                                                           if base else "")
-    add(f"An image classifier fine-tuned on **{data_name}** from {backbone} with **{TUNING.get(tuning, (tuning,))[0]}** "
-        f"under the **{opt_label}** optimizer, trained and exported with "
-        f"ft_focal {versions['ft_focal']}.")
+    if zeroshot.metrics_are_zero_shot(metrics):
+        add(zeroshot.card_intro(data_name, backbone, recipe.model.head,
+                                info.get("head_init", recipe.model.head_init), versions["ft_focal"]))
+    else:
+        add(f"An image classifier fine-tuned on **{data_name}** from {backbone} with **{TUNING.get(tuning, (tuning,))[0]}** "
+            f"under the **{opt_label}** optimizer, trained and exported with "
+            f"ft_focal {versions['ft_focal']}.")
     if info.get("merged_lora"):
         add("")
         add("The LoRA adapter was **merged** into the backbone weights: `model.safetensors` is a plain model "

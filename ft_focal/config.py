@@ -33,7 +33,11 @@ class ModelConfig:
     config: architecture overrides for a tiny custom model (open_clip `vision_cfg`/`text_cfg`
         dict, or transformers config kwargs); null = the named architecture.
     head: "cosine" (logits = head_scale * cos) | "linear".
-    head_init: "text" (CLIP text embeddings of "a photo of a {}.") | "random".
+    head_init: "text" (CLIP text embeddings of `prompt_template`; a backbone without a text tower
+        falls back to class_mean in a training run) | "class_mean" (each class's mean unit feature
+        of the training split, test transform, as LIFT) | "random".
+    prompt_template: one template with "{}" for the class name, or a list of them (a prompt
+        ensemble: unit embeddings averaged per class, then re-normalised).
     """
 
     family: str = "open_clip"
@@ -43,7 +47,7 @@ class ModelConfig:
     head: str = "cosine"
     head_init: str = "text"
     head_scale: float = 25.0
-    prompt_template: str = "a photo of a {}."
+    prompt_template: Union[str, list] = "a photo of a {}."
 
 
 @dataclass
@@ -165,7 +169,7 @@ class TrainConfig:
         package). Empty = none; train_log.jsonl in output_dir is always written.
     """
 
-    epochs: int = 10
+    epochs: int = 10  # 0 (or max_steps 0): zero-shot, the initial head is evaluated without training
     max_steps: Optional[int] = None
     batch_size: int = 128
     grad_accum_steps: int = 1
@@ -228,7 +232,7 @@ SECTIONS: dict[str, type] = {
 CHOICES = {
     "model.family": ("open_clip", "hf_clip", "hf_vit"),
     "model.head": ("cosine", "linear"),
-    "model.head_init": ("text", "random"),
+    "model.head_init": ("text", "class_mean", "random"),
     "tuning.method": ("full", "lora", "adaptformer", "head"),
     "tuning.adapter_norm": ("shared", "own"),
     "data.dataset": ("digits_lt", "split_file", "image_folder", "hf", "cifar_lt", "synthetic"),
@@ -263,6 +267,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        for alternative in inner[1:]:  # Union[str, list]: the first type that accepts the value
+            try:
+                return _coerce(key, value, alternative)
+            except UserError:
+                pass
         return _coerce(key, value, inner[0])
     if value is None:
         raise UserError(f"recipe key '{key}': null is not allowed here (expected {_type_name(annotation)})")
@@ -343,8 +352,9 @@ def validate(recipe: Recipe) -> None:
     t = recipe.train
     if t.batch_size < 1 or t.grad_accum_steps < 1 or t.eval_batch_size < 1:
         raise UserError("recipe keys 'train.batch_size', 'train.grad_accum_steps', 'train.eval_batch_size' must be >= 1")
-    if t.epochs < 1 and not t.max_steps:
-        raise UserError("recipe key 'train.epochs' must be >= 1 (or set 'train.max_steps')")
+    if t.epochs < 0 or (t.max_steps is not None and t.max_steps < 0):
+        raise UserError("recipe keys 'train.epochs' and 'train.max_steps' must be >= 0 (0: zero-shot evaluation)")
+    _validate_templates(recipe.model.prompt_template)
     if t.batch_size % t.grad_accum_steps:
         raise UserError(
             f"recipe key 'train.batch_size' ({t.batch_size}) must be divisible by 'train.grad_accum_steps' ({t.grad_accum_steps})"
@@ -357,6 +367,14 @@ def validate(recipe: Recipe) -> None:
         missing = [k for k in ("root", "train_list", "test_list") if getattr(recipe.data, k) is None]
         if missing:
             raise UserError("data.dataset=split_file needs " + ", ".join(f"'data.{k}'" for k in missing))
+
+
+def _validate_templates(templates: Any) -> None:
+    """model.prompt_template: a template or a non-empty list of templates, each with one "{}"."""
+    items = [templates] if isinstance(templates, str) else templates
+    if not items or not all(isinstance(t, str) and t.count("{}") == 1 for t in items):
+        raise UserError(f"recipe key 'model.prompt_template': {templates!r} must be a template or a non-empty "
+                        "list of templates, each with one '{}' where the class name goes")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -37,13 +37,16 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
 from ft_focal.data.transforms import describe_test_transform, preprocessor_config
 from ft_focal.errors import UserError
 from ft_focal.saved import WEIGHTS, SavedModel, load_model_dir, save_model_dir, trained_head_init
+
+if TYPE_CHECKING:
+    from ft_focal.plain import PlainClassifier
 
 logger = logging.getLogger("ft_focal")
 
@@ -452,8 +455,13 @@ def _looks_like_repo_id(text: str) -> bool:
     return 1 <= len(parts) <= 2 and all(parts) and not text.startswith((".", "~"))
 
 
-def load_model(source: str | os.PathLike, revision: Optional[str] = None) -> LoadedModel:
-    """Load an export folder, a run / final/ folder, or a Hub repo id (via the local cache when offline)."""
+def load_model(source: str | os.PathLike, revision: Optional[str] = None,
+               plain: bool = False) -> LoadedModel | PlainClassifier:
+    """Load an export folder, a run / final/ folder, or a Hub repo id (via the local cache when offline).
+
+    Returns a `LoadedModel`; with `plain=True` an `ft_focal.plain.PlainClassifier` instead: an
+    `nn.Module` (eval mode) taking RGB [B, 3, H, W] in [0, 1] that normalises inside, with the
+    class order in `.classnames` (the RobustBench convention)."""
     path = Path(os.path.expanduser(str(source)))
     if path.is_dir():
         folder = resolve_model_dir(path)
@@ -464,6 +472,10 @@ def load_model(source: str | os.PathLike, revision: Optional[str] = None) -> Loa
     else:
         raise UserError(f"{source}: not found (neither a model folder nor a Hub repo id)")
     saved = load_model_dir(folder)
+    if plain:
+        from ft_focal.plain import plain_model
+
+        return plain_model(saved)
     return LoadedModel(**{f.name: getattr(saved, f.name) for f in dataclasses.fields(SavedModel)})
 
 

@@ -75,6 +75,9 @@ def write_run_report(run_dir: Path, metrics: dict) -> Path:
              f"Model selection: {metrics.get('selected')}. Skipped (non-finite) updates: {metrics.get('skipped_steps')}.",
              "", "Accuracy in percent; shot groups from training counts (many > 100, few < 20).", "",
              accuracy_table({split: metrics.get(split) for split in ("val", "test") if metrics.get(split)})]
+    if metrics.get("zero_shot"):  # the first thing a reader must know about these numbers
+        lines[2:2] = [f"**Zero-shot baseline: no training update.** The model is the initial one, head from "
+                      f"`{metrics.get('head_init')}`.", ""]
     if test:
         lines += _accuracy_plots(test, metrics.get("class_counts"), run_dir, "", "test")
     curve = _learning_curves({metrics.get("recipe", run_dir.name): run_dir}, run_dir / "learning_curves.png",

@@ -156,16 +156,20 @@ def trained_head_init(model_dir: Path, default: str) -> str:
     """How the head of a `final/` or export folder was initialised in training.
 
     The folder's recipe.yaml is the REBUILD recipe (head_init random: reloading needs no text
-    tower), so this reads what an export recorded, else the run's own recipe.yaml next to `final/`.
+    tower), so this reads what an export recorded, else what the run did (metrics.json "head_init":
+    text may have fallen back to class_mean), else the run's own recipe.yaml next to `final/`.
     """
     import yaml
 
     model_dir = Path(model_dir)
     exported = model_dir / "export.json"
     run_recipe = model_dir.parent / "recipe.yaml"
+    metrics = model_dir / "metrics.json"
     try:
         if exported.is_file():
             return str(json.loads(exported.read_text()).get("head_init") or default)
+        if metrics.is_file() and json.loads(metrics.read_text()).get("head_init"):
+            return str(json.loads(metrics.read_text())["head_init"])
         if model_dir.name == "final" and run_recipe.is_file():
             return str((yaml.safe_load(run_recipe.read_text()) or {})["model"]["head_init"])
     except (ValueError, yaml.YAMLError, KeyError, TypeError, AttributeError):

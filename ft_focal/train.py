@@ -59,6 +59,7 @@ from ft_focal.malloc import keep_freed_memory
 from ft_focal.sampling import ResumableBatchSampler, SeededDataset, prefetch_to_device, steps_per_epoch
 from ft_focal.trainlog import TrainLog
 from ft_focal.trainstate import BEST, OPERATIONAL_KEYS, TrainState, recipe_digest, save_best  # noqa: F401
+from ft_focal.zeroshot import is_zero_shot, mark_zero_shot, refuse_checkpoints, zero_shot_recipe
 
 logger = logging.getLogger("ft_focal")
 
@@ -124,7 +125,7 @@ class Trainer:
         bundle = self.bundle = self.bundle or build_datasets(recipe.data, self.preprocess, recipe.seed)
         self.class_counts = list(bundle.class_counts)
         self.n_steps_epoch = steps_per_epoch(len(bundle.train), cfg.batch_size)
-        if self.n_steps_epoch == 0:
+        if self.n_steps_epoch == 0 and not is_zero_shot(cfg):
             raise UserError(f"recipe key 'train.batch_size' ({cfg.batch_size}) exceeds the training set "
                             f"({len(bundle.train)} images)")
         self.total_steps = cfg.epochs * self.n_steps_epoch if cfg.max_steps is None else cfg.max_steps
@@ -136,6 +137,9 @@ class Trainer:
         self.model = build_classifier(recipe.model, recipe.tuning, bundle.num_classes, bundle.classnames)
         self.criterion = build_loss_from(recipe, self.class_counts).to(acc.device)
         self.wrapped = acc.prepare(self.model)
+        from ft_focal.models.head_init import init_head_for_run  # class means need the model on its device
+
+        init_head_for_run(self.model, recipe, bundle, acc)
         self.optimizer = build_optimizer_from(recipe, self.model, self.wrapped, self.class_counts, acc)
         if cfg.compile:   # after the optimizer: its one-backward path swaps layer classes first
             self.wrapped = compile_model(self.wrapped)
@@ -157,6 +161,8 @@ class Trainer:
         every process, and the TrainState. Data order and augmentations are functions of
         (seed, epoch, position): nothing to restore.
         """
+        if self.total_steps == 0:
+            return refuse_checkpoints(self.ckpt_root)
         resume_from = ckpt.latest_good(self.ckpt_root)
         if resume_from is None:
             return
@@ -350,7 +356,8 @@ class Trainer:
                                                 bundle.collate_fn)
                 results["skipped_images"][split] = getattr(dataset, "bad_count", 0)
         results["test"] = results.get(recipe.eval.test_split)
-        return results
+        results["head_init"] = getattr(self.model, "head_init_used", recipe.model.head_init)
+        return mark_zero_shot(results, results["head_init"]) if self.total_steps == 0 else results
 
     def write_artifacts(self, results: dict) -> None:
         """final/ (safetensors + what reloads it), metrics.json, report.md; then the optional push."""
@@ -419,8 +426,12 @@ def _main(argv: Optional[list[str]]) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.005 train.epochs=5")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny backbone of the same family + synthetic images: build everything, 2 updates, 1 eval")
+    parser.add_argument("--zero-shot", action="store_true", help="no training: evaluate the initial (text or "
+                        "class-mean) head; writes to <output_dir>_zero_shot")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.zero_shot:
+        recipe = zero_shot_recipe(recipe)
     if args.dry_run:
         from ft_focal.preflight import dry_run
 

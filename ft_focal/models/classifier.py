@@ -13,7 +13,8 @@ from torch import nn
 from ft_focal.config import ModelConfig, TuningConfig
 from ft_focal.errors import UserError
 from ft_focal.models.backbones import default_bottleneck, load_backbone
-from ft_focal.models.heads import build_head, class_prompts, init_head_from_text
+from ft_focal.models.head_init import HEAD_INITS, text_head_weights
+from ft_focal.models.heads import build_head, init_head_from_text
 from ft_focal.models.tuning import apply_adaptformer, apply_lora, default_lora_targets, merge_lora_
 
 logger = logging.getLogger("ft_focal")
@@ -102,8 +103,8 @@ def _validate(model_cfg: ModelConfig, tuning_cfg: TuningConfig, num_classes: int
         raise UserError(f"tuning.method: '{tuning_cfg.method}' is not one of {', '.join(TUNING_METHODS)}")
     if model_cfg.head not in ("cosine", "linear"):
         raise UserError(f"model.head: '{model_cfg.head}' is not one of cosine, linear")
-    if model_cfg.head_init not in ("text", "random"):
-        raise UserError(f"model.head_init: '{model_cfg.head_init}' is not one of text, random")
+    if model_cfg.head_init not in HEAD_INITS:
+        raise UserError(f"model.head_init: '{model_cfg.head_init}' is not one of {', '.join(HEAD_INITS)}")
     if tuning_cfg.method == "head" and not tuning_cfg.train_head:
         raise UserError("tuning.train_head=false with tuning.method=head leaves nothing to train")
     if model_cfg.head == "cosine" and model_cfg.head_scale <= 0:
@@ -128,7 +129,9 @@ def build_classifier(
     loaded = load_backbone(model_cfg, load_weights=load_weights)
     head = build_head(model_cfg.head, loaded.feature_dim, num_classes, model_cfg.head_scale)
 
-    # ---- head initialisation from class-name text embeddings, then the text tower is dropped
+    # ---- head initialisation from class-name text embeddings, then the text tower is dropped.
+    # class_mean needs the training data: the training loop fills it (models/head_init.py).
+    head_init_used = "random"
     if model_cfg.head_init == "text" and load_weights:
         reason = loaded.no_text_reason
         if classnames is None:
@@ -138,13 +141,14 @@ def build_classifier(
                 f"class names: {len(classnames)} names for {num_classes} classes (check the classnames file)"
             )
         if loaded.text_encoder is not None and classnames is not None:
-            prompts = class_prompts(classnames, model_cfg.prompt_template)
-            weights = loaded.text_encoder(prompts)
+            weights = text_head_weights(loaded.text_encoder, classnames, model_cfg.prompt_template)
             init_head_from_text(head, weights)
-            logger.info("head initialised from text embeddings of '%s' (%d classes)",
+            head_init_used = "text"
+            logger.info("head initialised from text embeddings of %r (%d classes)",
                         model_cfg.prompt_template, num_classes)
         else:
-            logger.warning("model.head_init=text is not possible (%s); using a random head", reason)
+            logger.warning("model.head_init=text is not possible (%s); the head starts random (a training run "
+                           "initialises it from class means)", reason)
     loaded.text_encoder = None  # drop the text tower (closure) now
 
     backbone = loaded.module
@@ -173,6 +177,7 @@ def build_classifier(
         feature_dim=loaded.feature_dim, num_classes=num_classes, rebuild_config=rebuild,
         lora_config=lora_config,
     )
+    clf.head_init_used = head_init_used  # "text" or "random": what the head holds now
     logger.info("model %s/%s, tuning %s: %s", model_cfg.family, model_cfg.name, method, clf.describe())
     return clf
 
