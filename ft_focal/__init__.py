@@ -4,7 +4,7 @@
 `import ft_focal` stays light).
 """
 
-__version__ = "0.1.0"
+from ft_focal.version import __version__
 
 __all__ = ["__version__", "load_model"]
 

@@ -16,7 +16,7 @@ import torch
 from ft_focal.config import Recipe
 from ft_focal.errors import UserError
 
-logger = logging.getLogger("ft_focal")
+logger = logging.getLogger(__name__)
 
 # Optimizer-specific recipe keys, passed to the optimizer only when set (not null).
 METHOD_KEYS = ("rho", "gamma", "lam", "tail_threshold", "tail_weight", "rho_head", "rho_tail",

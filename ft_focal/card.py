@@ -25,6 +25,8 @@ from typing import Any, Optional
 
 import yaml
 
+from ft_focal.version import __version__
+
 # ----------------------------------------------------------------------------- base model
 
 # open_clip (model name, pretrained tag) -> the Hub repository of those weights. OpenAI weights
@@ -236,15 +238,13 @@ PACKAGES = (("torch", "torch"), ("torchvision", "torchvision"), ("open_clip", "o
 
 
 def framework_versions() -> dict:
-    import ft_focal
-
     versions = {}
     for label, dist in PACKAGES:
         try:
             versions[label] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             versions[label] = "not installed"
-    versions["ft_focal"] = getattr(ft_focal, "__version__", "unknown")
+    versions["ft_focal"] = __version__
     return versions
 
 

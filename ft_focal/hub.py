@@ -26,7 +26,6 @@ environment (HF_TOKEN) or `hf auth login`; it is never read, printed or written 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -34,7 +33,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -42,10 +40,11 @@ from typing import Any, Iterator, Optional
 import torch
 
 from ft_focal.data.transforms import describe_test_transform, preprocessor_config
-from ft_focal.errors import UserError
+from ft_focal.errors import UserError, one_line
+from ft_focal.files import write_json
 from ft_focal.saved import WEIGHTS, SavedModel, load_model_dir, save_model_dir, trained_head_init
 
-logger = logging.getLogger("ft_focal")
+logger = logging.getLogger(__name__)
 
 EXPORT_INFO = "export.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -84,10 +83,6 @@ def _read_json_optional(*candidates: Path) -> Optional[Any]:
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise UserError(f"{file}: corrupt JSON ({exc})") from None
     return None
-
-
-def _write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=1))
 
 
 def pickle_files(folder: Path) -> list[Path]:
@@ -206,11 +201,11 @@ def export_run(run_dir: str | os.PathLike, export_dir: str | os.PathLike, merge_
             _write_trained_tensors(tmp, model)
             files.append((TRAINED_TENSORS, "the head and every other trained tensor outside the LoRA adapter"
                           if adapter else "every trained tensor (the PEFT modules and the head)"))
-        _write_json(tmp / "preprocessor_config.json", preprocessor_config(saved.preprocess, recipe.data))
-        _write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "preprocessor_config.json", preprocessor_config(saved.preprocess, recipe.data))
+        write_json(tmp / "metrics.json", metrics)
         files.append(("metrics.json", "metrics of the training run (validation / test accuracy by shot group)"))
         if eval_result is not None:
-            _write_json(tmp / "eval.json", eval_result)
+            write_json(tmp / "eval.json", eval_result)
             files.append(("eval.json", "a later `ft-focal eval` of this model (e.g. ImageNet-C)"))
         info = {
             "format": "ft_focal-export",
@@ -224,7 +219,7 @@ def export_run(run_dir: str | os.PathLike, export_dir: str | os.PathLike, merge_
             "trained_model_config": dataclasses.asdict(recipe.model),
             "head_init": trained_head_init(source, recipe.model.head_init),
         }
-        _write_json(tmp / EXPORT_INFO, info)
+        write_json(tmp / EXPORT_INFO, info)
         files.append((EXPORT_INFO, "what was exported from what"))
         card_info = {
             **info,
@@ -295,11 +290,6 @@ def _hf_api():
     return HfApi()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
-
-
 @contextlib.contextmanager
 def hub_errors(action: str) -> Iterator[None]:
     """Turn huggingface_hub / network failures into one-line UserErrors (never with a token)."""
@@ -325,7 +315,7 @@ def hub_errors(action: str) -> Iterator[None]:
     except hf_errors.LocalTokenNotFoundError:
         raise UserError(f"{action}: no Hugging Face token found; run `hf auth login` or set HF_TOKEN") from None
     except hf_errors.HFValidationError as exc:
-        raise UserError(f"{action}: {_first_line(exc)}") from None
+        raise UserError(f"{action}: {one_line(exc)}") from None
     except hf_errors.RepositoryNotFoundError:
         raise UserError(f"{action}: repository not found, or the token has no access to it") from None
     except hf_errors.HfHubHTTPError as exc:
@@ -336,9 +326,9 @@ def hub_errors(action: str) -> Iterator[None]:
         if status == 403:
             raise UserError(f"{action}: forbidden (HTTP 403): the token cannot write there "
                             "(use a write token, or a namespace you belong to)") from None
-        raise UserError(f"{action}: the Hub answered HTTP {status} ({_first_line(exc)})") from None
+        raise UserError(f"{action}: the Hub answered HTTP {status} ({one_line(exc)})") from None
     except (ConnectionError, TimeoutError, *transport) as exc:
-        raise UserError(f"{action}: cannot reach the Hugging Face Hub ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise UserError(f"{action}: cannot reach the Hugging Face Hub ({type(exc).__name__}: {one_line(exc)})") from None
 
 
 def push_run(run_dir: str | os.PathLike, repo_id: str, private: bool = False, revision: Optional[str] = None,
@@ -436,7 +426,7 @@ def _to_pil(image: Any):
             with Image.open(path) as im:
                 return im.convert("RGB")
         except OSError as exc:
-            raise UserError(f"{path}: not a readable image ({_first_line(exc)})") from None
+            raise UserError(f"{path}: not a readable image ({one_line(exc)})") from None
     try:
         import numpy as np
 
@@ -487,31 +477,3 @@ def _download(repo_id: str, revision: Optional[str]) -> Path:
     if not (folder / WEIGHTS).is_file():
         raise UserError(f"{action}: the repository has no {WEIGHTS} (not an ft_focal export)")
     return folder
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from ft_focal.cli import run_guarded
-
-    return run_guarded(lambda: _main(argv))
-
-
-def _main(argv: Optional[list[str]]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ft-focal export",
-        description="Write a Hub-ready folder (safetensors weights, peft adapter, model card) from a run. No network.")
-    parser.add_argument("run_dir", help="a run's output_dir (its final/ is exported) or a final/ folder")
-    parser.add_argument("export_dir", help="folder to write (new, empty, or a previous export to replace)")
-    parser.add_argument("--merge-lora", action="store_true",
-                        help="merge the LoRA adapter into the weights and export a plain model")
-    args = parser.parse_args(argv)
-    out = export_run(args.run_dir, args.export_dir, merge_lora=args.merge_lora)
-    names = sorted(p.name for p in out.iterdir())
-    print(f"exported to {out}: {', '.join(names)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

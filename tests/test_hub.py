@@ -325,9 +325,20 @@ def test_push_offline_with_the_real_api_is_one_line(export_dir, capsys):
     assert "offline" in err and "HF_HUB_OFFLINE" in err
 
 
+def _hub_http_client():
+    """The HTTP client huggingface_hub raises errors from: httpx2 for huggingface_hub 2.x, httpx for 1.x."""
+    import importlib
+
+    import huggingface_hub
+
+    major = int(huggingface_hub.__version__.split(".")[0])
+    return importlib.import_module("httpx2" if major >= 2 else "httpx")
+
+
 def test_push_errors_from_the_hub_are_one_line(export_dir, tmp_path, monkeypatch, capsys):
-    import httpx2
     from huggingface_hub import errors as hf_errors
+
+    httpx2 = _hub_http_client()
 
     def failing(exc):
         class Api(FakeHfApi):

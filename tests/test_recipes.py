@@ -264,7 +264,7 @@ def _dry_run_params():
 
 @pytest.mark.parametrize("path", _dry_run_params())
 def test_dry_run(path, tmp_path, capsys, fresh_accelerate_state):
-    from ft_focal.preflight import dry_run
+    from ft_focal.commands.dry_run import dry_run
 
     recipe = load_recipe(path)
     plan = dry_run(recipe, output_dir=str(tmp_path / "run"))

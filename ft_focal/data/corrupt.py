@@ -43,8 +43,9 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from ft_focal.data.imagenet_c import IMAGE_EXTENSIONS, load_rgb
+from ft_focal.data.imagenet_c import IMAGE_EXTENSIONS, load_rgb, open_text
 from ft_focal.errors import UserError
+from ft_focal.files import write_json
 
 __all__ = [
     "available_corruptions",
@@ -391,9 +392,7 @@ def render_corruptions(
         "severities": sorted(set(info.get("severities", [])) | set(severities)),
         "layout": "<corruption>/<severity>/<relative_out_path>.JPEG",
     }
-    tmp_info = out_dir / (INFO_FILE + ".tmp")
-    tmp_info.write_text(json.dumps(info_out, indent=2) + "\n")
-    os.replace(tmp_info, out_dir / INFO_FILE)
+    write_json(out_dir / INFO_FILE, info_out, indent=2)
 
     # -- render
     cfg = {"out_dir": os.fspath(out_dir), "quality": quality, "resize": resize, "crop": crop}
@@ -477,13 +476,12 @@ def sources_from_folder(root: str | os.PathLike) -> list[tuple[str, str]]:
 def sources_from_split_list(root: str | os.PathLike, split_list: str | os.PathLike, strip_prefix: int = 1) -> list[tuple[str, str]]:
     """Sources from a split list (`val/n01440764/x.JPEG 0` lines): output path keeps the last
     path components after dropping `strip_prefix` leading ones (-> `n01440764/x`)."""
-    from ft_focal.data.imagenet_c import _open_text
 
     root, split_list = Path(root), Path(split_list)
     if not split_list.is_file():
         raise UserError(f"{split_list}: split list not found")
     out = []
-    with _open_text(split_list) as fh:
+    with open_text(split_list) as fh:
         for lineno, line in enumerate(fh, 1):
             line = line.strip()
             if not line:

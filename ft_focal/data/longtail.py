@@ -21,7 +21,7 @@ import numpy as np
 
 from ft_focal.errors import UserError
 
-log = logging.getLogger("ft_focal.data")
+log = logging.getLogger(__name__)
 
 
 def longtail_counts(n_max: int, num_classes: int, imbalance_factor: float, profile: str = "exp") -> list[int]:

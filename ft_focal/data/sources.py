@@ -22,7 +22,7 @@ from ft_focal.data.splits import (ClassNames, alphabetical_permutation, parse_cl
                                   parse_split_list, resolve_path, WNID_RE)
 from ft_focal.errors import UserError
 
-log = logging.getLogger("ft_focal.data")
+log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -56,7 +56,7 @@ def _load_classnames(cfg) -> Optional[ClassNames]:
     return parse_classnames(resolve_path(cfg.classnames, "data.classnames", cfg.root))
 
 
-def _require_root(cfg, kind: str) -> Path:
+def require_root(cfg, kind: str) -> Path:
     if not cfg.root:
         raise UserError(f"data.dataset={kind} needs 'data.root'")
     root = Path(cfg.root).expanduser()
@@ -83,7 +83,7 @@ def split_list_paths(cfg) -> dict:
 
 
 def from_split_files(cfg, seed: int) -> RawData:
-    root = _require_root(cfg, "split_file")
+    root = require_root(cfg, "split_file")
     names = _load_classnames(cfg)
     num_classes = len(names.names) if names is not None else _declared(cfg)
     lists = {s: (parse_split_list(p, num_classes) if p is not None else None)
@@ -125,7 +125,7 @@ def _class_dirs(split_dir: Path) -> list[str]:
 
 def from_image_folder(cfg, seed: int) -> RawData:
     """root/<split>/<class>/... ; classes = sorted class folders of train (or a classnames file)."""
-    root = _require_root(cfg, "image_folder")
+    root = require_root(cfg, "image_folder")
     if not (root / "train").is_dir():
         raise UserError(f"data.root: {root} has no 'train' directory (expected root/train/<class>/<image>)")
     folders = _class_dirs(root / "train")
@@ -339,3 +339,13 @@ def finish(raw: RawData, cfg, preprocess: dict, seed: int) -> DataBundle:
     elif cfg.label_order != "given":
         raise UserError(f"data.label_order: {cfg.label_order!r} is not one of given, alphabetical")
     return finish_bundle(raw.train, raw.val, raw.test, raw.classnames, raw.wnids, preprocess, cfg, info)
+
+
+# data.dataset -> the reader of its raw splits (synthetic data has none: ft_focal/data/build.py)
+SOURCES = {
+    "split_file": from_split_files,
+    "image_folder": from_image_folder,
+    "hf": from_hf,
+    "cifar_lt": from_cifar,
+    "digits_lt": from_digits,
+}

@@ -50,7 +50,7 @@ from ft_focal.optim import OPTIMIZERS, SharpnessOptimizer, build_optimizer
 
 __all__ = ["SharpnessTrainer", "SharpnessTrainerMixin"]
 
-logger = logging.getLogger("ft_focal")
+logger = logging.getLogger(__name__)
 
 # Methods whose one-backward path is exact and cheaper (as in ft_focal.train).
 _SINGLE_BACKWARD = ("focal_sam", "imbsam", "sse_sam")

@@ -35,7 +35,7 @@ def preprocess_for(model_cfg: ModelConfig) -> dict:
 @contextlib.contextmanager
 def _quiet():
     """Hold back ft_focal's INFO lines (warnings still pass)."""
-    log = logging.getLogger("ft_focal")
+    log = logging.getLogger("ft_focal")  # the package root: every ft_focal module logs under it
     level = log.level
     log.setLevel(max(logging.WARNING, log.getEffectiveLevel()))
     try:

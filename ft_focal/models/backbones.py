@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ft_focal.errors import UserError
+from ft_focal.errors import UserError, one_line
 
-logger = logging.getLogger("ft_focal")
+logger = logging.getLogger(__name__)
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -116,11 +116,6 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
-
-
 def _looks_like_path(text: str) -> bool:
     """True for things that can only be a file system path (not an open_clip tag or hub id)."""
     return (
@@ -175,7 +170,7 @@ def _instantiate_open_clip(cfg: dict):
     try:
         return model_cls(**cfg)
     except (TypeError, ValueError, KeyError, AssertionError) as exc:
-        raise UserError(f"model.config: not a valid open_clip model config ({_one_line(exc)})") from None
+        raise UserError(f"model.config: not a valid open_clip model config ({one_line(exc)})") from None
 
 
 def _instantiate_open_clip_visual(cfg: dict):
@@ -189,7 +184,7 @@ def _instantiate_open_clip_visual(cfg: dict):
     try:
         return _build_vision_tower(cfg["embed_dim"], vision_cfg, bool(cfg.get("quick_gelu", False)), None)
     except (TypeError, ValueError, KeyError, AssertionError) as exc:
-        raise UserError(f"model.config: not a valid open_clip model config ({_one_line(exc)})") from None
+        raise UserError(f"model.config: not a valid open_clip model config ({one_line(exc)})") from None
 
 
 def _resolve_open_clip(model_cfg, load_weights: bool = True) -> tuple[dict, Optional[str], dict, Optional[str]]:
@@ -217,7 +212,7 @@ def _resolve_open_clip(model_cfg, load_weights: bool = True) -> tuple[dict, Opti
             raw = json.loads(cfg_path.read_text())
             cfg = raw["model_cfg"]
         except (ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"{cfg_path}: not a valid open_clip config ({_one_line(exc)})") from None
+            raise UserError(f"{cfg_path}: not a valid open_clip config ({one_line(exc)})") from None
         preprocess_over = dict(raw.get("preprocess_cfg") or {})
         found = _open_clip_checkpoint_in_dir(directory)
         if found is None and load_weights:
@@ -275,7 +270,7 @@ def _load_open_clip_weights(model, checkpoint: str, model_cfg) -> None:
             checkpoint = open_clip.pretrained.download_pretrained(tag_cfg)
         except Exception as exc:  # offline, not cached
             raise UserError(
-                f"model.pretrained: weights '{tag}' of {model_cfg.name} are not on disk ({_one_line(exc)}); "
+                f"model.pretrained: weights '{tag}' of {model_cfg.name} are not on disk ({one_line(exc)}); "
                 "give the path of a downloaded checkpoint file"
             ) from None
         if not checkpoint:
@@ -293,7 +288,7 @@ def _load_open_clip_weights(model, checkpoint: str, model_cfg) -> None:
         raise
     except Exception as exc:
         raise UserError(
-            f"model.pretrained: cannot load {checkpoint} into open_clip model '{model_cfg.name}' ({_one_line(exc)})"
+            f"model.pretrained: cannot load {checkpoint} into open_clip model '{model_cfg.name}' ({one_line(exc)})"
         ) from None
 
 
@@ -401,7 +396,7 @@ def load_open_clip(model_cfg, load_weights: bool) -> LoadedBackbone:
             tokenizer = _open_clip_tokenizer(cfg, tokenizer_source)
         except Exception as exc:
             tokenizer = None
-            reason = f"cannot load the open_clip tokenizer ({_one_line(exc)})"
+            reason = f"cannot load the open_clip tokenizer ({one_line(exc)})"
         if tokenizer is not None:
             text_model = model
 
@@ -477,7 +472,7 @@ def _hf_preprocess_file(source: str) -> dict:
     try:
         return json.loads(path.read_text())
     except ValueError as exc:
-        raise UserError(f"{path}: not valid JSON ({_one_line(exc)})") from None
+        raise UserError(f"{path}: not valid JSON ({one_line(exc)})") from None
 
 
 def _hf_preprocess(raw: dict, image_size: int, mean, std, interpolation) -> dict:
@@ -522,7 +517,7 @@ def load_hf_clip(model_cfg, load_weights: bool) -> LoadedBackbone:
             try:
                 full_cfg = AutoConfig.from_pretrained(source)
             except Exception as exc:
-                raise UserError(f"model.pretrained: cannot read the config of {source} ({_one_line(exc)})") from None
+                raise UserError(f"model.pretrained: cannot read the config of {source} ({one_line(exc)})") from None
             is_full_clip = getattr(full_cfg, "model_type", "") == "clip"
             if not load_weights:
                 vcfg = CLIPVisionConfig.from_pretrained(source, **overrides)
@@ -531,7 +526,7 @@ def load_hf_clip(model_cfg, load_weights: bool) -> LoadedBackbone:
                 try:
                     clip, info = CLIPModel.from_pretrained(source, output_loading_info=True)
                 except Exception as exc:
-                    raise UserError(f"model.pretrained: cannot load CLIPModel from {source} ({_one_line(exc)})") from None
+                    raise UserError(f"model.pretrained: cannot load CLIPModel from {source} ({one_line(exc)})") from None
                 _warn_missing(info, source)
                 vision = clip.vision_model
                 text_encoder, reason = _hf_clip_text_encoder(clip, source)
@@ -540,7 +535,7 @@ def load_hf_clip(model_cfg, load_weights: bool) -> LoadedBackbone:
                     vision, info = CLIPVisionModel.from_pretrained(source, output_loading_info=True, **overrides)
                 except Exception as exc:
                     raise UserError(
-                        f"model.pretrained: cannot load CLIPVisionModel from {source} ({_one_line(exc)})"
+                        f"model.pretrained: cannot load CLIPVisionModel from {source} ({one_line(exc)})"
                     ) from None
                 _warn_missing(info, source)
                 reason = "the checkpoint has no text tower" if not is_full_clip else "head_init is not 'text'"
@@ -550,7 +545,7 @@ def load_hf_clip(model_cfg, load_weights: bool) -> LoadedBackbone:
             try:
                 vcfg = CLIPVisionConfig(**overrides)
             except Exception as exc:
-                raise UserError(f"model.config: not a valid CLIPVisionConfig ({_one_line(exc)})") from None
+                raise UserError(f"model.config: not a valid CLIPVisionConfig ({one_line(exc)})") from None
             vision = CLIPVisionModel(vcfg)
             raw_pre = {}
             reason = "a CLIPVisionModel built from a config has no text tower"
@@ -582,7 +577,7 @@ def _hf_clip_text_encoder(clip, source: str):
 
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:
-        return None, f"no tokenizer in {source} ({_one_line(exc)})"
+        return None, f"no tokenizer in {source} ({one_line(exc)})"
     text_model = clip.text_model
     text_projection = clip.text_projection
     proj_t = clip.visual_projection.weight.detach().clone()  # [E, D]: maps D -> E; its transpose^T = itself
@@ -635,7 +630,7 @@ def load_hf_vit(model_cfg, load_weights: bool) -> LoadedBackbone:
                         source, add_pooling_layer=False, output_loading_info=True, **overrides
                     )
                 except Exception as exc:
-                    raise UserError(f"model.pretrained: cannot load ViTModel from {source} ({_one_line(exc)})") from None
+                    raise UserError(f"model.pretrained: cannot load ViTModel from {source} ({one_line(exc)})") from None
                 _warn_missing(info, source)
             else:
                 vit = ViTModel(ViTConfig.from_pretrained(source, **overrides), add_pooling_layer=False)
@@ -645,7 +640,7 @@ def load_hf_vit(model_cfg, load_weights: bool) -> LoadedBackbone:
             try:
                 vcfg = ViTConfig(**overrides)
             except Exception as exc:
-                raise UserError(f"model.config: not a valid ViTConfig ({_one_line(exc)})") from None
+                raise UserError(f"model.config: not a valid ViTConfig ({one_line(exc)})") from None
             vit = ViTModel(vcfg, add_pooling_layer=False)
             raw_pre = {}
     finally:

@@ -16,7 +16,7 @@ from ft_focal.models.backbones import default_bottleneck, load_backbone
 from ft_focal.models.heads import build_head, class_prompts, init_head_from_text
 from ft_focal.models.tuning import apply_adaptformer, apply_lora, default_lora_targets, merge_lora_
 
-logger = logging.getLogger("ft_focal")
+logger = logging.getLogger(__name__)
 
 TUNING_METHODS = ("full", "head", "lora", "adaptformer")
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ft_focal.errors import UserError
 
-logger = logging.getLogger("ft_focal")
+logger = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = {
     # open_clip <= 3.3 blocks use nn.MultiheadAttention: peft wraps it as a whole ("attn"),
