@@ -25,6 +25,8 @@ from typing import Any, Optional
 
 import yaml
 
+from ft_focal.losses import LOSSES
+from ft_focal.optim.registry import METHODS, RECIPE_KEYS
 from ft_focal.version import __version__
 
 # ----------------------------------------------------------------------------- base model
@@ -156,16 +158,6 @@ def dataset_info(recipe: Any) -> tuple[str, Optional[str]]:
 
 # ----------------------------------------------------------------------------- methods
 
-OPTIMIZERS = {
-    "erm": ("ERM (plain base optimizer)", [], []),
-    "sam": ("SAM", ["sam", "sharpness-aware-minimization"], ["sam"]),
-    "asam": ("ASAM (adaptive SAM)", ["asam", "sharpness-aware-minimization"], ["sam", "asam"]),
-    "imbsam": ("ImbSAM", ["imbsam", "sharpness-aware-minimization"], ["sam", "imbsam"]),
-    "ccsam": ("CC-SAM", ["cc-sam", "sharpness-aware-minimization"], ["sam", "ccsam"]),
-    "focal_sam": ("Focal-SAM", ["focal-sam", "sharpness-aware-minimization"], ["sam"]),
-    "sse_sam": ("SSE-SAM", ["sse-sam", "sharpness-aware-minimization"], ["sam", "imbsam", "ssesam"]),
-}
-
 BIBTEX = {
     "focal_sam": """@inproceedings{li2025focalsam,
   title     = {Focal-{SAM}: Focal Sharpness-Aware Minimization for Long-Tailed Classification},
@@ -198,7 +190,7 @@ BIBTEX = {
   booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
   year      = {2023}
 }""",
-    "ssesam": """@inproceedings{lyu2025ssesam,
+    "sse_sam": """@inproceedings{lyu2025ssesam,
   title     = {{SSE-SAM}: Balancing Head and Tail Classes Gradually through Stage-Wise {SAM}},
   author    = {Lyu, Xingyu and Xu, Qianqian and Yang, Zhiyong and Lyu, Shaojie and Huang, Qingming},
   booktitle = {Proceedings of the AAAI Conference on Artificial Intelligence},
@@ -219,18 +211,9 @@ FAMILIES = {
     "hf_vit": ("transformers ViTModel", ["vit", "transformers", "vision-transformer"]),
 }
 
-# Optimizer hyperparameters worth stating, by method (recipe `optim` keys).
-METHOD_KEYS = ("rho", "gamma", "lam", "tail_threshold", "tail_weight", "rho_head", "rho_tail", "switch_fraction",
-               "scope", "flat_ratio", "sync_perturbation", "single_backward")
-LOSS_KEYS = {
-    "ce": (), "focal": ("focal_gamma",), "cb_ce": ("beta",), "la": ("tau",), "balanced_softmax": (),
-    "ldam": ("max_m", "s"), "ldam_drw": ("max_m", "s", "beta", "drw_epoch"), "vs": ("vs_gamma", "vs_tau"),
-}
-LOSS_NAMES = {
-    "ce": "cross-entropy", "focal": "focal loss", "cb_ce": "class-balanced cross-entropy",
-    "la": "logit-adjusted cross-entropy", "balanced_softmax": "balanced softmax", "ldam": "LDAM",
-    "ldam_drw": "LDAM + DRW", "vs": "vector-scaling loss",
-}
+# Optimizer hyperparameters worth stating (recipe `optim` keys): the method keys, then two runtime switches.
+METHOD_KEYS = RECIPE_KEYS + ("sync_perturbation", "single_backward")
+
 
 PACKAGES = (("torch", "torch"), ("torchvision", "torchvision"), ("open_clip", "open_clip_torch"),
             ("transformers", "transformers"), ("peft", "peft"), ("accelerate", "accelerate"),
@@ -261,7 +244,7 @@ def _default_lora_targets(family: str) -> str:
 
 
 def _optimizer_tag(name: str) -> str:
-    return OPTIMIZERS.get(name, (name, [], []))[0]
+    return METHODS[name].display if name in METHODS else name
 
 
 def _metric(value: float, label: str, metric_type: str = "accuracy") -> dict:
@@ -271,7 +254,8 @@ def _metric(value: float, label: str, metric_type: str = "accuracy") -> dict:
 def front_matter(recipe: Any, metrics: dict, eval_result: Optional[dict], info: dict) -> dict:
     """The YAML front matter as a dict (see the module docstring)."""
     tuning = info.get("trained_tuning", recipe.tuning.method)
-    opt_label, opt_tags, _ = OPTIMIZERS.get(recipe.optim.name, (recipe.optim.name, [recipe.optim.name], []))
+    info = METHODS.get(recipe.optim.name)
+    opt_label, opt_tags = (info.display, list(info.tags)) if info else (recipe.optim.name, [recipe.optim.name])
     _, family_tags = FAMILIES.get(recipe.model.family, (recipe.model.family, []))
     tuning_tags = list(TUNING.get(tuning, (tuning, []))[1])
     if info.get("merged_lora"):
@@ -404,9 +388,10 @@ def render_card(recipe: Any, metrics: dict, eval_result: Optional[dict], info: d
     if method:
         add(f"- **{opt_label} hyperparameters**: " + ", ".join(method) + ".")
     loss = recipe.loss
-    loss_args = [f"`{k}` = {_fmt_value(getattr(loss, k))}" for k in LOSS_KEYS.get(loss.name, ())
+    loss_info = LOSSES.get(loss.name)
+    loss_args = [f"`{k}` = {_fmt_value(getattr(loss, k))}" for k, _ in (loss_info.recipe_keys if loss_info else ())
                  if getattr(loss, k, None) is not None]
-    add(f"- **Loss**: {LOSS_NAMES.get(loss.name, loss.name)} (`loss.name: {loss.name}`"
+    add(f"- **Loss**: {loss_info.display if loss_info else loss.name} (`loss.name: {loss.name}`"
         + ("; " + ", ".join(loss_args) if loss_args else "") + ").")
     tr = recipe.train
     length = f"{tr.max_steps} updates (train.max_steps)" if tr.max_steps else f"{tr.epochs} epochs"
@@ -503,7 +488,7 @@ def render_card(recipe: Any, metrics: dict, eval_result: Optional[dict], info: d
     add("")
     add("## Citation")
     add("")
-    keys = ["focal_sam"] + [k for k in OPTIMIZERS.get(opt.name, ("", [], []))[2] if k != "focal_sam"]
+    keys = ["focal_sam"] + [k for k in (METHODS[opt.name].cite if opt.name in METHODS else ()) if k != "focal_sam"]
     add("```bibtex")
     add("\n\n".join(BIBTEX[k] for k in dict.fromkeys(keys)))
     add("```")

@@ -20,6 +20,8 @@ from typing import Any, Optional, Union
 import yaml
 
 from ft_focal.errors import UserError
+from ft_focal.losses import RECIPE_LOSSES
+from ft_focal.optim.registry import METHODS
 
 
 @dataclass
@@ -128,7 +130,8 @@ class LossConfig:
 class OptimConfig:
     """Optimizer of the SAM family wrapping a base optimizer (see ft_focal.optim).
 
-    name: "erm" | "sam" | "asam" | "imbsam" | "ccsam" | "focal_sam" | "sse_sam".
+    name: a method of ft_focal/optim/registry.py ("erm" | "sam" | "asam" | "imbsam" | "ccsam" |
+        "focal_sam" | "sse_sam"); the method keys each takes are its `recipe_keys` there.
     Method keys that the chosen optimizer does not take are ignored only if left at null.
     """
 
@@ -233,8 +236,8 @@ CHOICES = {
     "data.dataset": ("digits_lt", "split_file", "image_folder", "hf", "cifar_lt", "synthetic"),
     "data.label_order": ("given", "alphabetical"),
     "data.imbalance_profile": ("exp", "step"),
-    "loss.name": ("ce", "cb_ce", "la", "balanced_softmax", "ldam", "ldam_drw", "vs", "focal"),
-    "optim.name": ("erm", "sam", "asam", "imbsam", "ccsam", "focal_sam", "sse_sam"),
+    "loss.name": RECIPE_LOSSES,   # the loss registry
+    "optim.name": tuple(METHODS),  # the method registry
     "optim.base": ("sgd", "adamw", "adam"),
     "optim.scope": (None, "network", "classifier"),
     "train.scheduler": ("cosine", "constant", "linear"),

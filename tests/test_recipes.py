@@ -231,8 +231,10 @@ def test_optimizer_and_loss_keys_are_accepted_by_the_registries(path):
                           weight_decay=o.weight_decay, nesterov=o.nesterov, **method, **extra)
     assert opt.param_groups[0]["lr"] == o.lr
     # loss: the recipe's keys exist in the loss registry and the loss builds with the counts
-    renames = {"focal_gamma": "gamma", "vs_gamma": "gamma", "vs_tau": "tau"}
-    assert {renames.get(k, k) for k in LOSS_KEYS[recipe.loss.name]} <= set(loss_kwargs(recipe.loss.name))
+    from ft_focal.losses import LOSSES
+
+    keys = dict(LOSSES[recipe.loss.name].recipe_keys)
+    assert {keys[k] for k in LOSS_KEYS[recipe.loss.name]} <= set(loss_kwargs(recipe.loss.name))
     loss = build_loss_from(recipe, counts)
     logits = torch.randn(5, recipe.data.num_classes)
     out = loss(logits, torch.arange(5) % recipe.data.num_classes)
