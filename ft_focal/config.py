@@ -252,8 +252,9 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _closest(name: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+def closest(name: str, options: list[str]) -> str:
+    """The hint appended to an unknown-key error: the closest option, else the valid ones."""
+    match = difflib.get_close_matches(str(name), list(options), n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else f" (valid: {', '.join(sorted(options))})"
 
 
@@ -307,7 +308,7 @@ def _build_section(cls: type, section: str, values: dict) -> Any:
     for key, value in values.items():
         full = f"{section}.{key}"
         if key not in types_:
-            raise UserError(f"unknown recipe key '{full}'" + _closest(key, list(types_)))
+            raise UserError(f"unknown recipe key '{full}'" + closest(key, list(types_)))
         if value is False and "no" in CHOICES.get(full, ()):
             value = "no"  # YAML 1.1 reads a bare `no` as false; it is Accelerate's spelling of "off"
         if full == "train.log_with" and isinstance(value, str):
@@ -330,7 +331,7 @@ def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in top_types:
-            raise UserError(f"{source}: unknown recipe key '{key}'" + _closest(str(key), list(top_types)))
+            raise UserError(f"{source}: unknown recipe key '{key}'" + closest(str(key), list(top_types)))
         if key in SECTIONS:
             kwargs[key] = _build_section(SECTIONS[key], key, value or {})
         else:
@@ -361,10 +362,13 @@ def validate(recipe: Recipe) -> None:
             raise UserError("data.dataset=split_file needs " + ", ".join(f"'data.{k}'" for k in missing))
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """`a.b=value` -> ("a.b", parsed value); the value is parsed as YAML (`1e-3`, `[1, 2]`, `null`)."""
+def parse_override(text: str, where: str = "", example: str = "optim.lr=0.01") -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", parsed value); the value is parsed as YAML (`1e-3`, `[1, 2]`, `null`).
+
+    `where` prefixes the error (a file); `example` is the override the error shows.
+    """
     if "=" not in text:
-        raise UserError(f"override '{text}' must look like key=value (e.g. optim.lr=0.01)")
+        raise UserError(f"{where}override '{text}' must look like key=value (e.g. {example})")
     key, _, raw = text.partition("=")
     key = key.strip()
     try:
@@ -380,27 +384,33 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+def apply_overrides(raw: dict, overrides: list[str], where: Optional[str] = None,
+                    example: str = "optim.lr=0.01") -> dict:
+    """A copy of `raw` with the `key=value` / `section.key=value` overrides set (recipes and
+    evaluation suites: both are mappings of keys and one level of sections). `where` (a file)
+    prefixes the errors."""
+    prefix = f"{where}: " if where else ""
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (raw or {}).items()}
     for text in overrides:
-        key, value = parse_override(text)
+        key, value = parse_override(text, prefix, example)
         parts = key.split(".")
         if len(parts) == 1:
             raw[parts[0]] = value
         elif len(parts) == 2:
             section = raw.setdefault(parts[0], {})
             if not isinstance(section, dict):
-                raise UserError(f"override '{key}': '{parts[0]}' is not a section")
+                raise UserError(f"{prefix}override '{key}': '{parts[0]}' is not a section")
             section[parts[1]] = value
         else:
-            raise UserError(f"override '{key}': keys have the form section.key")
+            raise UserError(f"{prefix}override '{key}': keys have the form section.key")
     return raw
 
 
-def read_yaml(path: str | os.PathLike) -> dict:
+def read_yaml(path: str | os.PathLike, what: str = "recipe file") -> dict:
+    """The YAML mapping of a file (recipe, evaluation suite); a one-line UserError when it cannot be read."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: recipe file not found")
+        raise UserError(f"{path}: {what} not found")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -188,12 +188,13 @@ def evaluate_saved(
 
 def describe_preprocess(preprocess: dict, data_cfg: Any, five_crop: bool = False) -> str:
     """The test-time transform in words, as `ft_focal.data.build_transform` builds it."""
-    from ft_focal.data.transforms import describe_test_transform
+    from ft_focal.data.transforms import FIVE_CROP_RESIZE, describe_test_transform, scaled_resize
 
     text = describe_test_transform(preprocess, data_cfg)
     if five_crop:
         size = preprocess.get("image_size", data_cfg.image_size)
-        text = f"Resize({round(248 * size / 224)}) + FiveCrop({size}), logits averaged; " + text.split(" + ", 2)[-1]
+        text = (f"Resize({scaled_resize(FIVE_CROP_RESIZE, size)}) + FiveCrop({size}), logits averaged; "
+                + text.split(" + ", 2)[-1])
     return text
 
 
@@ -202,7 +203,7 @@ def evaluate_corruption_set(saved: Any, model: torch.nn.Module, root: str, clean
     """CE / mCE on an ImageNet-C-layout folder; `baseline` = "alexnet" or a baseline run's JSON."""
     from ft_focal.data import build_transform
     from ft_focal.data.imagenet_c import class_to_label_for
-    from ft_focal.robustness import evaluate_corruptions, summarize_corruptions
+    from ft_focal.evaluation.corruption import evaluate_corruptions, summarize_corruptions
 
     class_to_label = class_to_label_for(root, saved.classnames, getattr(saved, "wnids", None))
     transform = build_transform(saved.preprocess, saved.recipe.data, train=False)

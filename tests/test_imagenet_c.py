@@ -27,7 +27,7 @@ from ft_focal.data.imagenet_c import (
 )
 from ft_focal.errors import UserError
 from ft_focal.metrics import ALEXNET_CLEAN_ERROR, BENCHMARK_CORRUPTIONS, load_alexnet_errors
-from ft_focal.robustness import (
+from ft_focal.evaluation import (
     build_eval_transform,
     describe_transform,
     evaluate_corruptions,
