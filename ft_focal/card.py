@@ -254,8 +254,8 @@ def _metric(value: float, label: str, metric_type: str = "accuracy") -> dict:
 def front_matter(recipe: Any, metrics: dict, eval_result: Optional[dict], info: dict) -> dict:
     """The YAML front matter as a dict (see the module docstring)."""
     tuning = info.get("trained_tuning", recipe.tuning.method)
-    info = METHODS.get(recipe.optim.name)
-    opt_label, opt_tags = (info.display, list(info.tags)) if info else (recipe.optim.name, [recipe.optim.name])
+    method = METHODS.get(recipe.optim.name)
+    opt_label, opt_tags = (method.display, list(method.tags)) if method else (recipe.optim.name, [recipe.optim.name])
     _, family_tags = FAMILIES.get(recipe.model.family, (recipe.model.family, []))
     tuning_tags = list(TUNING.get(tuning, (tuning, []))[1])
     if info.get("merged_lora"):
