@@ -333,12 +333,6 @@ class ImageNetCDataset:
             image = self.transform(image)
         return image, label, self._subset_index[(c, s)]
 
-    def subset_sizes(self) -> list[int]:
-        sizes = [0] * len(self.subsets)
-        for c, s, _, _ in self.samples:
-            sizes[self._subset_index[(c, s)]] += 1
-        return sizes
-
 
 def class_folders(root: str | os.PathLike) -> list[str]:
     """Sorted class folder names under `root/<corruption>/<severity>/` of the first subset found

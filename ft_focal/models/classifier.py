@@ -72,9 +72,6 @@ class ImageClassifier(nn.Module):
         pct = 100.0 * c["trainable"] / max(1, c["total"])
         return f"trainable {_human(c['trainable'])} / total {_human(c['total'])} ({pct:.1f}%)"
 
-    def classifier_parameters(self) -> list:
-        return [p for p in self.head.parameters() if p.requires_grad]
-
     def lora_state_dict(self) -> dict:
         """LoRA weights in peft format (keys without the adapter name), for adapter_model.safetensors."""
         if self.lora_config is None or self.lora_merged:
