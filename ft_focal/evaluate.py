@@ -100,7 +100,7 @@ def predict(
             label_parts.append(labels)
     model.train(was_training)
     num_classes = _num_outputs(model, [p for p in logits_parts if p is not None])
-    logits_parts = [torch.zeros(len(l), num_classes) if p is None else p for p, l in zip(logits_parts, label_parts)]
+    logits_parts = [torch.zeros(len(lab), num_classes) if p is None else p for p, lab in zip(logits_parts, label_parts)]
     local_logits = torch.cat(logits_parts) if logits_parts else torch.zeros(0, num_classes)
     local_labels = torch.cat(label_parts) if label_parts else torch.zeros(0, dtype=torch.long)
     logits = _gather_shards(local_logits, accelerator, len(dataset))

@@ -81,7 +81,8 @@ def write_run_report(run_dir: Path, metrics: dict) -> Path:
     if curve:
         lines += ["", "## Learning curves", "", f"![learning curves]({curve})"]
     if metrics.get("history"):
-        lines += ["", "## Validation history", "", "| epoch | update | overall | many | medium | few |", "|---|---|---|---|---|---|"]
+        lines += ["", "## Validation history", "", "| epoch | update | overall | many | medium | few |",
+                  "|---|---|---|---|---|---|"]
         for h in metrics["history"]:
             v = h.get("val", {})
             lines.append(f"| {h['epoch']} | {h['step']} | " + " | ".join(_pct(v.get(k)) for k in GROUPS) + " |")

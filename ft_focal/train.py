@@ -43,7 +43,6 @@ import pickle  # only for the exception type raised by torch.load(weights_only=T
 import re
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,8 +50,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from ft_focal import checkpoint as ckpt
-from ft_focal.builders import (LOSS_KEYS, METHOD_KEYS, build_loss_from, build_optimizer_from,  # noqa: F401
-                               clip_final_gradient, compile_model, lr_lambda, make_accelerator)
+from ft_focal.builders import (  # noqa: F401
+    LOSS_KEYS,
+    METHOD_KEYS,
+    build_loss_from,
+    build_optimizer_from,
+    clip_final_gradient,
+    compile_model,
+    lr_lambda,
+    make_accelerator,
+)
 from ft_focal.config import Recipe, save_recipe
 from ft_focal.errors import UserError, one_line
 from ft_focal.malloc import keep_freed_memory

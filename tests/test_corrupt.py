@@ -21,8 +21,8 @@ from ft_focal.data.corrupt import (
 )
 from ft_focal.data.imagenet_c import class_to_label_for, wnid_mapping
 from ft_focal.errors import UserError
-from ft_focal.metrics import ALL_CORRUPTIONS
 from ft_focal.evaluation import evaluate_corruptions, summarize_corruptions
+from ft_focal.metrics import ALL_CORRUPTIONS
 
 # fast corruptions (glass_blur compiles numba ~3 s and zoom_blur is slow: kept for the slow test)
 CORRS = ["gaussian_noise", "contrast", "pixelate"]

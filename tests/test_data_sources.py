@@ -15,8 +15,7 @@ import torch
 from PIL import Image
 
 from ft_focal.config import DataConfig
-from ft_focal.data import (DataError, build_datasets, check_data, collate_skip_bad, open_rgb,
-                           parse_classnames)
+from ft_focal.data import DataError, build_datasets, check_data, collate_skip_bad, open_rgb, parse_classnames
 from ft_focal.data.splits import RESOURCES, resolve_path
 from ft_focal.errors import UserError
 

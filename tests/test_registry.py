@@ -33,7 +33,6 @@ def test_recipe_keys_are_the_optim_fields_in_order_and_what_each_class_takes():
 
 
 def test_one_name_per_method_module_and_citation():
-    import importlib
 
     for name, info in METHODS.items():
         module = "sam" if name == "asam" else name

@@ -324,7 +324,6 @@ def test_non_finite_updates_are_skipped_and_counted(tmp_path, monkeypatch):
 
 
 def test_too_many_consecutive_non_finite_updates_stop_with_a_checkpoint(tmp_path, monkeypatch, capsys):
-    import ft_focal.train as train_module
 
     snapshots = {}
     original_step = None

@@ -112,7 +112,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             eig = entry.get("eigenvalues")
             print(f"{name:>8}: n={entry.get('num_samples')} top eigenvalue "
                   f"{eig[0] if eig else float('nan'):.4g} trace {entry.get('trace') or float('nan'):.4g} "
-                  f"(+- {entry.get('trace_stderr') or float('nan'):.2g}) sam sharpness {entry.get('sam_sharpness') or float('nan'):.4g}")
+                  f"(+- {entry.get('trace_stderr') or float('nan'):.2g}) "
+                  f"sam sharpness {entry.get('sam_sharpness') or float('nan'):.4g}")
         print(f"-> {out / 'sharpness.json'}")
         return 0
 

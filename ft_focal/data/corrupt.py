@@ -473,7 +473,8 @@ def sources_from_folder(root: str | os.PathLike) -> list[tuple[str, str]]:
     return out
 
 
-def sources_from_split_list(root: str | os.PathLike, split_list: str | os.PathLike, strip_prefix: int = 1) -> list[tuple[str, str]]:
+def sources_from_split_list(root: str | os.PathLike, split_list: str | os.PathLike,
+                            strip_prefix: int = 1) -> list[tuple[str, str]]:
     """Sources from a split list (`val/n01440764/x.JPEG 0` lines): output path keeps the last
     path components after dropping `strip_prefix` leading ones (-> `n01440764/x`)."""
 
@@ -496,7 +497,8 @@ def sources_from_split_list(root: str | os.PathLike, split_list: str | os.PathLi
     return out
 
 
-def sources_from_arrays(images: Sequence[np.ndarray], labels: Sequence[int], class_dirs: Optional[Sequence[str]] = None, prefix: str = "img") -> list[tuple[str, np.ndarray]]:
+def sources_from_arrays(images: Sequence[np.ndarray], labels: Sequence[int], class_dirs: Optional[Sequence[str]] = None,
+                        prefix: str = "img") -> list[tuple[str, np.ndarray]]:
     """Sources from in-memory images (e.g. scikit-learn digits scaled to uint8): image i goes
     to `<class_dirs[labels[i]]>/<prefix>_<i:06d>`; class_dirs default to the label as text."""
     if len(images) != len(labels):

@@ -15,11 +15,9 @@ from typing import Optional
 
 import numpy as np
 
-from ft_focal.data.datasets import (ArrayDataset, DataBundle, FileListDataset, HFImageDataset,
-                                    LabelledImages, finish_bundle)
+from ft_focal.data.datasets import ArrayDataset, DataBundle, FileListDataset, HFImageDataset, LabelledImages, finish_bundle
 from ft_focal.data.longtail import longtail_counts, subsample_longtail
-from ft_focal.data.splits import (ClassNames, alphabetical_permutation, parse_classnames,
-                                  parse_split_list, resolve_path, WNID_RE)
+from ft_focal.data.splits import WNID_RE, ClassNames, alphabetical_permutation, parse_classnames, parse_split_list, resolve_path
 from ft_focal.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -90,18 +88,18 @@ def from_split_files(cfg, seed: int) -> RawData:
              for s, p in split_list_paths(cfg).items()}
     if names is None:
         if num_classes is None:
-            num_classes = 1 + max(int(l.labels.max()) for l in lists.values() if l is not None and len(l))
+            num_classes = 1 + max(int(lst.labels.max()) for lst in lists.values() if lst is not None and len(lst))
         classnames = [f"class_{c}" for c in range(num_classes)]
         log.warning("data.classnames not set: %d classes named class_0.. (a text-initialised head needs "
                     "real class names)", num_classes)
         wnids = None
     else:
         classnames, wnids = names.names, names.ids
-    ds = {s: (FileListDataset(str(root), l.paths, l.labels, origin=l.source, lines=l.lines,
-                              skip_bad=_skip(cfg), name=s) if l is not None else None)
-          for s, l in lists.items()}
+    ds = {s: (FileListDataset(str(root), lst.paths, lst.labels, origin=lst.source, lines=lst.lines,
+                              skip_bad=_skip(cfg), name=s) if lst is not None else None)
+          for s, lst in lists.items()}
     info = {"dataset": "split_file", "root": str(root),
-            "sources": {s: (l.source if l is not None else None) for s, l in lists.items()},
+            "sources": {s: (lst.source if lst is not None else None) for s, lst in lists.items()},
             "classnames_file": names.source if names is not None else None}
     return RawData(ds["train"], ds["val"], ds["test"], classnames, wnids, info)
 
@@ -140,7 +138,8 @@ def from_image_folder(cfg, seed: int) -> RawData:
         classnames, wnids = names.names, names.ids
     elif names is not None:
         if len(names.names) != len(folders):
-            raise UserError(f"{names.source}: {len(names.names)} class names for {len(folders)} class folders in {root / 'train'}")
+            raise UserError(f"{names.source}: {len(names.names)} class names for {len(folders)} class folders in "
+                            f"{root / 'train'}")
         index = {f: i for i, f in enumerate(folders)}
         classnames, wnids = names.names, None
     else:
@@ -239,7 +238,7 @@ def from_hf(cfg, seed: int) -> RawData:
             raise UserError(f"data.label_key: column '{cfg.label_key}' of split '{key}' is not an integer class label")
         labels[split] = lab.astype(np.int64)
     if classnames is None:
-        n = 1 + max(int(l.max(initial=-1)) for l in labels.values())
+        n = 1 + max(int(lab.max(initial=-1)) for lab in labels.values())
         classnames = [f"class_{c}" for c in range(n)]
         log.warning("%s: the label column has no class names (not a ClassLabel) and data.classnames is not "
                     "set: %d classes named class_0..", cfg.hf_path, n)

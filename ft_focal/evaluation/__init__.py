@@ -9,8 +9,7 @@
 """
 
 from ft_focal.data.transforms import build_eval_transform, describe_transform
-from ft_focal.evaluation.corruption import (ALL_SEVERITIES, evaluate_corruptions, read_baseline_table,
-                                            summarize_corruptions)
+from ft_focal.evaluation.corruption import ALL_SEVERITIES, evaluate_corruptions, read_baseline_table, summarize_corruptions
 from ft_focal.evaluation.suites import load_eval_suite, run_imagenet_c_suite, suite_transform
 from ft_focal.sampling import shard_indices
 

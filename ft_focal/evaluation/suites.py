@@ -206,7 +206,8 @@ def _check_suite(suite: dict, where: str) -> None:
         raise UserError(f"{where}: key 'baseline.clean_error' must be a fraction in [0, 1], got {ce}")
 
 
-def suite_transform(suite: Mapping[str, Any], mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> Callable:
+def suite_transform(suite: Mapping[str, Any], mean: Optional[Sequence[float]] = None,
+                    std: Optional[Sequence[float]] = None) -> Callable:
     """The suite's test transform; the suite's mean/std win, else the model's `mean`/`std`."""
     pre = suite["preprocessing"]
     m = pre["mean"] if pre["mean"] is not None else mean

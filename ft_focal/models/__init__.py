@@ -13,11 +13,9 @@ import logging
 import torch
 
 from ft_focal.config import ModelConfig, TuningConfig
-
 from ft_focal.models.classifier import ImageClassifier, build_classifier, tiny_model_config, tiny_variant
 from ft_focal.models.heads import CosineHead
 from ft_focal.models.tuning import AdaptFormerMLP, default_lora_targets
-
 
 
 def preprocess_for(model_cfg: ModelConfig) -> dict:
