@@ -62,7 +62,8 @@ def summary_sentence(summary: dict, n_corruptions: int, n_severities: int) -> st
 
 def main(argv: Optional[list[str]] = None) -> int:
     def run() -> int:
-        from ft_focal.data.corrupt import render_corruptions, sources_from_folder, sources_from_split_list
+        from ft_focal.data.corrupt import render_corruptions
+        from ft_focal.data.corrupt_sources import sources_from_folder, sources_from_split_list
         from ft_focal.metrics import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS
 
         parser = argparse.ArgumentParser(prog="ft-focal corrupt", description=__doc__,

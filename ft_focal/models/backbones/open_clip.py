@@ -266,6 +266,8 @@ def _open_clip_tokenizer(cfg: dict, tokenizer_source: Optional[str]):
     return SimpleTokenizer(context_length=context_length, **kwargs)
 
 
+# Over 80 lines on purpose: resolve the architecture, build it, load the weights, then the tokenizer /
+# text encoder and the LoadedBackbone, one step after the other for the one family that has them all.
 def load_open_clip(model_cfg, load_weights: bool) -> LoadedBackbone:
     cfg, checkpoint, preprocess_over, tokenizer_source = _resolve_open_clip(model_cfg, load_weights)
     needs_full_model = (load_weights and (checkpoint or model_cfg.head_init == "text")) or "multimodal_cfg" in cfg
