@@ -54,7 +54,7 @@ class TuningConfig:
 
     lora_targets null = the family's default (open_clip: attn c_fc c_proj; hf_clip: q_proj k_proj
     v_proj out_proj fc1 fc2; hf_vit: q_proj k_proj v_proj o_proj fc1 fc2).
-    adapter_bottleneck null = 2^max(0, floor(log2(C / 24))) (ALGORITHMS.md).
+    adapter_bottleneck null = 2^max(0, floor(log2(C / 24))) (docs/algorithms.md).
     adapter_norm: "shared" = the adapter reads the block's own LN(h) (the MLP input);
         "own" = the adapter has its own trainable LayerNorm on h (LIFT's AdaptFormer).
     """

@@ -9,7 +9,7 @@ and integer ``labels`` of shape ``[B]``. It returns the per-sample losses, shape
 Every loss has ``set_epoch(epoch)`` (0-based; a no-op except for LDAM-DRW) so that the training
 loop can call it unconditionally at the start of each epoch.
 
-Conventions shared by all losses (see ALGORITHMS.md, "Losses"):
+Conventions shared by all losses (see docs/algorithms.md, "Losses"):
 
 * ``n_c`` are training counts, ``N = sum_c n_c``, ``pi_c = n_c / N``.
 * Empty classes (``n_c = 0``) stay well defined: every count-derived quantity (``log pi_c``,
@@ -257,7 +257,7 @@ class VSLoss(LongTailLoss):
     ``(n_c / n_max)^gamma <= 1`` (head classes keep their scale, tail logits shrink) and then
     shifted additively by ``iota_c = tau * log pi_c``.
 
-    Defaults ``gamma = 0.05, tau = 0.75`` follow ALGORITHMS.md (the official VS repository's
+    Defaults ``gamma = 0.05, tau = 0.75`` follow docs/algorithms.md (the official VS repository's
     defaults are ``gamma = 0.3, tau = 1.0``; its CIFAR scripts tune both).
     """
 

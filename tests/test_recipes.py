@@ -31,7 +31,7 @@ NUM_CLASSES = {"imagenet_lt": 1000, "inat2018": 8142, "places_lt": 365, "cifar10
                "cifar10_lt": 10, "demo": 10}
 TRAIN_IMAGES = {"imagenet_lt": 115846, "inat2018": 437513, "places_lt": 62500, "cifar100_lt": 10847,
                 "cifar10_lt": 12406}
-# ALGORITHMS.md, released Focal-SAM settings (CLIP ViT-B/16 AdaptFormer rows): rho, gamma, lam.
+# docs/algorithms.md, released Focal-SAM settings (CLIP ViT-B/16 AdaptFormer rows): rho, gamma, lam.
 # Places-LT has no released row: its recipes use the ImageNet-LT settings (and say so).
 PAPER = {"imagenet_lt": (0.05, 0.5, 0.8), "inat2018": (0.02, 0.2, 1.0), "cifar100_lt": (0.05, 5.5, 0.8),
          "cifar10_lt": (0.05, 1.5, 0.7), "places_lt": (0.05, 0.5, 0.8)}
