@@ -35,6 +35,7 @@ import torch
 from ft_focal.data.transforms import describe_test_transform, preprocessor_config
 from ft_focal.errors import UserError
 from ft_focal.files import write_json
+from ft_focal.provenance import base_model_id
 from ft_focal.saved import WEIGHTS, load_model_dir, save_model_dir, trained_head_init
 
 logger = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ def export_run(run_dir: str | os.PathLike, export_dir: str | os.PathLike, merge_
         except RuntimeError as exc:  # the merged model must have the plain parameter names
             raise RuntimeError(f"merged LoRA weights do not fit a plain model: {str(exc).splitlines()[0]}") from None
 
-    base_model = card.base_model_id(recipe.model)
+    base_model = base_model_id(recipe.model)
     tmp = export_dir.parent / f".{export_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
