@@ -99,7 +99,7 @@ def step_times(recipe: Any, bundle: Any, method: str, warmup: int, iters: int) -
     coef = (o.lam or 0.8) * (1.0 - counts / counts.sum()) ** (o.gamma or 0.5)
     bare = _timed(_bare_update(method, model, trainer.criterion, opt, images, labels, o.rho or 0.05, coef),
                   warmup, iters)
-    del trainer, model, opt
+    trainer = model = opt = None  # free the GPU memory (the lambdas above are not called again)
     torch.cuda.empty_cache()
     return toolkit, bare
 

@@ -36,10 +36,11 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from step_cost import peak_step_memory  # noqa: E402
+
 from ft_focal.config import ModelConfig, TuningConfig  # noqa: E402
 from ft_focal.models import build_classifier, tiny_model_config  # noqa: E402
 from ft_focal.optim import ERM, SAM, FocalSAM  # noqa: E402
-from step_cost import peak_step_memory  # noqa: E402
 
 FOCAL = dict(rho=0.05, gamma=0.5, lam=0.8)
 SGD = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)

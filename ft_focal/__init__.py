@@ -5,7 +5,7 @@
 that normalises inside (RobustBench's convention, ft_focal/plain.py).
 """
 
-__version__ = "0.1.0"
+from ft_focal.version import __version__
 
 __all__ = ["__version__", "load_model"]
 

@@ -15,17 +15,15 @@ import torch
 
 from ft_focal.config import Recipe
 from ft_focal.errors import UserError
+from ft_focal.losses import LOSSES, build_loss
+from ft_focal.optim import RECIPE_KEYS, SINGLE_BACKWARD_METHODS, build_optimizer, method_info
 
-logger = logging.getLogger("ft_focal")
+logger = logging.getLogger(__name__)
 
-# Optimizer-specific recipe keys, passed to the optimizer only when set (not null).
-METHOD_KEYS = ("rho", "gamma", "lam", "tail_threshold", "tail_weight", "rho_head", "rho_tail",
-               "switch_fraction", "scope", "flat_ratio")
-LOSS_KEYS = {
-    "ce": (), "focal": ("focal_gamma",), "cb_ce": ("beta",), "la": ("tau",), "balanced_softmax": (),
-    "ldam": ("max_m", "s"), "ldam_drw": ("max_m", "s", "beta", "drw_epoch"), "vs": ("vs_gamma", "vs_tau"),
-}
-SINGLE_BACKWARD_METHODS = ("focal_sam", "imbsam", "sse_sam")
+# Optimizer-specific recipe keys, passed to the optimizer only when set (not null): the method
+# registry (ft_focal/optim/registry.py). Loss keys: the loss registry (ft_focal/losses.py).
+METHOD_KEYS = RECIPE_KEYS
+LOSS_KEYS = {name: tuple(key for key, _ in info.recipe_keys) for name, info in LOSSES.items() if info.alias_of is None}
 
 
 def check_trackers(names: list) -> list[str]:
@@ -68,12 +66,8 @@ def make_accelerator(recipe: Recipe) -> Any:
 
 def build_loss_from(recipe: Recipe, class_counts: list[int]) -> torch.nn.Module:
     """The recipe's per-sample loss over the training class counts."""
-    from ft_focal.losses import build_loss
-
     cfg = recipe.loss
-    kwargs = {key: getattr(cfg, key) for key in LOSS_KEYS[cfg.name] if getattr(cfg, key) is not None}
-    renames = {"focal_gamma": "gamma", "vs_gamma": "gamma", "vs_tau": "tau"}
-    kwargs = {renames.get(k, k): v for k, v in kwargs.items()}
+    kwargs = {kwarg: getattr(cfg, key) for key, kwarg in LOSSES[cfg.name].recipe_keys if getattr(cfg, key) is not None}
     try:
         return build_loss(cfg.name, class_counts, **kwargs)
     except ValueError as exc:
@@ -87,10 +81,8 @@ def method_kwargs(recipe: Recipe) -> dict[str, Any]:
     (`optim.name=sam` on a Focal-SAM recipe): keys the new method does not take are dropped, with
     one line naming them, instead of failing the run.
     """
-    from ft_focal.optim import optimizer_kwargs
-
     cfg = recipe.optim
-    taken = set(optimizer_kwargs(cfg.name))
+    taken = set(method_info(cfg.name).recipe_keys)
     method = {key: getattr(cfg, key) for key in METHOD_KEYS if getattr(cfg, key) is not None}
     dropped = [key for key in method if key not in taken]
     if dropped:
@@ -109,8 +101,6 @@ def method_kwargs(recipe: Recipe) -> dict[str, Any]:
 def build_optimizer_from(recipe: Recipe, model: torch.nn.Module, wrapped: torch.nn.Module, class_counts: list[int],
                          accelerator: Any) -> Any:
     """The recipe's optimizer over the trainable parameters, wired to Accelerate."""
-    from ft_focal.optim import build_optimizer
-
     cfg = recipe.optim
     base_kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     if cfg.base == "sgd":

@@ -38,7 +38,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-logger = logging.getLogger("ft_focal")
+from ft_focal.files import write_json
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer.json")
@@ -74,7 +76,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -177,7 +179,7 @@ def verify(path: Path) -> Optional[str]:
         file = path / name
         if not file.is_file():
             return f"missing {name}"
-        if _sha256(file) != digest:
+        if sha256(file) != digest:
             return f"checksum mismatch in {name}"
     return None
 
@@ -243,7 +245,7 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "world_size": world_size}, indent=1))
+        write_json(tmp / "trainer.json", {**trainer_state, "world_size": world_size})
         for name, source in (files or {}).items():
             try:
                 os.link(source, tmp / name)
@@ -255,11 +257,8 @@ def save_checkpoint(
         files = sorted(p.name for p in tmp.iterdir())
         for name in files:
             _fsync_file(tmp / name)
-        manifest = {name: _sha256(tmp / name) for name in files}
-        with open(tmp / MANIFEST, "w") as handle:
-            json.dump(manifest, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
+        manifest = {name: sha256(tmp / name) for name in files}
+        write_json(tmp / MANIFEST, manifest, fsync=True)
         _fsync_dir(tmp)
         final = _target(root, step)
         os.replace(tmp, final)

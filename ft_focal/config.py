@@ -20,6 +20,8 @@ from typing import Any, Optional, Union
 import yaml
 
 from ft_focal.errors import UserError
+from ft_focal.losses import RECIPE_LOSSES
+from ft_focal.optim.registry import METHODS
 
 
 @dataclass
@@ -56,7 +58,7 @@ class TuningConfig:
 
     lora_targets null = the family's default (open_clip: attn c_fc c_proj; hf_clip: q_proj k_proj
     v_proj out_proj fc1 fc2; hf_vit: q_proj k_proj v_proj o_proj fc1 fc2).
-    adapter_bottleneck null = 2^max(0, floor(log2(C / 24))) (ALGORITHMS.md).
+    adapter_bottleneck null = 2^max(0, floor(log2(C / 24))) (docs/algorithms.md).
     adapter_norm: "shared" = the adapter reads the block's own LN(h) (the MLP input);
         "own" = the adapter has its own trainable LayerNorm on h (LIFT's AdaptFormer).
     """
@@ -132,7 +134,8 @@ class LossConfig:
 class OptimConfig:
     """Optimizer of the SAM family wrapping a base optimizer (see ft_focal.optim).
 
-    name: "erm" | "sam" | "asam" | "imbsam" | "ccsam" | "focal_sam" | "sse_sam".
+    name: a method of ft_focal/optim/registry.py ("erm" | "sam" | "asam" | "imbsam" | "ccsam" |
+        "focal_sam" | "sse_sam"); the method keys each takes are its `recipe_keys` there.
     Method keys that the chosen optimizer does not take are ignored only if left at null.
     """
 
@@ -238,8 +241,8 @@ CHOICES = {
     "data.dataset": ("digits_lt", "split_file", "image_folder", "hf", "cifar_lt", "synthetic"),
     "data.label_order": ("given", "alphabetical"),
     "data.imbalance_profile": ("exp", "step"),
-    "loss.name": ("ce", "cb_ce", "la", "balanced_softmax", "ldam", "ldam_drw", "vs", "focal"),
-    "optim.name": ("erm", "sam", "asam", "imbsam", "ccsam", "focal_sam", "sse_sam"),
+    "loss.name": RECIPE_LOSSES,   # the loss registry
+    "optim.name": tuple(METHODS),  # the method registry
     "optim.base": ("sgd", "adamw", "adam"),
     "optim.scope": (None, "network", "classifier"),
     "train.scheduler": ("cosine", "constant", "linear"),
@@ -254,8 +257,9 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _closest(name: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+def closest(name: str, options: list[str]) -> str:
+    """The hint appended to an unknown-key error: the closest option, else the valid ones."""
+    match = difflib.get_close_matches(str(name), list(options), n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else f" (valid: {', '.join(sorted(options))})"
 
 
@@ -314,7 +318,7 @@ def _build_section(cls: type, section: str, values: dict) -> Any:
     for key, value in values.items():
         full = f"{section}.{key}"
         if key not in types_:
-            raise UserError(f"unknown recipe key '{full}'" + _closest(key, list(types_)))
+            raise UserError(f"unknown recipe key '{full}'" + closest(key, list(types_)))
         if value is False and "no" in CHOICES.get(full, ()):
             value = "no"  # YAML 1.1 reads a bare `no` as false; it is Accelerate's spelling of "off"
         if full == "train.log_with" and isinstance(value, str):
@@ -337,7 +341,7 @@ def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in top_types:
-            raise UserError(f"{source}: unknown recipe key '{key}'" + _closest(str(key), list(top_types)))
+            raise UserError(f"{source}: unknown recipe key '{key}'" + closest(str(key), list(top_types)))
         if key in SECTIONS:
             kwargs[key] = _build_section(SECTIONS[key], key, value or {})
         else:
@@ -377,10 +381,13 @@ def _validate_templates(templates: Any) -> None:
                         "list of templates, each with one '{}' where the class name goes")
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """`a.b=value` -> ("a.b", parsed value); the value is parsed as YAML (`1e-3`, `[1, 2]`, `null`)."""
+def parse_override(text: str, where: str = "", example: str = "optim.lr=0.01") -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", parsed value); the value is parsed as YAML (`1e-3`, `[1, 2]`, `null`).
+
+    `where` prefixes the error (a file); `example` is the override the error shows.
+    """
     if "=" not in text:
-        raise UserError(f"override '{text}' must look like key=value (e.g. optim.lr=0.01)")
+        raise UserError(f"{where}override '{text}' must look like key=value (e.g. {example})")
     key, _, raw = text.partition("=")
     key = key.strip()
     try:
@@ -396,27 +403,33 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+def apply_overrides(raw: dict, overrides: list[str], where: Optional[str] = None,
+                    example: str = "optim.lr=0.01") -> dict:
+    """A copy of `raw` with the `key=value` / `section.key=value` overrides set (recipes and
+    evaluation suites: both are mappings of keys and one level of sections). `where` (a file)
+    prefixes the errors."""
+    prefix = f"{where}: " if where else ""
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (raw or {}).items()}
     for text in overrides:
-        key, value = parse_override(text)
+        key, value = parse_override(text, prefix, example)
         parts = key.split(".")
         if len(parts) == 1:
             raw[parts[0]] = value
         elif len(parts) == 2:
             section = raw.setdefault(parts[0], {})
             if not isinstance(section, dict):
-                raise UserError(f"override '{key}': '{parts[0]}' is not a section")
+                raise UserError(f"{prefix}override '{key}': '{parts[0]}' is not a section")
             section[parts[1]] = value
         else:
-            raise UserError(f"override '{key}': keys have the form section.key")
+            raise UserError(f"{prefix}override '{key}': keys have the form section.key")
     return raw
 
 
-def read_yaml(path: str | os.PathLike) -> dict:
+def read_yaml(path: str | os.PathLike, what: str = "recipe file") -> dict:
+    """The YAML mapping of a file (recipe, evaluation suite); a one-line UserError when it cannot be read."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: recipe file not found")
+        raise UserError(f"{path}: {what} not found")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -6,15 +6,13 @@ the shards are gathered (padded to equal length for the collective, then trimmed
 uneven split neither duplicates nor drops a sample.
 
 Command line: `ft-focal eval MODEL_DIR [key=value ...] --out FILE.json`
-(or `accelerate launch -m ft_focal.evaluate MODEL_DIR ...` for several processes).
+(ft_focal/commands/eval.py; `accelerate launch -m ft_focal.commands.eval MODEL_DIR ...` for several processes).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,7 +23,7 @@ from ft_focal.errors import UserError
 from ft_focal.metrics import expected_calibration_error, long_tail_accuracy
 from ft_focal.sampling import eval_batches, unshard
 
-logger = logging.getLogger("ft_focal")
+logger = logging.getLogger(__name__)
 
 
 def _gather_shards(local: torch.Tensor, accelerator: Any, total: int) -> torch.Tensor:
@@ -102,7 +100,7 @@ def predict(
             label_parts.append(labels)
     model.train(was_training)
     num_classes = _num_outputs(model, [p for p in logits_parts if p is not None])
-    logits_parts = [torch.zeros(len(l), num_classes) if p is None else p for p, l in zip(logits_parts, label_parts)]
+    logits_parts = [torch.zeros(len(lab), num_classes) if p is None else p for p, lab in zip(logits_parts, label_parts)]
     local_logits = torch.cat(logits_parts) if logits_parts else torch.zeros(0, num_classes)
     local_labels = torch.cat(label_parts) if label_parts else torch.zeros(0, dtype=torch.long)
     logits = _gather_shards(local_logits, accelerator, len(dataset))
@@ -156,7 +154,7 @@ def evaluate_saved(
     accelerator: Any = None,
 ) -> dict:
     """Evaluate a saved model folder on its recipe's test split (and optionally a -C set)."""
-    from ft_focal.data import build_datasets
+    from ft_focal.data.build import build_datasets
     from ft_focal.saved import load_model_dir
 
     saved = load_model_dir(model_dir, overrides)
@@ -190,12 +188,13 @@ def evaluate_saved(
 
 def describe_preprocess(preprocess: dict, data_cfg: Any, five_crop: bool = False) -> str:
     """The test-time transform in words, as `ft_focal.data.build_transform` builds it."""
-    from ft_focal.data.transforms import describe_test_transform
+    from ft_focal.data.transforms import FIVE_CROP_RESIZE, describe_test_transform, scaled_resize
 
     text = describe_test_transform(preprocess, data_cfg)
     if five_crop:
         size = preprocess.get("image_size", data_cfg.image_size)
-        text = f"Resize({round(248 * size / 224)}) + FiveCrop({size}), logits averaged; " + text.split(" + ", 2)[-1]
+        text = (f"Resize({scaled_resize(FIVE_CROP_RESIZE, size)}) + FiveCrop({size}), logits averaged; "
+                + text.split(" + ", 2)[-1])
     return text
 
 
@@ -204,7 +203,7 @@ def evaluate_corruption_set(saved: Any, model: torch.nn.Module, root: str, clean
     """CE / mCE on an ImageNet-C-layout folder; `baseline` = "alexnet" or a baseline run's JSON."""
     from ft_focal.data import build_transform
     from ft_focal.data.imagenet_c import class_to_label_for
-    from ft_focal.robustness import evaluate_corruptions, summarize_corruptions
+    from ft_focal.evaluation.corruption import evaluate_corruptions, summarize_corruptions
 
     class_to_label = class_to_label_for(root, saved.classnames, getattr(saved, "wnids", None))
     transform = build_transform(saved.preprocess, saved.recipe.data, train=False)
@@ -243,48 +242,9 @@ def load_baseline_errors(path: str) -> tuple[dict, Optional[float]]:
     return corruption["errors"], clean
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    from ft_focal.cli import run_guarded
+if __name__ == "__main__":  # `accelerate launch -m ft_focal.evaluate MODEL_DIR`: the `ft-focal eval` command
+    import sys
 
-    return run_guarded(lambda: _main(argv))
+    from ft_focal.commands.eval import main
 
-
-def _main(argv: Optional[list[str]]) -> int:
-    parser = argparse.ArgumentParser(prog="ft-focal eval", description="Evaluate a trained / exported model.")
-    parser.add_argument("model_dir", help="a run's final/ folder or an export folder")
-    parser.add_argument("overrides", nargs="*", help="recipe overrides key=value (e.g. data.root=/data/imagenet)")
-    parser.add_argument("--out", help="write the metrics JSON here (default MODEL_DIR/eval.json)")
-    parser.add_argument("--split", help="split to evaluate (default: the recipe's test split)")
-    parser.add_argument("--five-crop", action="store_true", default=None, help="LIFT test-time five-crop ensemble")
-    parser.add_argument("--imagenet-c", help="root of an ImageNet-C layout folder to evaluate as well")
-    parser.add_argument("--baseline", help="'alexnet' (default) or a baseline run's eval JSON for custom -C sets")
-    parser.add_argument("--no-report", action="store_true", help="do not write the Markdown report / plots")
-    args = parser.parse_args(argv)
-    from ft_focal.accel import make_accelerator
-
-    accelerator = make_accelerator()
-    result = evaluate_saved(args.model_dir, args.overrides, args.split, args.five_crop, args.imagenet_c,
-                            args.baseline, accelerator)
-    if accelerator.is_main_process:
-        out = Path(args.out) if args.out else Path(args.model_dir) / "eval.json"
-        from ft_focal.saved import write_json
-
-        write_json(out, result)
-        if not args.no_report:
-            from ft_focal.report import write_eval_report
-
-            write_eval_report(result, out.parent, class_counts_path=Path(args.model_dir) / "class_counts.json")
-        test = result["test"]
-        print(f"{result['split']}: overall {test['overall']:.4f} many {_fmt(test['many'])} "
-              f"medium {_fmt(test['medium'])} few {_fmt(test['few'])} -> {out}")
-        if "corruption" in result and result["corruption"].get("mCE") is not None:
-            print(f"mCE {result['corruption']['mCE']:.2f}")
-    return 0
-
-
-def _fmt(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,7 @@ and integer ``labels`` of shape ``[B]``. It returns the per-sample losses, shape
 Every loss has ``set_epoch(epoch)`` (0-based; a no-op except for LDAM-DRW) so that the training
 loop can call it unconditionally at the start of each epoch.
 
-Conventions shared by all losses (see ALGORITHMS.md, "Losses"):
+Conventions shared by all losses (see docs/algorithms.md, "Losses"):
 
 * ``n_c`` are training counts, ``N = sum_c n_c``, ``pi_c = n_c / N``.
 * Empty classes (``n_c = 0``) stay well defined: every count-derived quantity (``log pi_c``,
@@ -33,7 +33,8 @@ arguments each name accepts.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -256,7 +257,7 @@ class VSLoss(LongTailLoss):
     ``(n_c / n_max)^gamma <= 1`` (head classes keep their scale, tail logits shrink) and then
     shifted additively by ``iota_c = tau * log pi_c``.
 
-    Defaults ``gamma = 0.05, tau = 0.75`` follow ALGORITHMS.md (the official VS repository's
+    Defaults ``gamma = 0.05, tau = 0.75`` follow docs/algorithms.md (the official VS repository's
     defaults are ``gamma = 0.3, tau = 1.0``; its CIFAR scripts tune both).
     """
 
@@ -336,27 +337,56 @@ def _focal(counts: Sequence[int], gamma: float = 2.0) -> LongTailLoss:
     return FocalLoss(counts, gamma=gamma)
 
 
-_REGISTRY: dict[str, tuple[Any, dict[str, Any]]] = {
-    "ce": (_ce, {}),
-    "cb_ce": (_cb_ce, {"beta": 0.9999}),
-    "la": (_la, {"tau": 1.0}),
-    "logit_adjusted": (_la, {"tau": 1.0}),
-    "balanced_softmax": (_bs, {}),
-    "ldam": (_ldam, {"max_m": 0.5, "s": 30.0}),
-    "ldam_drw": (_ldam_drw, {"max_m": 0.5, "s": 30.0, "drw_epoch": 160, "beta": 0.9999}),
-    "vs": (_vs, {"gamma": 0.05, "tau": 0.75}),
-    "focal": (_focal, {"gamma": 2.0}),
-}
+@dataclass(frozen=True)
+class LossInfo:
+    """One loss of the registry.
+
+    factory / defaults: ``build_loss(name, counts, **kwargs)`` calls ``factory(counts, **kwargs)``;
+    ``defaults`` are the keywords it takes and their default values.
+    display: the name a reader knows it by (model card).
+    recipe_keys: (``loss.*`` recipe key, keyword) pairs: the recipe keys it takes and the keyword
+    each becomes (``focal_gamma`` -> ``gamma``; the recipe's ``loss`` section is flat).
+    alias_of: set for an alternative name (not a recipe choice).
+    """
+
+    name: str
+    factory: Any
+    defaults: Mapping[str, Any]
+    display: str
+    recipe_keys: tuple[tuple[str, str], ...] = ()
+    alias_of: Optional[str] = None
+
+
+def _keys(*names: str, **renamed: str) -> tuple[tuple[str, str], ...]:
+    return tuple((n, n) for n in names) + tuple(renamed.items())
+
+
+#: The loss registry: ft_focal/config.py (``loss.name`` choices), ft_focal/builders.py (which
+#: recipe keys reach the loss) and ft_focal/card.py (the loss's name and keys) read it.
+LOSSES: dict[str, LossInfo] = {info.name: info for info in (
+    LossInfo("ce", _ce, {}, "cross-entropy"),
+    LossInfo("cb_ce", _cb_ce, {"beta": 0.9999}, "class-balanced cross-entropy", _keys("beta")),
+    LossInfo("la", _la, {"tau": 1.0}, "logit-adjusted cross-entropy", _keys("tau")),
+    LossInfo("logit_adjusted", _la, {"tau": 1.0}, "logit-adjusted cross-entropy", _keys("tau"), alias_of="la"),
+    LossInfo("balanced_softmax", _bs, {}, "balanced softmax"),
+    LossInfo("ldam", _ldam, {"max_m": 0.5, "s": 30.0}, "LDAM", _keys("max_m", "s")),
+    LossInfo("ldam_drw", _ldam_drw, {"max_m": 0.5, "s": 30.0, "drw_epoch": 160, "beta": 0.9999}, "LDAM + DRW",
+             _keys("max_m", "s", "beta", "drw_epoch")),
+    LossInfo("vs", _vs, {"gamma": 0.05, "tau": 0.75}, "vector-scaling loss", (("vs_gamma", "gamma"), ("vs_tau", "tau"))),
+    LossInfo("focal", _focal, {"gamma": 2.0}, "focal loss", (("focal_gamma", "gamma"),)),
+)}
 
 #: Valid names for :func:`build_loss` ("logit_adjusted" is an alias of "la").
-LOSS_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+LOSS_NAMES: tuple[str, ...] = tuple(LOSSES)
+#: The recipe's ``loss.name`` choices (no aliases).
+RECIPE_LOSSES: tuple[str, ...] = tuple(n for n, info in LOSSES.items() if info.alias_of is None)
 
 
 def loss_kwargs(name: str) -> dict[str, Any]:
     """Keyword arguments accepted by ``build_loss(name, ...)`` with their default values."""
-    if name not in _REGISTRY:
+    if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(LOSS_NAMES)}")
-    return dict(_REGISTRY[name][1])
+    return dict(LOSSES[name].defaults)
 
 
 def build_loss(name: str, class_counts: Sequence[int], **kwargs: Any) -> LongTailLoss:
@@ -366,9 +396,9 @@ def build_loss(name: str, class_counts: Sequence[int], **kwargs: Any) -> LongTai
     ``ldam``, ``ldam_drw``, ``vs``, ``focal``. An unknown name or keyword raises ``ValueError``
     naming it and listing the valid choices.
     """
-    if name not in _REGISTRY:
+    if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(LOSS_NAMES)}")
-    factory, defaults = _REGISTRY[name]
+    factory, defaults = LOSSES[name].factory, LOSSES[name].defaults
     unknown = sorted(set(kwargs) - set(defaults))
     if unknown:
         valid = ", ".join(defaults) if defaults else "(none)"

@@ -21,7 +21,7 @@ import ctypes
 import logging
 import os
 
-logger = logging.getLogger("ft_focal")
+logger = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

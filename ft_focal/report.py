@@ -7,7 +7,6 @@ loss from train_log.jsonl, validation accuracy from metrics.json, by update).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Optional
 from ft_focal import plots
 from ft_focal.errors import UserError
 
-logger = logging.getLogger("ft_focal")
+logger = logging.getLogger(__name__)
 GROUPS = ("overall", "many", "medium", "few")
 
 
@@ -85,7 +84,8 @@ def write_run_report(run_dir: Path, metrics: dict) -> Path:
     if curve:
         lines += ["", "## Learning curves", "", f"![learning curves]({curve})"]
     if metrics.get("history"):
-        lines += ["", "## Validation history", "", "| epoch | update | overall | many | medium | few |", "|---|---|---|---|---|---|"]
+        lines += ["", "## Validation history", "", "| epoch | update | overall | many | medium | few |",
+                  "|---|---|---|---|---|---|"]
         for h in metrics["history"]:
             v = h.get("val", {})
             lines.append(f"| {h['epoch']} | {h['step']} | " + " | ".join(_pct(v.get(k)) for k in GROUPS) + " |")
@@ -127,7 +127,7 @@ def write_eval_report(result: dict, directory: Path, class_counts_path: Optional
     return path
 
 
-def _load_metrics(run: Path) -> dict:
+def load_metrics(run: Path) -> dict:
     for name in ("metrics.json", "eval.json"):
         file = run / name if run.is_dir() else run
         if file.is_file():
@@ -143,7 +143,7 @@ def compare_runs(runs: list[Path], out: Path) -> Path:
     results, metrics, dirs = {}, {}, {}
     for run in runs:
         name = _unique(Path(run).name, results)
-        metrics[name] = _load_metrics(Path(run))
+        metrics[name] = load_metrics(Path(run))
         results[name] = metrics[name].get("test") or {}
         dirs[name] = Path(run) if Path(run).is_dir() else Path(run).parent
     out.mkdir(parents=True, exist_ok=True)
@@ -164,22 +164,3 @@ def _unique(name: str, taken: dict) -> str:
         serial += 1
         candidate = f"{name} ({serial})"
     return candidate
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from ft_focal.cli import run_guarded
-
-    def run() -> int:
-        parser = argparse.ArgumentParser(prog="ft-focal report", description="Report of one run, or a comparison.")
-        parser.add_argument("runs", nargs="+", help="run directories (with metrics.json)")
-        parser.add_argument("--out", help="output directory (default: the run itself / ./comparison)")
-        args = parser.parse_args(argv)
-        runs = [Path(r) for r in args.runs]
-        if len(runs) == 1:
-            path = write_run_report(Path(args.out) if args.out else runs[0], _load_metrics(runs[0]))
-        else:
-            path = compare_runs(runs, Path(args.out or "comparison"))
-        print(path)
-        return 0
-
-    return run_guarded(run)

@@ -27,6 +27,7 @@ from safetensors.torch import save_model as st_save_model
 
 from ft_focal.config import Recipe, load_recipe, save_recipe
 from ft_focal.errors import UserError
+from ft_focal.files import write_json
 
 WEIGHTS = "model.safetensors"
 
@@ -48,15 +49,6 @@ class SavedModel:
         from ft_focal.data import build_transform
 
         return build_transform(self.preprocess, self.recipe.data, train=False)
-
-
-def write_json(path: Path, value) -> None:
-    """Write JSON atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
 
 
 def save_model_dir(

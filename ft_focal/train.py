@@ -1,4 +1,5 @@
-"""The training loop: `accelerate launch -m ft_focal.train RECIPE.yaml [key=value ...]`.
+"""The training loop: `Trainer` and `train(recipe)`; launched by `ft-focal train` (ft_focal/commands/train.py)
+or `accelerate launch -m ft_focal.train RECIPE.yaml [key=value ...]`.
 
 `Trainer.run` reads top to bottom, one named phase each: `setup` (recipe -> data + class counts
 -> model + PEFT -> loss -> optimizer of the SAM family, one `step` call per update -> LR schedule),
@@ -35,7 +36,6 @@ counted; `train.max_bad_steps` consecutive ones stop the run with a checkpoint a
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -43,7 +43,6 @@ import pickle  # only for the exception type raised by torch.load(weights_only=T
 import re
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,21 +50,34 @@ import torch
 from torch.utils.data import DataLoader
 
 from ft_focal import checkpoint as ckpt
-from ft_focal.builders import (LOSS_KEYS, METHOD_KEYS, build_loss_from, build_optimizer_from,  # noqa: F401
-                               clip_final_gradient, compile_model, lr_lambda, make_accelerator)
-from ft_focal.config import Recipe, load_recipe, save_recipe
-from ft_focal.errors import UserError
+from ft_focal.builders import (  # noqa: F401
+    LOSS_KEYS,
+    METHOD_KEYS,
+    build_loss_from,
+    build_optimizer_from,
+    clip_final_gradient,
+    compile_model,
+    lr_lambda,
+    make_accelerator,
+)
+from ft_focal.config import Recipe, save_recipe
+from ft_focal.errors import UserError, one_line
 from ft_focal.malloc import keep_freed_memory
+from ft_focal.preflight import check_paths
 from ft_focal.sampling import ResumableBatchSampler, SeededDataset, prefetch_to_device, steps_per_epoch
 from ft_focal.trainlog import TrainLog
 from ft_focal.trainstate import BEST, OPERATIONAL_KEYS, TrainState, recipe_digest, save_best  # noqa: F401
-from ft_focal.zeroshot import is_zero_shot, mark_zero_shot, refuse_checkpoints, zero_shot_recipe
+from ft_focal.zeroshot import is_zero_shot, mark_zero_shot, refuse_checkpoints
 
-logger = logging.getLogger("ft_focal")
+logger = logging.getLogger(__name__)
+
+__all__ = ["Trainer", "train", "LOSS_KEYS", "METHOD_KEYS", "build_loss_from", "build_optimizer_from",
+           "make_accelerator"]
+
 
 class Trainer:
     """One run of a recipe: `run()` = setup, resume, (train_epoch, epoch_end)*, select_and_report,
-    write_artifacts. `bundle`: prebuilt datasets (tests, --dry-run); None = from the recipe."""
+    write_artifacts. `bundle`: prebuilt datasets (tests, the dry run); None = read the recipe's data."""
 
     def __init__(self, recipe: Recipe, bundle: Any = None) -> None:
         self.recipe, self.cfg, self.bundle = recipe, recipe.train, bundle
@@ -91,14 +103,12 @@ class Trainer:
         """Accelerator and seeds, then data (+ class counts), model, loss, optimizer, LR schedule."""
         from accelerate.utils import set_seed
 
-        from ft_focal.data import build_datasets
+        from ft_focal.data.build import build_datasets
         from ft_focal.models import build_classifier, preprocess_for
 
         recipe, cfg = self.recipe, self.cfg
-        if self.bundle is None:
-            from ft_focal.preflight import check_paths
-
-            check_paths(recipe)  # every missing weights / data path at once, before anything heavy
+        # Every missing path the run will read (weights; data unless prebuilt) at once, before anything heavy.
+        check_paths(recipe, data=self.bundle is None)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.deterministic:  # before the accelerator touches CUDA: cuBLAS reads this at init
@@ -172,11 +182,11 @@ class Trainer:
                                             acc.scaler)
         except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused an object
             found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-            what = f"it references {found.group(1)}" if found else _one_line(exc)[:120]
+            what = f"it references {found.group(1)}" if found else one_line(exc, 120)
             raise UserError(f"{resume_from}: refusing to load a checkpoint file that holds more than tensors "
                             f"({what}); remove this checkpoint") from None
         except (KeyError, ValueError, RuntimeError, OSError) as exc:
-            raise UserError(f"{resume_from}: cannot resume from this checkpoint ({_one_line(exc)}); it does not "
+            raise UserError(f"{resume_from}: cannot resume from this checkpoint ({one_line(exc)}); it does not "
                             f"fit this recipe or holds more than tensors: use another output_dir or remove it") from None
         digest = self.state.recipe_sha256
         if restored.get("recipe_sha256") not in (None, digest):
@@ -337,7 +347,7 @@ class Trainer:
         if recipe.eval.select_split == "val" and s.best is not None:
             from safetensors.torch import load_file
 
-            if best_file.is_file() and s.best_sha256 in (None, ckpt._sha256(best_file)):
+            if best_file.is_file() and s.best_sha256 in (None, ckpt.sha256(best_file)):
                 ckpt.load_trainable_state(self.model, load_file(str(best_file)))
                 selected = f"best on val ({recipe.eval.select_metric}) at epoch {s.best_epoch}"
             else:
@@ -401,11 +411,6 @@ def train(recipe: Recipe, bundle: Any = None) -> dict:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2], previous[3]
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] or type(exc).__name__
-
-
 def _short(result: dict) -> dict:
     return {k: result.get(k) for k in ("overall", "many", "medium", "few", "ece")}
 
@@ -414,32 +419,7 @@ def _pct(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    from ft_focal.cli import run_guarded
+if __name__ == "__main__":  # `accelerate launch -m ft_focal.train RECIPE`: the `ft-focal train` command
+    from ft_focal.commands.train import main
 
-    return run_guarded(lambda: _main(argv))
-
-
-def _main(argv: Optional[list[str]]) -> int:
-    parser = argparse.ArgumentParser(prog="ft-focal train", description="Fine-tune a model from a recipe.")
-    parser.add_argument("recipe", help="recipe YAML file")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.005 train.epochs=5")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="tiny backbone of the same family + synthetic images: build everything, 2 updates, 1 eval")
-    parser.add_argument("--zero-shot", action="store_true", help="no training: evaluate the initial (text or "
-                        "class-mean) head; writes to <output_dir>_zero_shot")
-    args = parser.parse_args(argv)
-    recipe = load_recipe(args.recipe, args.overrides)
-    if args.zero_shot:
-        recipe = zero_shot_recipe(recipe)
-    if args.dry_run:
-        from ft_focal.preflight import dry_run
-
-        dry_run(recipe)
-        return 0
-    train(recipe)
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -49,7 +49,7 @@ def save_best(out: Path, model: torch.nn.Module) -> str:
 
     tmp = out / (BEST + ".tmp")
     save_file(ckpt.trainable_state(model), str(tmp))
-    digest = ckpt._sha256(tmp)
+    digest = ckpt.sha256(tmp)
     os.replace(tmp, out / BEST)
     return digest
 

@@ -80,7 +80,8 @@ def write_recipe(tree: Path, tmp_path: Path, train_lines=None, workers: int = 0,
     test = tmp_path / "test.txt"
     test.write_text("\n".join(GOOD[:6]) + "\n")
     raw = {
-        "name": "bad_input", "output_dir": str(tmp_path / "run"), "model": json.loads(json.dumps(MODEL)), "tuning": {"method": "head"},
+        "name": "bad_input", "output_dir": str(tmp_path / "run"), "model": json.loads(json.dumps(MODEL)),
+        "tuning": {"method": "head"},
         "data": {"dataset": "split_file", "root": str(tree / "root"), "classnames": str(tree / "classnames.txt"),
                  "train_list": str(train), "test_list": str(test), "image_size": 32, "test_resize": 32,
                  "num_workers": workers},
@@ -226,7 +227,8 @@ def test_errors_through_a_real_process_are_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "ft_focal.cli", "train", str(bad)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines() == [f"error: {bad} line 4: not valid YAML (expected ',' or ']', but got '<stream end>')"]
+    expected = f"error: {bad} line 4: not valid YAML (expected ',' or ']', but got '<stream end>')"
+    assert done.stderr.strip().splitlines() == [expected]
 
 
 # ------------------------------------------------------------------------------ saved models, ImageNet-C

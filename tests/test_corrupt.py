@@ -11,18 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ft_focal.data.corrupt import (
-    available_corruptions,
-    corruption_seed,
-    prepare_image,
-    render_corruptions,
-    sources_from_arrays,
-    sources_from_folder,
-)
+from ft_focal.data.corrupt import render_corruptions
+from ft_focal.data.corrupt_image import available_corruptions, corruption_seed, prepare_image
+from ft_focal.data.corrupt_sources import sources_from_arrays, sources_from_folder
 from ft_focal.data.imagenet_c import class_to_label_for, wnid_mapping
 from ft_focal.errors import UserError
+from ft_focal.evaluation import evaluate_corruptions, summarize_corruptions
 from ft_focal.metrics import ALL_CORRUPTIONS
-from ft_focal.robustness import evaluate_corruptions, summarize_corruptions
 
 # fast corruptions (glass_blur compiles numba ~3 s and zoom_blur is slow: kept for the slow test)
 CORRS = ["gaussian_noise", "contrast", "pixelate"]

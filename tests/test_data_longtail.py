@@ -13,9 +13,15 @@ import torch
 from PIL import Image
 
 from ft_focal.config import DataConfig
-from ft_focal.data import (build_datasets, build_five_crop_transform, build_transform,
-                           class_counts_from_labels, longtail_counts, subsample_longtail,
-                           synthetic_bundle)
+from ft_focal.data import (
+    build_datasets,
+    build_five_crop_transform,
+    build_transform,
+    class_counts_from_labels,
+    longtail_counts,
+    subsample_longtail,
+    synthetic_bundle,
+)
 from ft_focal.errors import UserError
 
 PRE = {"image_size": 32, "mean": [0.48145466, 0.4578275, 0.40821073],

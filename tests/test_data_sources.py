@@ -15,8 +15,7 @@ import torch
 from PIL import Image
 
 from ft_focal.config import DataConfig
-from ft_focal.data import (DataError, build_datasets, check_data, collate_skip_bad, open_rgb,
-                           parse_classnames)
+from ft_focal.data import DataError, build_datasets, check_data, collate_skip_bad, open_rgb, parse_classnames
 from ft_focal.data.splits import RESOURCES, resolve_path
 from ft_focal.errors import UserError
 
@@ -234,7 +233,7 @@ def test_shipped_classnames():
     from ft_focal.data import alphabetical_permutation
 
     moved = int((alphabetical_permutation(inat.names) != np.arange(8142)).sum())
-    assert moved == 8138  # ALGORITHMS.md: the given order permutes all but 4 classes
+    assert moved == 8138  # docs/algorithms.md: the given order permutes all but 4 classes
     with pytest.raises(UserError, match="not a shipped resource"):
         resolve_path("builtin:nope.txt", "data.classnames")
     assert (RESOURCES / "imagenet_lt" / "classnames.txt").is_file()
@@ -332,7 +331,7 @@ def test_real_imagenet_lt_test_list_matches_shipped_classnames():
 
 
 def test_data_package_imports_no_model_optim_or_loop():
-    """DESIGN.md import rules, read from the source (no interpreter start-up)."""
+    """docs/design.md import rules, read from the source (no interpreter start-up)."""
     import ast
     from pathlib import Path
 

@@ -12,8 +12,7 @@ from torch.utils.data import TensorDataset
 from ft_focal.config import ModelConfig, TuningConfig, recipe_from_dict
 from ft_focal.errors import UserError
 from ft_focal.models import build_classifier, tiny_model_config
-from ft_focal.models.head_init import (class_feature_sums, class_mean_weights, init_head_from_class_means,
-                                       text_head_weights)
+from ft_focal.models.head_init import class_feature_sums, class_mean_weights, init_head_from_class_means, text_head_weights
 
 
 def _tiny_clf(family: str, num_classes: int, seed: int = 0, **model_kw):

@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 import ft_focal
-from ft_focal import card, hub
+from ft_focal import card, hub, provenance
 from ft_focal.cli import main as cli_main
 from ft_focal.config import ModelConfig, recipe_from_dict
 from ft_focal.errors import UserError
@@ -146,27 +146,27 @@ def test_model_card_front_matter(export_dir, metrics):
 
 def test_card_base_model_and_corruption(tmp_path):
     oc = ModelConfig(family="open_clip", name="ViT-B-16", pretrained="openai")
-    assert card.base_model_id(oc) == "openai/clip-vit-base-patch16"
-    assert card.base_model_id(dataclasses.replace(oc, name="ViT-B-32", pretrained="laion2b_s34b_b79k")) == \
+    assert provenance.base_model_id(oc) == "openai/clip-vit-base-patch16"
+    assert provenance.base_model_id(dataclasses.replace(oc, name="ViT-B-32", pretrained="laion2b_s34b_b79k")) == \
         "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
-    assert card.base_model_id(dataclasses.replace(oc, pretrained=None)) is None
+    assert provenance.base_model_id(dataclasses.replace(oc, pretrained=None)) is None
     cached = tmp_path / "models--timm--vit_base_patch16_clip_224.openai" / "snapshots" / "abc"
     cached.mkdir(parents=True)
     (cached / "open_clip_model.safetensors").write_bytes(b"")
-    assert card.base_model_id(dataclasses.replace(oc, pretrained=str(cached / "open_clip_model.safetensors"))) == \
+    assert provenance.base_model_id(dataclasses.replace(oc, pretrained=str(cached / "open_clip_model.safetensors"))) == \
         "timm/vit_base_patch16_clip_224.openai"
     (tmp_path / "ViT-B-16.pt").write_bytes(b"")
-    assert card.base_model_id(dataclasses.replace(oc, pretrained=str(tmp_path / "ViT-B-16.pt"))) == \
+    assert provenance.base_model_id(dataclasses.replace(oc, pretrained=str(tmp_path / "ViT-B-16.pt"))) == \
         "openai/clip-vit-base-patch16"
     (tmp_path / "mystery.safetensors").write_bytes(b"")
-    assert card.base_model_id(dataclasses.replace(oc, pretrained=str(tmp_path / "mystery.safetensors"))) is None
+    assert provenance.base_model_id(dataclasses.replace(oc, pretrained=str(tmp_path / "mystery.safetensors"))) is None
     hf_dir = tmp_path / "clip-dir"
     hf_dir.mkdir()
     (hf_dir / "config.json").write_text(json.dumps({"_name_or_path": "openai/clip-vit-large-patch14"}))
     hf = ModelConfig(family="hf_clip", name="clip", pretrained=str(hf_dir))
-    assert card.base_model_id(hf) == "openai/clip-vit-large-patch14"
+    assert provenance.base_model_id(hf) == "openai/clip-vit-large-patch14"
     (hf_dir / "config.json").write_text(json.dumps({"model_type": "clip"}))
-    assert card.base_model_id(hf) is None
+    assert provenance.base_model_id(hf) is None
 
     recipe = recipe_from_dict({"name": "r", "optim": {"name": "imbsam"}, "tuning": {"method": "adaptformer"},
                                "data": {"dataset": "hf", "hf_path": "someone/some-lt-dataset"}})
@@ -325,9 +325,20 @@ def test_push_offline_with_the_real_api_is_one_line(export_dir, capsys):
     assert "offline" in err and "HF_HUB_OFFLINE" in err
 
 
+def _hub_http_client():
+    """The HTTP client huggingface_hub raises errors from: httpx2 for huggingface_hub 2.x, httpx for 1.x."""
+    import importlib
+
+    import huggingface_hub
+
+    major = int(huggingface_hub.__version__.split(".")[0])
+    return importlib.import_module("httpx2" if major >= 2 else "httpx")
+
+
 def test_push_errors_from_the_hub_are_one_line(export_dir, tmp_path, monkeypatch, capsys):
-    import httpx2
     from huggingface_hub import errors as hf_errors
+
+    httpx2 = _hub_http_client()
 
     def failing(exc):
         class Api(FakeHfApi):

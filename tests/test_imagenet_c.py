@@ -26,8 +26,7 @@ from ft_focal.data.imagenet_c import (
     wnid_mapping,
 )
 from ft_focal.errors import UserError
-from ft_focal.metrics import ALEXNET_CLEAN_ERROR, BENCHMARK_CORRUPTIONS, load_alexnet_errors
-from ft_focal.robustness import (
+from ft_focal.evaluation import (
     build_eval_transform,
     describe_transform,
     evaluate_corruptions,
@@ -37,6 +36,7 @@ from ft_focal.robustness import (
     shard_indices,
     summarize_corruptions,
 )
+from ft_focal.metrics import ALEXNET_CLEAN_ERROR, BENCHMARK_CORRUPTIONS, load_alexnet_errors
 
 REPO = Path(__file__).resolve().parents[1]
 # model label order deliberately NOT alphabetical: label i = WNIDS[i]

@@ -102,7 +102,7 @@ def test_vs_formula_matches_official():
     # paper's multiplicative form: logits * (n_c / n_max)^gamma
     expected2 = _np_ce(LOGITS * (n / n.max()) ** gamma + tau * np.log(n / n.sum()), LABELS)
     np.testing.assert_allclose(out, expected2, rtol=1e-12)
-    # defaults from ALGORITHMS.md
+    # defaults from docs/algorithms.md
     assert loss_kwargs("vs") == {"gamma": 0.05, "tau": 0.75}
 
 

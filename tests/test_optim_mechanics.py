@@ -10,8 +10,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from test_optim_reference import batch, closure_for, max_diff, mlp, run, weights  # noqa: E402
 
-from ft_focal.optim import (  # noqa: E402
-    CCSAM, ERM, OPTIMIZERS, SAM, SSESAM, FocalSAM, ImbSAM, build_optimizer, optimizer_kwargs)
+from ft_focal.optim import CCSAM, ERM, OPTIMIZERS, SAM, SSESAM, FocalSAM, ImbSAM, build_optimizer, optimizer_kwargs  # noqa: E402
 
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 COUNTS = [100, 30, 8, 3]
@@ -245,6 +244,7 @@ def test_registry():
 def test_optim_imports_nothing_else_from_ft_focal():
     import ast
     import pathlib
+
     import ft_focal.optim as pkg
     for f in pathlib.Path(pkg.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(f.read_text())):

@@ -7,8 +7,24 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_optim_reference import (  # noqa: E402
-    RefSGD, axpy, batch, load, max_diff, mlp, ref_ccsam_classifier, ref_ccsam_network, ref_erm,
-    ref_focal, ref_imbsam, ref_run, ref_sam, ref_ssesam, run, scal, weights)
+    RefSGD,
+    axpy,
+    batch,
+    load,
+    max_diff,
+    mlp,
+    ref_ccsam_classifier,
+    ref_ccsam_network,
+    ref_erm,
+    ref_focal,
+    ref_imbsam,
+    ref_run,
+    ref_sam,
+    ref_ssesam,
+    run,
+    scal,
+    weights,
+)
 
 from ft_focal.optim import CCSAM, ERM, SAM, SSESAM, FocalSAM, ImbSAM  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Independent reference computations for the optimizer tests (float64).
 
-Everything here is written from ALGORITHMS.md with ``torch.autograd.grad`` on explicitly formed
+Everything here is written from docs/algorithms.md with ``torch.autograd.grad`` on explicitly formed
 losses and ``torch.func.functional_call`` at explicitly formed weights - no code of ft_focal.optim.
 """
 import math

@@ -324,7 +324,6 @@ def test_non_finite_updates_are_skipped_and_counted(tmp_path, monkeypatch):
 
 
 def test_too_many_consecutive_non_finite_updates_stop_with_a_checkpoint(tmp_path, monkeypatch, capsys):
-    import ft_focal.train as train_module
 
     snapshots = {}
     original_step = None
@@ -343,7 +342,9 @@ def test_too_many_consecutive_non_finite_updates_stop_with_a_checkpoint(tmp_path
     out = tmp_path / "run"
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(_tiny_synthetic(out, max_bad_steps=3)))
-    code = train_module.main([str(path)])
+    from ft_focal.commands.train import main
+
+    code = main([str(path)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     line = err.strip().splitlines()[-1]
@@ -362,7 +363,7 @@ def test_too_many_consecutive_non_finite_updates_stop_with_a_checkpoint(tmp_path
 
     # Run again once the cause is gone: it resumes there and evaluates epoch 0 exactly once.
     monkeypatch.undo()
-    assert train_module.main([str(path)]) == 0
+    assert main([str(path)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [0, 1]
     assert metrics["updates"] == 12 and metrics["skipped_steps"] == 3

@@ -125,22 +125,37 @@ def test_rerun_of_a_finished_run_resumes_instead_of_retraining(tmp_path):
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 
-def _two_process_body(recipe_path):
-    from ft_focal.config import load_recipe
-    from ft_focal.train import train as run
+# accelerate.debug_launcher forks: in this test process, autograd (and on a GPU machine CUDA) threads
+# already exist, and a fork after threads start can hang or fail. It runs in a fresh interpreter instead.
+_TWO_PROCESSES = """
+import sys
+from accelerate import debug_launcher
 
-    run(load_recipe(recipe_path))
+
+def body(recipe_path):
+    from ft_focal.config import load_recipe
+    from ft_focal.train import train
+
+    train(load_recipe(recipe_path))
+
+
+if __name__ == "__main__":
+    debug_launcher(body, args=(sys.argv[1],), num_processes=2)
+"""
 
 
 def test_two_processes_with_debug_launcher(tmp_path):
-    from accelerate import debug_launcher
+    from ft_focal.config import save_recipe
 
     recipe = tiny_recipe(tmp_path, "hf_vit", "lora", train__epochs=1)
     path = tmp_path / "recipe.yaml"
-    from ft_focal.config import save_recipe
-
     save_recipe(recipe, path)
-    debug_launcher(_two_process_body, args=(str(path),), num_processes=2)
+    script = tmp_path / "two_processes.py"
+    script.write_text(_TWO_PROCESSES)
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, str(script), str(path)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     metrics = check_run(Path(recipe.output_dir), world_size=2)
     assert metrics["updates"] == 3
 

@@ -67,7 +67,7 @@ def test_progress_lines_when_stdout_is_not_a_terminal(run):
 def test_report_shows_learning_curves_and_report_overlays_runs(run, tmp_path):
     import shutil
 
-    from ft_focal.report import main as report_main
+    from ft_focal.commands.report import main as report_main
 
     out, _, _ = run
     assert "learning_curves.png" in (out / "report.md").read_text()

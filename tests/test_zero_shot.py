@@ -75,7 +75,7 @@ def test_zero_shot_refuses_the_folder_of_a_training_run(tmp_path):
 
 
 def test_zero_shot_switch_runs_the_recipe_untrained_in_its_own_folder(tmp_path):
-    from ft_focal.train import main
+    from ft_focal.commands.train import main
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(_raw(tmp_path / "run", epochs=3)))

@@ -9,13 +9,13 @@ import argparse
 import sys
 from typing import Optional
 
+from ft_focal.commands.guard import run_guarded
+from ft_focal.config import load_recipe
+
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from ft_focal.cli import run_guarded
-
     def run() -> int:
-        from ft_focal.config import load_recipe
-        from ft_focal.data import check_data
+        from ft_focal.data.check import check_data
 
         parser = argparse.ArgumentParser(prog="ft-focal check-data", description=__doc__)
         parser.add_argument("recipe")

@@ -19,13 +19,14 @@ from typing import Optional
 
 import numpy as np
 
+from ft_focal.commands.guard import list_flag, run_guarded
+from ft_focal.config import load_recipe
 from ft_focal.errors import UserError
 
 
 def sources_from_recipe(path: str, overrides: list[str], split: str) -> list[tuple[str, object]]:
     """(relative output path, file path or uint8 array) for every image of a recipe's split."""
-    from ft_focal.config import load_recipe
-    from ft_focal.data import build_datasets
+    from ft_focal.data.build import build_datasets
 
     recipe = load_recipe(path, overrides)
     preprocess = {"image_size": 224, "mean": [0.0] * 3, "std": [1.0] * 3, "interpolation": "bicubic"}
@@ -60,10 +61,9 @@ def summary_sentence(summary: dict, n_corruptions: int, n_severities: int) -> st
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from ft_focal.cli import list_flag, run_guarded
-
     def run() -> int:
-        from ft_focal.data.corrupt import render_corruptions, sources_from_folder, sources_from_split_list
+        from ft_focal.data.corrupt import render_corruptions
+        from ft_focal.data.corrupt_sources import sources_from_folder, sources_from_split_list
         from ft_focal.metrics import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS
 
         parser = argparse.ArgumentParser(prog="ft-focal corrupt", description=__doc__,

@@ -12,14 +12,14 @@ import argparse
 import sys
 from typing import Optional
 
+from ft_focal.commands.guard import run_guarded
+
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from ft_focal.cli import run_guarded
-
-    return run_guarded(lambda: _main(argv))
+    return run_guarded(lambda: _run(argv))
 
 
-def _main(argv: Optional[list[str]]) -> int:
+def _run(argv: Optional[list[str]]) -> int:
     from ft_focal.hub import push_run
 
     parser = argparse.ArgumentParser(prog="ft-focal push", description="Upload a model to the Hugging Face Hub.")

@@ -21,16 +21,19 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ft_focal.commands.guard import list_flag, run_guarded
+from ft_focal.files import write_json
+
 
 def measure(model_dir: str, groups: Optional[list[str]] = None, classes: Optional[list[int]] = None,
             batches: int = 4, batch_size: int = 64, k: int = 1, iters: int = 30, trace_samples: int = 30,
             rho: float = 0.05, seed: int = 0, per_class: bool = False, overrides: Optional[list[str]] = None) -> dict:
     """The sharpness of each group of a saved model on (a fixed part of) its training split."""
-    from ft_focal.data import build_datasets
+    from ft_focal.builders import build_loss_from
+    from ft_focal.data.build import build_datasets
     from ft_focal.errors import UserError
     from ft_focal.saved import load_model_dir
     from ft_focal.sharpness import group_sharpness, shot_group_classes
-    from ft_focal.train import build_loss_from
 
     saved = load_model_dir(model_dir, overrides)
     recipe = saved.recipe
@@ -72,11 +75,8 @@ def measure(model_dir: str, groups: Optional[list[str]] = None, classes: Optiona
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from ft_focal.cli import list_flag, run_guarded
-
     def run() -> int:
         from ft_focal import plots
-        from ft_focal.saved import write_json
 
         parser = argparse.ArgumentParser(prog="ft-focal sharpness", description=__doc__,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,7 +112,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             eig = entry.get("eigenvalues")
             print(f"{name:>8}: n={entry.get('num_samples')} top eigenvalue "
                   f"{eig[0] if eig else float('nan'):.4g} trace {entry.get('trace') or float('nan'):.4g} "
-                  f"(+- {entry.get('trace_stderr') or float('nan'):.2g}) sam sharpness {entry.get('sam_sharpness') or float('nan'):.4g}")
+                  f"(+- {entry.get('trace_stderr') or float('nan'):.2g}) "
+                  f"sam sharpness {entry.get('sam_sharpness') or float('nan'):.4g}")
         print(f"-> {out / 'sharpness.json'}")
         return 0
 

@@ -14,11 +14,11 @@ Public API (used by the training loop, evaluation and --dry-run):
 This package imports nothing from ft_focal.models, ft_focal.optim or the training loop.
 """
 
+from ft_focal.data.build import build_datasets
 from ft_focal.data.check import check_data
-from ft_focal.data.datasets import (DataBundle, LabelledImages, build_datasets, collate_skip_bad,
-                                    synthetic_bundle)
+from ft_focal.data.datasets import DataBundle, LabelledImages, collate_skip_bad, synthetic_bundle
 from ft_focal.data.images import DataError, open_rgb, to_rgb
-from ft_focal.data.longtail import (class_counts_from_labels, longtail_counts, subsample_longtail)
+from ft_focal.data.longtail import class_counts_from_labels, longtail_counts, subsample_longtail
 from ft_focal.data.splits import alphabetical_permutation, parse_classnames, parse_split_list
 from ft_focal.data.transforms import build_five_crop_transform, build_transform
 

@@ -16,7 +16,9 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
+from ft_focal.data import sources
 from ft_focal.data.images import DataError
+from ft_focal.data.splits import parse_classnames, parse_split_list, resolve_path
 from ft_focal.errors import UserError
 
 
@@ -46,9 +48,6 @@ def _check_images(name: str, ds, workers: int, problems: list) -> None:
 
 def check_data(data_cfg, workers: int = 0) -> list[str]:
     """Every problem of the recipe's data (lists, labels, images), one line each; [] if none."""
-    from ft_focal.data import sources
-    from ft_focal.data.splits import parse_classnames, parse_split_list, resolve_path
-
     workers = workers if workers and workers > 0 else (os.cpu_count() or 1)
     problems: list[str] = []
     kind = data_cfg.dataset
@@ -56,7 +55,7 @@ def check_data(data_cfg, workers: int = 0) -> list[str]:
     if kind == "split_file":
         # Parse everything ourselves so that every bad line is reported, not only the first.
         try:
-            root = sources._require_root(data_cfg, "split_file")
+            root = sources.require_root(data_cfg, "split_file")
         except UserError as exc:
             return [str(exc)]
         declared = getattr(data_cfg, "num_classes", None)
@@ -91,12 +90,7 @@ def check_data(data_cfg, workers: int = 0) -> list[str]:
 
     if kind == "synthetic":
         return problems
-    builders = {
-        "image_folder": sources.from_image_folder,
-        "hf": sources.from_hf,
-        "cifar_lt": sources.from_cifar,
-        "digits_lt": sources.from_digits,
-    }
+    builders = {k: v for k, v in sources.SOURCES.items() if k != "split_file"}  # split_file: above
     if kind not in builders:
         return [f"data.dataset: {kind!r} is not a known source"]
     try:

@@ -31,145 +31,24 @@ rendered set are comparable across models on that set, not to published ImageNet
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
 import multiprocessing as mp
 import os
 import sys
 import time
 from pathlib import Path, PurePosixPath
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ft_focal.data.imagenet_c import IMAGE_EXTENSIONS, load_rgb
+from ft_focal.data.corrupt_image import ImageSource, check_corruptions, corrupt_image, corruption_seed, prepare_image, save_jpeg
+from ft_focal.data.imagenet_c import IMAGE_EXTENSIONS
 from ft_focal.errors import UserError
+from ft_focal.files import write_json
 
-__all__ = [
-    "available_corruptions",
-    "render_corruptions",
-    "prepare_image",
-    "corruption_seed",
-    "sources_from_folder",
-    "sources_from_split_list",
-    "sources_from_arrays",
-    "check_corruptions",
-]
+__all__ = ["render_corruptions", "INFO_FILE"]
 
-ImageSource = Union[str, os.PathLike, np.ndarray]
 INFO_FILE = "render_info.json"
-
-
-def available_corruptions() -> list[str]:
-    """The corruption names the installed `imagecorruptions` provides (19 for ImageNet-C)."""
-    try:
-        from imagecorruptions import get_corruption_names
-    except ImportError:  # pragma: no cover - a declared dependency
-        raise UserError(
-            "the 'imagecorruptions' module is missing; install the package 'imagecorruptions-imaug'"
-        ) from None
-    return list(get_corruption_names("all"))
-
-
-def check_corruptions(corruptions: Sequence[str], severities: Sequence[int]) -> None:
-    """UserError if a corruption name is unknown to imagecorruptions or a severity is not 1..5."""
-    if isinstance(corruptions, str) or not corruptions:
-        raise UserError(f"corruptions must be a non-empty list of names, got {corruptions!r}")
-    valid = available_corruptions()
-    bad = [c for c in corruptions if c not in valid]
-    if bad:
-        raise UserError(f"unknown corruption(s) {', '.join(map(str, bad))}; valid: {', '.join(valid)}")
-    if len(set(corruptions)) != len(corruptions):
-        raise UserError(f"corruption requested twice in {list(corruptions)}")
-    if not severities:
-        raise UserError("no severities requested")
-    for s in severities:
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 1 <= int(s) <= 5:
-            raise UserError(f"severity {s!r} is not an integer in 1..5")
-    if len(set(int(s) for s in severities)) != len(severities):
-        raise UserError(f"severity requested twice in {list(severities)}")
-
-
-def corruption_seed(relative_out_path: str, corruption: str, severity: int) -> int:
-    """A 32-bit seed from (image, corruption, severity), stable across runs and platforms."""
-    key = f"{relative_out_path}|{corruption}|{int(severity)}".encode("utf-8")
-    return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
-
-
-# ----------------------------------------------------------------------------- one image
-
-def prepare_image(source: ImageSource, resize: Optional[int] = 256, crop: Optional[int] = 224) -> np.ndarray:
-    """Load `source` (path or uint8 array HxW / HxWx1 / HxWx3) -> RGB uint8 array after
-    Resize(`resize`) (shorter side, PIL bilinear, torchvision's arithmetic) and
-    CenterCrop(`crop`). `None` skips a step."""
-    from PIL import Image
-
-    if isinstance(source, np.ndarray):
-        arr = source
-        if arr.dtype != np.uint8:
-            raise UserError(f"image array has dtype {arr.dtype}; expected uint8 (0..255)")
-        if arr.ndim == 3 and arr.shape[2] == 1:
-            arr = arr[:, :, 0]
-        if arr.ndim == 2:
-            img = Image.fromarray(np.ascontiguousarray(arr), mode="L").convert("RGB")
-        elif arr.ndim == 3 and arr.shape[2] == 3:
-            img = Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
-        else:
-            raise UserError(f"image array has shape {arr.shape}; expected HxW or HxWx3")
-    else:
-        img = load_rgb(os.fspath(source))
-    if resize is not None:
-        w, h = img.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = int(resize), int(int(resize) * long / short)
-        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), Image.BILINEAR)
-    if crop is not None:
-        w, h = img.size
-        if w < crop or h < crop:
-            raise UserError(f"image of size {w}x{h} is smaller than the crop {crop}; set a resize >= crop")
-        top = int(round((h - crop) / 2.0))
-        left = int(round((w - crop) / 2.0))
-        img = img.crop((left, top, left + crop, top + crop))
-    out = np.asarray(img, dtype=np.uint8)
-    if out.shape[0] < 32 or out.shape[1] < 32:
-        raise UserError(f"image is {out.shape[1]}x{out.shape[0]} after preprocessing; imagecorruptions needs >= 32x32")
-    return out
-
-
-_SEED_KW: dict[str, bool] = {}
-
-
-def _takes_seed(name: str) -> bool:
-    if name not in _SEED_KW:
-        from imagecorruptions import corruption_dict
-
-        _SEED_KW[name] = "seed" in inspect.signature(corruption_dict[name]).parameters
-    return _SEED_KW[name]
-
-
-def corrupt_image(image: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
-    """`imagecorruptions.corrupt` with every random source seeded from `seed`."""
-    from imagecorruptions import corrupt
-
-    np.random.seed(seed)
-    kwargs = {"seed": seed} if _takes_seed(corruption) else {}
-    out = corrupt(image, corruption_name=corruption, severity=int(severity), **kwargs)
-    out = np.asarray(out)
-    if out.dtype != np.uint8:
-        out = np.clip(out, 0, 255).astype(np.uint8)
-    return out
-
-
-def _save_jpeg(arr: np.ndarray, path: str, quality: int) -> None:
-    from PIL import Image
-
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        Image.fromarray(arr).save(fh, format="JPEG", quality=quality, optimize=True)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- workers
@@ -208,7 +87,7 @@ def _render_task(task: tuple[str, ImageSource, list[tuple[str, int]]]) -> tuple[
         try:
             arr = corrupt_image(image, corruption, severity, corruption_seed(rel, corruption, severity))
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            _save_jpeg(arr, path, quality)
+            save_jpeg(arr, path, quality)
             written += 1
         except Exception as exc:
             failures.append(f"{rel} {corruption}/{severity}: {type(exc).__name__}: {' '.join(str(exc).split())}")
@@ -311,8 +190,41 @@ def render_corruptions(
     if not isinstance(quality, int) or not 1 <= quality <= 100:
         raise UserError(f"JPEG quality must be an integer in 1..100, got {quality!r}")
     out_dir = Path(out_dir)
+    tasks_in = _checked_sources(sources)
+    settings = _settings(_package_version(), quality, resize, crop)
+    info = _check_info(out_dir, settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tasks, skipped, tmp_removed = _pending(tasks_in, out_dir, corruptions, severities)
+    write_json(out_dir / INFO_FILE, {
+        "settings": settings,
+        "corruptions": sorted(set(info.get("corruptions", [])) | set(corruptions)),
+        "severities": sorted(set(info.get("severities", [])) | set(severities)),
+        "layout": "<corruption>/<severity>/<relative_out_path>.JPEG",
+    }, indent=2)
+    cfg = {"out_dir": os.fspath(out_dir), "quality": quality, "resize": resize, "crop": crop}
+    written, failures = _render(tasks, cfg, corruptions, workers, progress, mp_context)
+    seconds = time.perf_counter() - t0
+    summary = {
+        "out_dir": os.fspath(out_dir),
+        "images": len(tasks_in),
+        "outputs_total": len(tasks_in) * len(corruptions) * len(severities),
+        "written": written,
+        "skipped": skipped,
+        "failed": failures,
+        "tmp_removed": tmp_removed,
+        "seconds": seconds,
+        "outputs_per_second": written / seconds if seconds > 0 else 0.0,
+        "settings": settings,
+    }
+    if failures and strict:
+        more = f" ({len(failures)} failures in total; rerun to retry them)" if len(failures) > 1 else ""
+        raise UserError(f"corruption rendering failed for {failures[0]}{more}")
+    return summary
 
-    # -- validate sources (all of them, before any work)
+
+def _checked_sources(sources: Sequence[tuple[str, ImageSource]]) -> list[tuple[str, ImageSource]]:
+    """Every (relative path, image) pair checked before any work: one UserError for the first problem."""
     tasks_in: list[tuple[str, ImageSource]] = []
     seen: dict[str, int] = {}
     missing_files: list[str] = []
@@ -339,13 +251,13 @@ def render_corruptions(
         raise UserError(f"{missing_files[0]}: source image not found{more}")
     if not tasks_in:
         raise UserError("no source images to corrupt")
+    return tasks_in
 
-    settings = _settings(_package_version(), quality, resize, crop)
-    info = _check_info(out_dir, settings)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
-    # -- what is already done: one directory listing per output folder; remove stale *.tmp
-    t0 = time.perf_counter()
+def _pending(tasks_in: list[tuple[str, ImageSource]], out_dir: Path, corruptions: Sequence[str],
+             severities: Sequence[int]) -> tuple[list[tuple[str, ImageSource, list[tuple[str, int]]]], int, int]:
+    """(tasks with the outputs still to write, outputs already there, stale *.tmp files removed):
+    one directory listing per output folder."""
     listing: dict[str, set[str]] = {}
     tmp_removed = 0
 
@@ -383,20 +295,13 @@ def render_corruptions(
                     jobs.append((c, s))
         if jobs:
             tasks.append((rel, src, jobs))
+    return tasks, skipped, tmp_removed
+
+
+def _render(tasks: list, cfg: dict[str, Any], corruptions: Sequence[str], workers: int, progress: bool,
+            mp_context: Optional[str]) -> tuple[int, list[str]]:
+    """Render the pending tasks (in worker processes when there are several); (written, failure messages)."""
     total = sum(len(j) for _, _, j in tasks)
-
-    info_out = {
-        "settings": settings,
-        "corruptions": sorted(set(info.get("corruptions", [])) | set(corruptions)),
-        "severities": sorted(set(info.get("severities", [])) | set(severities)),
-        "layout": "<corruption>/<severity>/<relative_out_path>.JPEG",
-    }
-    tmp_info = out_dir / (INFO_FILE + ".tmp")
-    tmp_info.write_text(json.dumps(info_out, indent=2) + "\n")
-    os.replace(tmp_info, out_dir / INFO_FILE)
-
-    # -- render
-    cfg = {"out_dir": os.fspath(out_dir), "quality": quality, "resize": resize, "crop": crop}
     written = 0
     failures: list[str] = []
     bar = None
@@ -427,23 +332,7 @@ def render_corruptions(
     finally:
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - t0
-    summary = {
-        "out_dir": os.fspath(out_dir),
-        "images": len(tasks_in),
-        "outputs_total": len(tasks_in) * len(corruptions) * len(severities),
-        "written": written,
-        "skipped": skipped,
-        "failed": failures,
-        "tmp_removed": tmp_removed,
-        "seconds": seconds,
-        "outputs_per_second": written / seconds if seconds > 0 else 0.0,
-        "settings": settings,
-    }
-    if failures and strict:
-        more = f" ({len(failures)} failures in total; rerun to retry them)" if len(failures) > 1 else ""
-        raise UserError(f"corruption rendering failed for {failures[0]}{more}")
-    return summary
+    return written, failures
 
 
 def _warm_glass_blur() -> None:
@@ -451,60 +340,3 @@ def _warm_glass_blur() -> None:
         corrupt_image(np.zeros((32, 32, 3), np.uint8), "glass_blur", 1, 0)
     except Exception:  # the real call reports the failure with its file name
         pass
-
-
-# ----------------------------------------------------------------------------- sources
-
-def sources_from_folder(root: str | os.PathLike) -> list[tuple[str, str]]:
-    """(relative path without extension, file path) for every image under `root`
-    (e.g. an ImageNet val folder `root/<wnid>/<image>.JPEG`), sorted."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"{root}: image folder not found")
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(filenames):
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
-                full = os.path.join(dirpath, f)
-                rel = os.path.relpath(full, root).replace(os.sep, "/")
-                out.append((str(PurePosixPath(rel).with_suffix("")), full))
-    if not out:
-        raise UserError(f"{root}: no images found")
-    return out
-
-
-def sources_from_split_list(root: str | os.PathLike, split_list: str | os.PathLike, strip_prefix: int = 1) -> list[tuple[str, str]]:
-    """Sources from a split list (`val/n01440764/x.JPEG 0` lines): output path keeps the last
-    path components after dropping `strip_prefix` leading ones (-> `n01440764/x`)."""
-    from ft_focal.data.imagenet_c import _open_text
-
-    root, split_list = Path(root), Path(split_list)
-    if not split_list.is_file():
-        raise UserError(f"{split_list}: split list not found")
-    out = []
-    with _open_text(split_list) as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            rel = line.rsplit(maxsplit=1)[0] if len(line.split()) > 1 else line
-            parts = PurePosixPath(rel).parts
-            if len(parts) <= strip_prefix:
-                raise UserError(f"{split_list} line {lineno}: path {rel!r} has fewer than {strip_prefix + 1} parts")
-            out.append((str(PurePosixPath(*parts[strip_prefix:]).with_suffix("")), os.fspath(root / rel)))
-    if not out:
-        raise UserError(f"{split_list}: split list is empty")
-    return out
-
-
-def sources_from_arrays(images: Sequence[np.ndarray], labels: Sequence[int], class_dirs: Optional[Sequence[str]] = None, prefix: str = "img") -> list[tuple[str, np.ndarray]]:
-    """Sources from in-memory images (e.g. scikit-learn digits scaled to uint8): image i goes
-    to `<class_dirs[labels[i]]>/<prefix>_<i:06d>`; class_dirs default to the label as text."""
-    if len(images) != len(labels):
-        raise UserError(f"{len(images)} images but {len(labels)} labels")
-    out = []
-    for i, (img, y) in enumerate(zip(images, labels)):
-        d = class_dirs[int(y)] if class_dirs is not None else str(int(y))
-        out.append((f"{d}/{prefix}_{i:06d}", np.asarray(img)))
-    return out

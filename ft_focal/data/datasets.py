@@ -29,7 +29,7 @@ from ft_focal.data.longtail import class_counts_from_labels, longtail_counts
 from ft_focal.data.transforms import build_five_crop_transform, build_transform
 from ft_focal.errors import UserError
 
-log = logging.getLogger("ft_focal.data")
+log = logging.getLogger(__name__)
 
 _MAX_BAD_WARNINGS = 10
 _COUNTER_SLOTS = 129  # one per DataLoader worker (id modulo 128) + one for the main process
@@ -420,32 +420,3 @@ def synthetic_bundle(num_classes: int, preprocess: dict, train_size: int = 64, e
 
     return finish_bundle(train, val, test, classnames, None, preprocess, data_cfg or _Cfg(), info,
                          class_counts=nominal)
-
-
-def build_datasets(data_cfg, preprocess: dict, seed: int = 0) -> DataBundle:
-    """Build the train / val / test datasets and the training class counts of a recipe's data.
-
-    `preprocess` = {"image_size", "mean", "std", "interpolation"} from the model. `seed` is the
-    run's seed; deterministic splits and long-tailed subsampling use `data.split_seed` (fixed
-    by default so every run sees the same data), or `seed` when split_seed is null.
-    """
-    from ft_focal.data import sources  # local import: sources imports this module
-
-    split_seed = getattr(data_cfg, "split_seed", None)
-    split_seed = seed if split_seed is None else int(split_seed)
-    kind = data_cfg.dataset
-    if kind == "synthetic":
-        return synthetic_bundle(data_cfg.synthetic_num_classes, preprocess, data_cfg.synthetic_train_size,
-                                data_cfg.synthetic_eval_size, split_seed,
-                                imbalance_factor=data_cfg.imbalance_factor or 100, data_cfg=data_cfg)
-    builders = {
-        "split_file": sources.from_split_files,
-        "image_folder": sources.from_image_folder,
-        "hf": sources.from_hf,
-        "cifar_lt": sources.from_cifar,
-        "digits_lt": sources.from_digits,
-    }
-    if kind not in builders:
-        raise UserError(f"data.dataset: {kind!r} is not one of {', '.join(list(builders) + ['synthetic'])}")
-    raw = builders[kind](data_cfg, split_seed)
-    return sources.finish(raw, data_cfg, preprocess, split_seed)

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from ft_focal.errors import UserError
+from ft_focal.errors import UserError, one_line
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -68,7 +68,7 @@ def wnid_mapping(wnids: Sequence[str]) -> dict[str, int]:
     return mapping
 
 
-def _open_text(path: Path):
+def open_text(path: Path):
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, "r", encoding="utf-8")
@@ -85,7 +85,7 @@ def read_classnames(path: str | os.PathLike) -> list[tuple[str, str]]:
         raise UserError(f"{path}: classnames file not found")
     out: list[tuple[str, str]] = []
     try:
-        with _open_text(path) as fh:
+        with open_text(path) as fh:
             for lineno, line in enumerate(fh, 1):
                 line = line.strip()
                 if not line:
@@ -95,7 +95,7 @@ def read_classnames(path: str | os.PathLike) -> list[tuple[str, str]]:
                     raise UserError(f"{path} line {lineno}: expected '<id> <name>', got {line!r}")
                 out.append((parts[0], parts[1]))
     except (UnicodeDecodeError, OSError, EOFError) as exc:
-        raise UserError(f"{path}: cannot read classnames file ({_one_line(exc)})") from None
+        raise UserError(f"{path}: cannot read classnames file ({one_line(exc)})") from None
     if not out:
         raise UserError(f"{path}: classnames file is empty")
     return out
@@ -124,7 +124,7 @@ def class_to_label_from_split_list(path: str | os.PathLike) -> dict[str, int]:
     mapping: dict[str, int] = {}
     by_label: dict[int, str] = {}
     try:
-        with _open_text(path) as fh:
+        with open_text(path) as fh:
             for lineno, line in enumerate(fh, 1):
                 line = line.strip()
                 if not line:
@@ -149,18 +149,13 @@ def class_to_label_from_split_list(path: str | os.PathLike) -> dict[str, int]:
                         f"{path} line {lineno}: label {label} is folder '{folder}' here but '{by_label[label]}' earlier"
                     )
     except (UnicodeDecodeError, OSError, EOFError) as exc:
-        raise UserError(f"{path}: cannot read split list ({_one_line(exc)})") from None
+        raise UserError(f"{path}: cannot read split list ({one_line(exc)})") from None
     if not mapping:
         raise UserError(f"{path}: split list is empty")
     return mapping
 
 
 # ----------------------------------------------------------------------------- scanning
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
 
 def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
@@ -284,7 +279,7 @@ def load_rgb(path: str):
                 return Image.alpha_composite(bg, rgba).convert("RGB")
             return im.convert("RGB")
     except (OSError, ValueError, SyntaxError) as exc:  # PIL reports corrupt files as OSError
-        raise UserError(f"{path}: cannot decode image ({_one_line(exc)})") from None
+        raise UserError(f"{path}: cannot decode image ({one_line(exc)})") from None
 
 
 class ImageNetCDataset:
@@ -337,12 +332,6 @@ class ImageNetCDataset:
         if self.transform is not None:
             image = self.transform(image)
         return image, label, self._subset_index[(c, s)]
-
-    def subset_sizes(self) -> list[int]:
-        sizes = [0] * len(self.subsets)
-        for c, s, _, _ in self.samples:
-            sizes[self._subset_index[(c, s)]] += 1
-        return sizes
 
 
 def class_folders(root: str | os.PathLike) -> list[str]:

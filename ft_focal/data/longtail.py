@@ -21,7 +21,7 @@ import numpy as np
 
 from ft_focal.errors import UserError
 
-log = logging.getLogger("ft_focal.data")
+log = logging.getLogger(__name__)
 
 
 def longtail_counts(n_max: int, num_classes: int, imbalance_factor: float, profile: str = "exp") -> list[int]:
@@ -72,16 +72,3 @@ def subsample_longtail(labels: Sequence[int], counts: Sequence[int], seed: int) 
         log.warning("long-tailed subsampling: %d class(es) have fewer images than the profile asks "
                     "(e.g. class %d: %d < %d); they keep all their images", len(short), c, have, want)
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
-
-
-def longtail_subsample_balanced(labels: Sequence[int], num_classes: int, imbalance_factor: float,
-                                profile: str, seed: int, n_max: int | None = None) -> tuple[np.ndarray, list[int]]:
-    """Make a (roughly) balanced labelled set long-tailed: returns (kept indices, target counts).
-
-    n_max defaults to the size of the largest class (CIFAR: 5000 / 500).
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    if n_max is None:
-        n_max = int(np.bincount(labels, minlength=num_classes).max()) if labels.size else 1
-    counts = longtail_counts(n_max, num_classes, imbalance_factor, profile)
-    return subsample_longtail(labels, counts, seed), counts

@@ -15,14 +15,12 @@ from typing import Optional
 
 import numpy as np
 
-from ft_focal.data.datasets import (ArrayDataset, DataBundle, FileListDataset, HFImageDataset,
-                                    LabelledImages, finish_bundle)
+from ft_focal.data.datasets import ArrayDataset, DataBundle, FileListDataset, HFImageDataset, LabelledImages, finish_bundle
 from ft_focal.data.longtail import longtail_counts, subsample_longtail
-from ft_focal.data.splits import (ClassNames, alphabetical_permutation, parse_classnames,
-                                  parse_split_list, resolve_path, WNID_RE)
+from ft_focal.data.splits import WNID_RE, ClassNames, alphabetical_permutation, parse_classnames, parse_split_list, resolve_path
 from ft_focal.errors import UserError
 
-log = logging.getLogger("ft_focal.data")
+log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -56,7 +54,7 @@ def _load_classnames(cfg) -> Optional[ClassNames]:
     return parse_classnames(resolve_path(cfg.classnames, "data.classnames", cfg.root))
 
 
-def _require_root(cfg, kind: str) -> Path:
+def require_root(cfg, kind: str) -> Path:
     if not cfg.root:
         raise UserError(f"data.dataset={kind} needs 'data.root'")
     root = Path(cfg.root).expanduser()
@@ -83,25 +81,25 @@ def split_list_paths(cfg) -> dict:
 
 
 def from_split_files(cfg, seed: int) -> RawData:
-    root = _require_root(cfg, "split_file")
+    root = require_root(cfg, "split_file")
     names = _load_classnames(cfg)
     num_classes = len(names.names) if names is not None else _declared(cfg)
     lists = {s: (parse_split_list(p, num_classes) if p is not None else None)
              for s, p in split_list_paths(cfg).items()}
     if names is None:
         if num_classes is None:
-            num_classes = 1 + max(int(l.labels.max()) for l in lists.values() if l is not None and len(l))
+            num_classes = 1 + max(int(lst.labels.max()) for lst in lists.values() if lst is not None and len(lst))
         classnames = [f"class_{c}" for c in range(num_classes)]
         log.warning("data.classnames not set: %d classes named class_0.. (a text-initialised head needs "
                     "real class names)", num_classes)
         wnids = None
     else:
         classnames, wnids = names.names, names.ids
-    ds = {s: (FileListDataset(str(root), l.paths, l.labels, origin=l.source, lines=l.lines,
-                              skip_bad=_skip(cfg), name=s) if l is not None else None)
-          for s, l in lists.items()}
+    ds = {s: (FileListDataset(str(root), lst.paths, lst.labels, origin=lst.source, lines=lst.lines,
+                              skip_bad=_skip(cfg), name=s) if lst is not None else None)
+          for s, lst in lists.items()}
     info = {"dataset": "split_file", "root": str(root),
-            "sources": {s: (l.source if l is not None else None) for s, l in lists.items()},
+            "sources": {s: (lst.source if lst is not None else None) for s, lst in lists.items()},
             "classnames_file": names.source if names is not None else None}
     return RawData(ds["train"], ds["val"], ds["test"], classnames, wnids, info)
 
@@ -125,7 +123,7 @@ def _class_dirs(split_dir: Path) -> list[str]:
 
 def from_image_folder(cfg, seed: int) -> RawData:
     """root/<split>/<class>/... ; classes = sorted class folders of train (or a classnames file)."""
-    root = _require_root(cfg, "image_folder")
+    root = require_root(cfg, "image_folder")
     if not (root / "train").is_dir():
         raise UserError(f"data.root: {root} has no 'train' directory (expected root/train/<class>/<image>)")
     folders = _class_dirs(root / "train")
@@ -140,7 +138,8 @@ def from_image_folder(cfg, seed: int) -> RawData:
         classnames, wnids = names.names, names.ids
     elif names is not None:
         if len(names.names) != len(folders):
-            raise UserError(f"{names.source}: {len(names.names)} class names for {len(folders)} class folders in {root / 'train'}")
+            raise UserError(f"{names.source}: {len(names.names)} class names for {len(folders)} class folders in "
+                            f"{root / 'train'}")
         index = {f: i for i, f in enumerate(folders)}
         classnames, wnids = names.names, None
     else:
@@ -239,7 +238,7 @@ def from_hf(cfg, seed: int) -> RawData:
             raise UserError(f"data.label_key: column '{cfg.label_key}' of split '{key}' is not an integer class label")
         labels[split] = lab.astype(np.int64)
     if classnames is None:
-        n = 1 + max(int(l.max(initial=-1)) for l in labels.values())
+        n = 1 + max(int(lab.max(initial=-1)) for lab in labels.values())
         classnames = [f"class_{c}" for c in range(n)]
         log.warning("%s: the label column has no class names (not a ClassLabel) and data.classnames is not "
                     "set: %d classes named class_0..", cfg.hf_path, n)
@@ -339,3 +338,13 @@ def finish(raw: RawData, cfg, preprocess: dict, seed: int) -> DataBundle:
     elif cfg.label_order != "given":
         raise UserError(f"data.label_order: {cfg.label_order!r} is not one of given, alphabetical")
     return finish_bundle(raw.train, raw.val, raw.test, raw.classnames, raw.wnids, preprocess, cfg, info)
+
+
+# data.dataset -> the reader of its raw splits (synthetic data has none: ft_focal/data/build.py)
+SOURCES = {
+    "split_file": from_split_files,
+    "image_folder": from_image_folder,
+    "hf": from_hf,
+    "cifar_lt": from_cifar,
+    "digits_lt": from_digits,
+}

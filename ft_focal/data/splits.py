@@ -231,7 +231,7 @@ def alphabetical_permutation(classnames: list[str]) -> np.ndarray:
     """new_label[old_label] so that labels follow the sorted class names (ties: old order).
 
     iNaturalist 2018's ids are not in alphabetical order of the names; a head initialised from
-    text embeddings of the sorted names needs labels in that order (LIFT; ALGORITHMS.md).
+    text embeddings of the sorted names needs labels in that order (LIFT; docs/algorithms.md).
     Sorting is by Python string order (code points), stable.
     """
     order = sorted(range(len(classnames)), key=lambda i: (classnames[i], i))

@@ -1,4 +1,5 @@
-"""Image transforms of the CLIP fine-tuning protocol (LIFT / Focal-SAM, ALGORITHMS.md).
+"""Every image transform of ft_focal: the CLIP fine-tuning protocol (LIFT / Focal-SAM,
+docs/algorithms.md) and the evaluation transforms of the suites and ImageNet-C.
 
 `preprocess` comes from the model: {"image_size": int, "mean": [3], "std": [3],
 "interpolation": "bicubic"}.
@@ -13,11 +14,14 @@
 papers. For another image size the same crop ratio is kept: R = round(test_resize *
 image_size / 224) (e.g. image_size 336 with test_resize 256 -> Resize(384)); at 224 it is
 exactly `data.test_resize`. Resize(R) resizes the SHORTER side to R.
+
+`build_eval_transform` is the test transform of an evaluation suite or of ImageNet-C
+(explicit resize / crop / mean / std); `describe_transform` says any of them in words.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torchvision import transforms as T
@@ -78,18 +82,18 @@ def build_transform(preprocess: dict, data_cfg, train: bool):
     return T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(size), T.ToTensor(), normalize])
 
 
-class _StackCrops:
-    """Apply ToTensor + Normalize to each crop and stack them: [n, 3, H, W] (picklable)."""
+class StackCrops:
+    """FiveCrop output (PIL crops) -> tensor [n, 3, H, W]: `per_crop` (e.g. ToTensor + Normalize) on each
+    crop, stacked (picklable, for DataLoader workers)."""
 
-    def __init__(self, mean, std):
-        self.to_tensor = T.ToTensor()
-        self.normalize = T.Normalize(mean=mean, std=std)
+    def __init__(self, per_crop: Callable):
+        self.per_crop = per_crop
 
     def __call__(self, crops):
-        return torch.stack([self.normalize(self.to_tensor(c)) for c in crops])
+        return torch.stack([self.per_crop(c) for c in crops])
 
     def __repr__(self) -> str:
-        return f"StackCrops(ToTensor + {self.normalize!r})"
+        return f"StackCrops({self.per_crop!r})"
 
 
 # PIL resample codes, as transformers' image processors record them
@@ -130,4 +134,82 @@ def build_five_crop_transform(preprocess: dict, data_cfg=None):
     """LIFT's test-time ensemble: Resize(248 for 224) + FiveCrop(image_size) -> [5, 3, H, W]."""
     size, mean, std, interp = _preprocess_values(preprocess, data_cfg)
     resize = scaled_resize(FIVE_CROP_RESIZE, size)
-    return T.Compose([T.Resize(resize, interpolation=interp), T.FiveCrop(size), _StackCrops(mean, std)])
+    per_crop = T.Compose([T.ToTensor(), T.Normalize(mean=mean, std=std)])
+    return T.Compose([T.Resize(resize, interpolation=interp), T.FiveCrop(size), StackCrops(per_crop)])
+
+
+
+# ----------------------------------------------------------------------------- evaluation suites / ImageNet-C
+
+EVAL_INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
+
+
+def build_eval_transform(
+    resize: Optional[int] = None,
+    crop: Optional[int] = REFERENCE_CROP,
+    interpolation: str = "bicubic",
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    five_crop: bool = False,
+    five_crop_resize: int = FIVE_CROP_RESIZE,
+) -> Callable:
+    """Test-time transform: [Resize(resize)] + [CenterCrop(crop)] + ToTensor + [Normalize].
+
+    five_crop=True: Resize(five_crop_resize) + FiveCrop(crop), giving [5, 3, crop, crop] per
+    image (LIFT's test-time ensemble; `evaluate_corruptions` averages the crops' logits).
+    """
+    if interpolation not in EVAL_INTERPOLATIONS:
+        raise UserError(f"interpolation {interpolation!r} is not one of {', '.join(EVAL_INTERPOLATIONS)}")
+    mode = getattr(T.InterpolationMode, interpolation.upper())
+    to_tensor: list = [T.ToTensor()]
+    if (mean is None) != (std is None):
+        raise UserError("give both mean and std, or neither")
+    if mean is not None:
+        to_tensor.append(T.Normalize(list(mean), list(std)))
+    if five_crop:
+        if crop is None:
+            raise UserError("five_crop needs a crop size")
+        return T.Compose([T.Resize(five_crop_resize, interpolation=mode), T.FiveCrop(crop), StackCrops(T.Compose(to_tensor))])
+    steps: list = []
+    if resize is not None:
+        steps.append(T.Resize(resize, interpolation=mode))
+    if crop is not None:
+        steps.append(T.CenterCrop(crop))
+    return T.Compose(steps + to_tensor)
+
+
+def _fmt_seq(v: Any) -> str:
+    try:
+        return "(" + ", ".join(f"{float(x):.4g}" for x in v) + ")"
+    except TypeError:
+        return str(v)
+
+
+def _square(size: Any) -> Any:
+    return size[0] if len(size) == 2 and size[0] == size[1] else size
+
+
+def describe_transform(transform: Optional[Callable]) -> str:
+    """Human-readable one-liner for a torchvision transform pipeline (falls back to repr)."""
+    if transform is None:
+        return "PIL decode -> RGB, no transform"
+
+    def one(t: Any) -> str:
+        if isinstance(t, T.Compose):
+            return " + ".join(one(x) for x in t.transforms)
+        if isinstance(t, T.Resize):
+            interp = getattr(t.interpolation, "value", t.interpolation)
+            return f"Resize({t.size}, {interp})"
+        if isinstance(t, T.CenterCrop):
+            return f"CenterCrop({_square(t.size)})"
+        if isinstance(t, T.FiveCrop):
+            return f"FiveCrop({_square(t.size)}, logits averaged)"
+        if isinstance(t, T.ToTensor):
+            return "ToTensor([0,1])"
+        if isinstance(t, T.Normalize):
+            return f"Normalize(mean={_fmt_seq(t.mean)}, std={_fmt_seq(t.std)})"
+        if isinstance(t, StackCrops):
+            return one(t.per_crop) + " per crop"
+        return repr(t).replace("\n", " ")
+
+    return "PIL decode -> RGB -> " + one(transform)

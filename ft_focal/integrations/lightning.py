@@ -37,12 +37,9 @@ from typing import Any
 
 import torch
 
-from ft_focal.optim import SharpnessOptimizer, build_optimizer
+from ft_focal.optim import SINGLE_BACKWARD_METHODS, SharpnessOptimizer, build_optimizer
 
 __all__ = ["SharpnessLightningMixin", "build_lightning_optimizer", "sharpness_step"]
-
-# Methods whose one-backward path is exact and cheaper (as in ft_focal.train).
-_SINGLE_BACKWARD = ("focal_sam", "imbsam", "sse_sam")
 
 
 def build_lightning_optimizer(module: Any, name: str, class_counts: Sequence[int] | None = None,
@@ -66,7 +63,7 @@ def build_lightning_optimizer(module: Any, name: str, class_counts: Sequence[int
     if trainer.world_size > 1:
         # Looked up at step time: the strategy wraps the module in DDP after configure_optimizers.
         runtime["no_sync"] = lambda: trainer.strategy.block_backward_sync()
-    if name in _SINGLE_BACKWARD:
+    if name in SINGLE_BACKWARD_METHODS:
         cfg.setdefault("single_backward", True)
     if params is None:
         params = [p for p in module.parameters() if p.requires_grad]

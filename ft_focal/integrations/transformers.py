@@ -46,14 +46,12 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from ft_focal.optim import OPTIMIZERS, SharpnessOptimizer, build_optimizer
+from ft_focal.optim import OPTIMIZERS, SINGLE_BACKWARD_METHODS, SharpnessOptimizer, build_optimizer
 
 __all__ = ["SharpnessTrainer", "SharpnessTrainerMixin"]
 
-logger = logging.getLogger("ft_focal")
+logger = logging.getLogger(__name__)
 
-# Methods whose one-backward path is exact and cheaper (as in ft_focal.train).
-_SINGLE_BACKWARD = ("focal_sam", "imbsam", "sse_sam")
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -170,7 +168,7 @@ class SharpnessTrainerMixin:
         weight_decay = cfg.pop("weight_decay", self.args.weight_decay)
         if base in ("adam", "adamw"):
             cfg.setdefault("betas", (self.args.adam_beta1, self.args.adam_beta2))
-        if self.sharpness_method in _SINGLE_BACKWARD:
+        if self.sharpness_method in SINGLE_BACKWARD_METHODS:
             cfg.setdefault("single_backward", True)
         accelerator = self.accelerator
         # model= is the unwrapped module: the one-backward path hooks its layers and normalisation

@@ -13,11 +13,9 @@ import logging
 import torch
 
 from ft_focal.config import ModelConfig, TuningConfig
-
 from ft_focal.models.classifier import ImageClassifier, build_classifier, tiny_model_config, tiny_variant
 from ft_focal.models.heads import CosineHead
 from ft_focal.models.tuning import AdaptFormerMLP, default_lora_targets
-
 
 
 def preprocess_for(model_cfg: ModelConfig) -> dict:
@@ -35,7 +33,7 @@ def preprocess_for(model_cfg: ModelConfig) -> dict:
 @contextlib.contextmanager
 def _quiet():
     """Hold back ft_focal's INFO lines (warnings still pass)."""
-    log = logging.getLogger("ft_focal")
+    log = logging.getLogger("ft_focal")  # the package root: every ft_focal module logs under it
     level = log.level
     log.setLevel(max(logging.WARNING, log.getEffectiveLevel()))
     try:

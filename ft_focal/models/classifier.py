@@ -17,7 +17,7 @@ from ft_focal.models.head_init import HEAD_INITS, text_head_weights
 from ft_focal.models.heads import build_head, init_head_from_text
 from ft_focal.models.tuning import apply_adaptformer, apply_lora, default_lora_targets, merge_lora_
 
-logger = logging.getLogger("ft_focal")
+logger = logging.getLogger(__name__)
 
 TUNING_METHODS = ("full", "head", "lora", "adaptformer")
 
@@ -72,9 +72,6 @@ class ImageClassifier(nn.Module):
         c = self.parameter_counts()
         pct = 100.0 * c["trainable"] / max(1, c["total"])
         return f"trainable {_human(c['trainable'])} / total {_human(c['total'])} ({pct:.1f}%)"
-
-    def classifier_parameters(self) -> list:
-        return [p for p in self.head.parameters() if p.requires_grad]
 
     def lora_state_dict(self) -> dict:
         """LoRA weights in peft format (keys without the adapter name), for adapter_model.safetensors."""

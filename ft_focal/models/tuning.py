@@ -4,7 +4,7 @@ LoRA is injected into the BACKBONE with `peft.inject_adapter_in_model`, so param
 the backbone's own plus `lora_A.default` / `lora_B.default` (`base_layer` for the wrapped
 weights) and a rebuild with the same config yields identical state_dict keys.
 
-AdaptFormer (ALGORITHMS.md): in every block h <- h + MLP(LN(h)) + s * Up(ReLU(Down(x_a))), the
+AdaptFormer (docs/algorithms.md): in every block h <- h + MLP(LN(h)) + s * Up(ReLU(Down(x_a))), the
 adapter parallel to the MLP; Up zero-initialised (the model starts as the frozen backbone),
 Down Kaiming-normal (a = sqrt(5), as LIFT), s a learnable scalar. The block's MLP module is
 replaced by `AdaptFormerMLP` so the block's own forward is unchanged. `adapter_norm`:
@@ -27,7 +27,7 @@ from torch import nn
 
 from ft_focal.errors import UserError
 
-logger = logging.getLogger("ft_focal")
+logger = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = {
     # open_clip <= 3.3 blocks use nn.MultiheadAttention: peft wraps it as a whole ("attn"),

@@ -9,7 +9,8 @@ Every optimizer wraps a base optimizer and is driven by one call per training st
     loss = opt.step(closure, targets=y)  # all passes, one base step; mean loss at w (detached)
 
 See ``base.py`` for the options every method shares (backward=, scaler=, model=, no_sync=,
-sync_perturbation=, sharded=, micro-batch lists) and ALGORITHMS.md for the update rules.
+sync_perturbation=, sharded=, micro-batch lists), ``registry.py`` for the methods (names, recipe
+keys, citations) and docs/algorithms.md for the update rules.
 Cost per step (``opt.last_pass_counts``): ERM 1F+1B, SAM/ASAM 2F+2B, ImbSAM 2F+3B, Focal-SAM 2F+3B,
 Focal-SAM / ImbSAM with ``single_backward=True`` 2F+2B, SSE-SAM 3F+4B (2F+3B after the switch),
 CC-SAM (1+K_b)F + 2K_b B for K_b classes in the batch.
@@ -23,16 +24,16 @@ from .ccsam import CCSAM
 from .erm import ERM
 from .focal_sam import FocalSAM
 from .imbsam import ImbSAM
+from .registry import METHODS, RECIPE_KEYS, SINGLE_BACKWARD_METHODS, MethodInfo, method_info
 from .sam import SAM
-from .ssesam import SSESAM
+from .sse_sam import SSESAM
 
 __all__ = ["ERM", "SAM", "ImbSAM", "CCSAM", "FocalSAM", "SSESAM", "SharpnessOptimizer",
            "OPTIMIZERS", "BASE_OPTIMIZERS", "BASE_KWARGS", "COMMON_KWARGS", "build_optimizer",
-           "optimizer_kwargs"]
+           "optimizer_kwargs", "METHODS", "MethodInfo", "RECIPE_KEYS", "SINGLE_BACKWARD_METHODS", "method_info"]
 
-OPTIMIZERS = {"erm": ERM, "sam": SAM, "asam": SAM, "imbsam": ImbSAM, "ccsam": CCSAM,
-              "focal_sam": FocalSAM, "sse_sam": SSESAM}
-_FIXED = {"asam": {"adaptive": True}}
+# name -> class, read from the registry (ft_focal/optim/registry.py)
+OPTIMIZERS = {name: info.cls for name, info in METHODS.items()}
 
 BASE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 # keyword -> the base optimizers that use it (others ignore it, so one config section serves all)
@@ -43,15 +44,9 @@ BASE_KWARGS = {"lr": ("sgd", "adamw", "adam"), "weight_decay": ("sgd", "adamw", 
 def optimizer_kwargs(name: str) -> tuple:
     """The method keywords ``build_optimizer(name, ...)`` accepts besides ``base``, the base
     optimizer keywords (``BASE_KWARGS``) and the runtime options (``COMMON_KWARGS``)."""
-    cls = _lookup(name)
-    return tuple(k for k in cls.method_kwargs if k not in ("class_counts", "classifier_params")
-                 and k not in _FIXED.get(name, {}))
-
-
-def _lookup(name):
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name]
+    info = method_info(name)
+    return tuple(k for k in info.cls.method_kwargs if k not in ("class_counts", "classifier_params")
+                 and k not in info.fixed)
 
 
 def build_optimizer(name: str, params, class_counts=None, **cfg) -> SharpnessOptimizer:
@@ -64,7 +59,8 @@ def build_optimizer(name: str, params, class_counts=None, **cfg) -> SharpnessOpt
     ``backward_applies_scaler``, ``model``, ``no_sync``, ``sync_perturbation``, ``sharded``.
     An unknown name or keyword raises ValueError naming it and listing the valid ones.
     """
-    cls = _lookup(name)
+    info = method_info(name)
+    cls = info.cls
     base = cfg.pop("base", "sgd")
     if base not in BASE_OPTIMIZERS:
         raise ValueError(f"unknown base optimizer {base!r}; valid: {', '.join(BASE_OPTIMIZERS)}")
@@ -73,7 +69,7 @@ def build_optimizer(name: str, params, class_counts=None, **cfg) -> SharpnessOpt
     for k in cfg:
         if k not in valid:
             raise ValueError(f"unknown keyword {k!r} for optimizer {name!r}; valid: {', '.join(sorted(valid))}")
-    kwargs = dict(_FIXED.get(name, {}))
+    kwargs = dict(info.fixed)
     for k, v in cfg.items():
         if k in BASE_KWARGS and (base not in BASE_KWARGS[k] or v is None):
             continue

@@ -1,10 +1,10 @@
 """SSE-SAM (Lyu et al., AAAI 2025): stage-wise head / tail sharpness-aware minimisation."""
 from __future__ import annotations
 
-from .base import SharpnessOptimizer, StepState, class_table
 from . import numerics as nm
-from .numerics import add
+from .base import SharpnessOptimizer, StepState, class_table
 from .imbsam import split_head_tail
+from .numerics import add
 
 
 class SSESAM(SharpnessOptimizer):

@@ -1,0 +1,49 @@
+"""`ft-focal train RECIPE.yaml [key=value ...] [--dry-run] [--zero-shot]`: fine-tune a recipe
+(ft_focal/train.py).
+
+Same as `accelerate launch -m ft_focal.train RECIPE.yaml [key=value ...]`. `--dry-run` runs the
+recipe small instead (ft_focal/commands/dry_run.py); `--zero-shot` evaluates the initial head
+without training, into `<output_dir>_zero_shot` (ft_focal/zeroshot.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from ft_focal.commands.guard import run_guarded
+from ft_focal.config import load_recipe
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run_guarded(lambda: _run(argv))
+
+
+def _run(argv: Optional[list[str]]) -> int:
+    parser = argparse.ArgumentParser(prog="ft-focal train", description="Fine-tune a model from a recipe.")
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.005 train.epochs=5")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny backbone of the same family + synthetic images: build everything, 2 updates, 1 eval")
+    parser.add_argument("--zero-shot", action="store_true", help="no training: evaluate the initial (text or "
+                        "class-mean) head; writes to <output_dir>_zero_shot")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.zero_shot:
+        from ft_focal.zeroshot import zero_shot_recipe
+
+        recipe = zero_shot_recipe(recipe)
+    if args.dry_run:
+        from ft_focal.commands.dry_run import dry_run
+
+        dry_run(recipe)
+        return 0
+    from ft_focal.train import train
+
+    train(recipe)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

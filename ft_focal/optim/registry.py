@@ -1,0 +1,90 @@
+"""The method registry: every fact about a method of the SAM family written once.
+
+One `MethodInfo` per method (in the style of timm's `OptimInfo`). Everything else reads it:
+the recipe's `optim.name` choices (ft_focal/config.py), which `optim.*` recipe keys reach the
+optimizer (ft_focal/builders.py), `build_optimizer` (ft_focal/optim/__init__.py) and the model
+card's label, tags and citations (ft_focal/card.py).
+
+Naming: a method's `name` is its recipe name (`optim.name`), its module (`ft_focal/optim/<name>.py`,
+except `asam`, which is SAM with `adaptive=True` in `sam.py`) and its citation key in the model
+card. The class keeps the paper's spelling (`SSESAM`, `FocalSAM`, `CCSAM`).
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .base import SharpnessOptimizer
+from .ccsam import CCSAM
+from .erm import ERM
+from .focal_sam import FocalSAM
+from .imbsam import ImbSAM
+from .sam import SAM
+from .sse_sam import SSESAM
+
+# Every method hyperparameter a recipe's `optim` section can set, in the order of its fields
+# (ft_focal/config.py OptimConfig). Each method takes a subset (`MethodInfo.recipe_keys`).
+RECIPE_KEYS = ("rho", "gamma", "lam", "tail_threshold", "tail_weight", "rho_head", "rho_tail", "switch_fraction",
+               "scope", "flat_ratio")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """One method of the SAM family.
+
+    name: the recipe name (`optim.name`), module and citation key.
+    cls: the optimizer class; `fixed`: keywords always passed to it (ASAM = SAM + adaptive).
+    display: the name a reader knows it by (model card, logs).
+    recipe_keys: the `optim.*` recipe keys it takes (a subset of RECIPE_KEYS).
+    cite: citation keys of the papers it builds on, its own included (card.py's BIBTEX keys).
+    tags: Hugging Face Hub tags of a model trained with it.
+    single_backward: it has the exact one-backward path (`single_backward=True`, on by default).
+    """
+
+    name: str
+    cls: type[SharpnessOptimizer]
+    display: str
+    recipe_keys: tuple[str, ...] = ()
+    cite: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    single_backward: bool = False
+    fixed: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
+
+
+_SAM_TAG = "sharpness-aware-minimization"
+
+METHODS: dict[str, MethodInfo] = {info.name: info for info in (
+    MethodInfo("erm", ERM, "ERM (plain base optimizer)"),
+    MethodInfo("sam", SAM, "SAM", ("rho",), ("sam",), ("sam", _SAM_TAG)),
+    MethodInfo("asam", SAM, "ASAM (adaptive SAM)", ("rho",), ("sam", "asam"), ("asam", _SAM_TAG),
+               fixed=types.MappingProxyType({"adaptive": True})),
+    MethodInfo("imbsam", ImbSAM, "ImbSAM", ("rho", "tail_threshold", "tail_weight"), ("sam", "imbsam"),
+               ("imbsam", _SAM_TAG), single_backward=True),
+    MethodInfo("ccsam", CCSAM, "CC-SAM", ("rho", "scope", "flat_ratio"), ("sam", "ccsam"), ("cc-sam", _SAM_TAG)),
+    MethodInfo("focal_sam", FocalSAM, "Focal-SAM", ("rho", "gamma", "lam"), ("sam", "focal_sam"),
+               ("focal-sam", _SAM_TAG), single_backward=True),
+    MethodInfo("sse_sam", SSESAM, "SSE-SAM", ("tail_threshold", "rho_head", "rho_tail", "switch_fraction"),
+               ("sam", "imbsam", "sse_sam"), ("sse-sam", _SAM_TAG), single_backward=True),
+)}
+
+SINGLE_BACKWARD_METHODS = tuple(name for name, info in METHODS.items() if info.single_backward)
+
+
+def method_info(name: str) -> MethodInfo:
+    """The registry entry of `name`; ValueError naming the valid ones for an unknown name."""
+    if name not in METHODS:
+        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def _check() -> None:
+    """Each entry's recipe keys are recipe keys its class takes (a typo fails at import)."""
+    for info in METHODS.values():
+        taken = set(info.cls.method_kwargs) - set(info.fixed)
+        wrong = [k for k in info.recipe_keys if k not in RECIPE_KEYS or k not in taken]
+        if wrong:
+            raise AssertionError(f"registry entry {info.name!r}: recipe keys {wrong} are not taken by {info.cls.__name__}")
+
+
+_check()
