@@ -240,7 +240,8 @@ def main(argv=None):
         return proxies()
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("step_cost_gpu: no CUDA device (use --proxies on the CPU)")
-    print(f"device: {torch.cuda.get_device_name() if not args.smoke else 'cpu (smoke)'}, torch {torch.__version__}, batch {args.batch}, bf16")
+    device = torch.cuda.get_device_name() if not args.smoke else "cpu (smoke)"
+    print(f"device: {device}, torch {torch.__version__}, batch {args.batch}, bf16")
     print("| tuning | mode | optimizer | passes | step | x SAM | peak above weights | |\n|---|---|---|---|---|---|---|---|")
     return run_gpu(args)
 

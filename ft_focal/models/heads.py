@@ -1,7 +1,7 @@
 """Classifier heads: cosine (logits = scale * cos(f, w_c), LIFT / Focal-SAM CLIP runs) and linear.
 
 `init_head_from_text` writes normalize(normalize(text(c)) @ proj^T) into the head's weight
-(ALGORITHMS.md, "CLIP fine-tuning protocol"); the text embeddings come from the backbone's
+(docs/algorithms.md, "CLIP fine-tuning protocol"); the text embeddings come from the backbone's
 text encoder, which is used once and then dropped.
 """
 

@@ -66,7 +66,7 @@ from . import numerics as nm
 from .passes import PassesMixin, Weighting  # noqa: F401 (Weighting: used by CC-SAM)
 from .single_backward import SingleBackward
 
-logger = logging.getLogger("ft_focal")
+logger = logging.getLogger(__name__)
 
 COMMON_KWARGS = ("backward", "scaler", "backward_applies_scaler", "model", "no_sync",
                  "sync_perturbation", "sharded")

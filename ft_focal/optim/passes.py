@@ -147,7 +147,7 @@ class PassesMixin:
     def _one_backward_pass(self, st, rest, part, total):
         sb = self.one_backward
         n_par = len(st.params)
-        g_total, g_part, g_exact = [None] * n_par, [None] * n_par, [None] * n_par
+        g_total, g_part = [None] * n_par, [None] * n_par
         backwards = 1
         with self._sync_ctx(st):
             for i in range(len(st.micro_batches)):

@@ -42,6 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import single_backward_rules as rules
 
+
 class ArmedState:
     """Shared by the covered modules: the per-sample ratio of the current forward (None: plain)."""
 
