@@ -80,6 +80,7 @@ FAMILIES = {
     "open_clip": ("open_clip", ["clip", "open_clip", "vision-transformer"]),
     "hf_clip": ("transformers CLIPVisionModel", ["clip", "transformers", "vision-transformer"]),
     "hf_vit": ("transformers ViTModel", ["vit", "transformers", "vision-transformer"]),
+    "timm": ("timm", ["timm", "vision-transformer"]),
 }
 
 # Optimizer hyperparameters worth stating (recipe `optim` keys): the method keys, then two runtime switches.

@@ -28,7 +28,9 @@ from ft_focal.optim.registry import METHODS
 class ModelConfig:
     """Backbone and head.
 
-    family: "open_clip" | "hf_clip" (transformers CLIPVisionModel) | "hf_vit" (transformers ViT).
+    family: "open_clip" | "hf_clip" (transformers CLIPVisionModel) | "hf_vit" (transformers ViT)
+        | "timm" (timm.create_model ViT / EVA: name "vit_base_patch16_clip_224.openai", config = its kwargs,
+        pretrained = a .safetensors file; no text tower).
     name: open_clip model name (e.g. "ViT-B-16") or, with `config`, a free label.
     pretrained: weights on disk: a file (open_clip), "local-dir:/path" (open_clip), a directory
         for `from_pretrained` (transformers); null = random init (tests, demo).
@@ -57,7 +59,8 @@ class TuningConfig:
     """What is trained: "full" | "lora" | "adaptformer" | "head" (linear probe).
 
     lora_targets null = the family's default (open_clip: attn c_fc c_proj; hf_clip: q_proj k_proj
-    v_proj out_proj fc1 fc2; hf_vit: q_proj k_proj v_proj o_proj fc1 fc2).
+    v_proj out_proj fc1 fc2; hf_vit: q_proj k_proj v_proj o_proj fc1 fc2; timm: qkv (EVA: q_proj k_proj
+    v_proj) proj fc1 (EVA: fc1_g fc1_x) fc2, inside the blocks only).
     adapter_bottleneck null = 2^max(0, floor(log2(C / 24))) (docs/algorithms.md).
     adapter_norm: "shared" = the adapter reads the block's own LN(h) (the MLP input);
         "own" = the adapter has its own trainable LayerNorm on h (LIFT's AdaptFormer).
@@ -233,7 +236,7 @@ SECTIONS: dict[str, type] = {
 }
 
 CHOICES = {
-    "model.family": ("open_clip", "hf_clip", "hf_vit"),
+    "model.family": ("open_clip", "hf_clip", "hf_vit", "timm"),
     "model.head": ("cosine", "linear"),
     "model.head_init": ("text", "class_mean", "random"),
     "tuning.method": ("full", "lora", "adaptformer", "head"),

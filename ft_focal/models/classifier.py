@@ -204,6 +204,12 @@ _TINY = {
                    "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
         "head_init": "random",
     },
+    # timm: tiny_variant keeps the recipe's timm model name with these sizes (tiny_timm_name)
+    "timm": {
+        "name": "vit_tiny_patch16_224",
+        "config": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+        "head_init": "random",
+    },
 }
 
 
@@ -222,7 +228,12 @@ def tiny_model_config(family: str) -> dict:
 def tiny_variant(model_cfg: ModelConfig) -> ModelConfig:
     """Same family and head settings as `model_cfg`, tiny architecture, no weights (--dry-run)."""
     tiny = tiny_model_config(model_cfg.family)
-    return dataclasses.replace(model_cfg, name=tiny["name"], config=tiny["config"], pretrained=None)
+    name = tiny["name"]
+    if model_cfg.family == "timm":  # the same timm architecture (SigLIP pool, EVA RoPE) at tiny sizes
+        from ft_focal.models.backbones.timm import tiny_timm_name
+
+        name = tiny_timm_name(model_cfg.name, tiny["config"])
+    return dataclasses.replace(model_cfg, name=name, config=tiny["config"], pretrained=None)
 
 
 __all__ = ["ImageClassifier", "build_classifier", "tiny_model_config", "tiny_variant", "default_lora_targets"]

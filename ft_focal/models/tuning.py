@@ -35,6 +35,9 @@ DEFAULT_LORA_TARGETS = {
     "open_clip": ["attn", "c_fc", "c_proj"],
     "hf_clip": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "hf_vit": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
+    # timm ViT blocks: attn.qkv / attn.proj, mlp.fc1 / mlp.fc2; EVA-02 has attn.q_proj / k_proj / v_proj
+    # and a SwiGLU mlp.fc1_g / fc1_x. Names a model lacks match nothing (peft needs only one match).
+    "timm": ["qkv", "q_proj", "k_proj", "v_proj", "proj", "fc1", "fc1_g", "fc1_x", "fc2"],
 }
 
 
@@ -167,6 +170,13 @@ def _use_functional_mha(backbone: nn.Module) -> None:
             module.forward = types.MethodType(_functional_mha_forward, module)
 
 
+def _timm_lora_exclusions(backbone: nn.Module) -> list:
+    """timm: LoRA only inside the transformer blocks. Outside them, "proj" / "fc1" / "fc2" would also
+    match the patch embedding's Conv2d and SigLIP's attention-pool head, which are not LoRA targets."""
+    return [name for name, module in backbone.named_modules()
+            if name and ".blocks." not in f".{name}." and not list(module.children())]
+
+
 def apply_lora(backbone: nn.Module, family: str, tuning_cfg) -> object:
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -185,6 +195,8 @@ def apply_lora(backbone: nn.Module, family: str, tuning_cfg) -> object:
     )
     if target_parameters:
         kwargs["target_parameters"] = target_parameters
+    if family == "timm":
+        kwargs["exclude_modules"] = _timm_lora_exclusions(backbone)
     if tuning_cfg.lora_rank < 1:
         raise UserError(f"tuning.lora_rank: must be >= 1, got {tuning_cfg.lora_rank}")
     config = LoraConfig(**kwargs)
@@ -198,6 +210,10 @@ def apply_lora(backbone: nn.Module, family: str, tuning_cfg) -> object:
         ) from None
     _check_dead_mha_targets(backbone)
     _use_functional_mha(backbone)
+    if family == "timm":
+        from ft_focal.models.backbones.timm import use_lora_in_fused_qkv
+
+        use_lora_in_fused_qkv(backbone)
     n_lora = sum(p.numel() for n, p in backbone.named_parameters() if "lora_" in n)
     if n_lora == 0:
         raise UserError(f"tuning.lora_targets {targets}: no LoRA weights were created")
