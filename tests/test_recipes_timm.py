@@ -47,7 +47,7 @@ def test_timm_recipe_model_and_header(path):
     assert set(raw) >= {"name", "output_dir", "seed", "model", "tuning", "data", "loss", "optim", "train", "eval"}
     assert recipe.name == f"imagenet_lt/{path.stem}" and recipe.output_dir == f"runs/imagenet_lt/{path.stem}"
     m = recipe.model
-    assert (m.family, m.name, m.head, m.head_init) == ("timm", name, "cosine", "random")
+    assert (m.family, m.name, m.head, m.head_init) == ("timm", name, "cosine", "class_mean")
     assert m.pretrained == f"/data/weights/timm/{name}/model.safetensors"
     assert recipe.tuning.method == "adaptformer" and recipe.optim.name == "focal_sam"
     assert recipe.data.num_classes == 1000 and recipe.data.image_size == 224
@@ -100,6 +100,11 @@ def test_timm_recipe_dry_run(path, tmp_path, capsys, fresh_accelerate_state):
     printed = capsys.readouterr().out
     assert plan["family"] == "timm" and plan["classes"] == 1000 and plan["dry_run_updates"] == 2
     assert "dry run OK" in printed and any(m.startswith("model.pretrained") for m in plan["missing_paths"])
+    # Pass counts with a random head: on the dry run's noise images a tiny random-init DINOv2 (LayerScale
+    # 1e-5) gives nearly one feature for every image, so the class-mean rows are parallel to every feature
+    # and the head's gradient (its part tangent to each row) is ~1e-6 of its terms: the first-step check
+    # then sees float32 rounding as a difference and takes the exact path (same update, one more backward).
+    plan = dry_run(load_recipe(path, ["model.head_init=random"]), output_dir=str(tmp_path / "run_random_head"))
     # two updates of 2F + 2B (the one-backward path covers AdaptFormer + head) + the first one's checking backward;
     # the three-backward path would count 6 backward passes
     assert plan["dry_run_pass_counts"] == {"forward": 4, "backward": 5}

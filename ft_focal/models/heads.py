@@ -34,7 +34,14 @@ class CosineHead(nn.Module):
             self.weight.copy_(F.normalize(torch.randn(num_classes, in_features), dim=-1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.linear(F.normalize(features, dim=-1), F.normalize(self.weight, dim=-1))
+        # In the weights' precision (float32) even under autocast: with logits = 25 cos, bf16's
+        # ~3 significant digits put ~0.1 of noise on every logit, and the gradient of a normalised
+        # row (its part tangent to the row) is a small difference of large terms, which bf16
+        # rounding swamps when the features align with the rows (class-mean / text heads).
+        dtype = torch.promote_types(features.dtype, self.weight.dtype)
+        with torch.autocast(features.device.type, enabled=False):
+            return self.scale * F.linear(F.normalize(features.to(dtype), dim=-1),
+                                         F.normalize(self.weight.to(dtype), dim=-1))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale}"

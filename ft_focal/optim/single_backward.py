@@ -125,11 +125,11 @@ def _cosine_forward(self, features):
         return self.split_plain_forward(features)
     st, d = armed
     (tw,) = self.split_twins
-    dt = (torch.get_autocast_dtype(features.device.type) if torch.is_autocast_enabled(features.device.type)
-          else torch.promote_types(features.dtype, self.weight.dtype))
-    fn, wn = F.normalize(features, dim=-1), F.normalize(self.weight, dim=-1)
-    twn = F.normalize(tw, dim=-1) if tw is not None else None
-    return self.scale * rules.linear(fn, wn, None, twn, None, st.pair(dt, features.dim(), d))
+    dt = torch.promote_types(features.dtype, self.weight.dtype)   # as CosineHead: no autocast
+    with torch.autocast(features.device.type, enabled=False):
+        fn, wn = F.normalize(features.to(dt), dim=-1), F.normalize(self.weight.to(dt), dim=-1)
+        twn = F.normalize(tw.to(dt), dim=-1) if tw is not None else None
+        return self.scale * rules.linear(fn, wn, None, twn, None, st.pair(dt, features.dim(), d))
 
 
 def _scale_forward(self, x):
