@@ -20,6 +20,8 @@ from torch import nn
 
 from ft_focal.errors import UserError, one_line
 from ft_focal.models.backbones.common import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
     PREPROCESS_KEY,
     LoadedBackbone,
     deep_merge,
@@ -30,11 +32,7 @@ from ft_focal.models.backbones.common import (
 
 logger = logging.getLogger(__name__)
 
-OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-HALF_MEAN = [0.5, 0.5, 0.5]
-HALF_STD = [0.5, 0.5, 0.5]
-# PIL resample codes used in transformers' preprocessor_config.json
+
 class OpenClipBackbone(nn.Module):
     """open_clip `VisionTransformer` with `proj` removed: forward = pooled CLS after ln_post."""
 
