@@ -1,7 +1,6 @@
 """Lightning manual optimization: each update equals the ft_focal optimizer's own step (float64, CPU).
 
-Skipped when lightning is not installed (extra ``lightning``; not in ``dev``: its import takes
-about 10 s).
+lightning is in the ``dev`` extra, so CI runs these; without it installed they are skipped.
 """
 from __future__ import annotations
 
