@@ -18,8 +18,10 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
-    """Accelerate's state is process-global; forked test children must not inherit a stale one."""
+    """Accelerate's state is process-global (every run / dry run builds an Accelerator); forked test
+    children and the next test must not inherit a stale one."""
     yield
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

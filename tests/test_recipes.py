@@ -245,17 +245,6 @@ def test_optimizer_and_loss_keys_are_accepted_by_the_registries(path):
 # -------------------------------------------------------------------------------- dry runs
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Each dry run builds an Accelerator; its state is a process-wide singleton."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def _dry_run_params():
     out = []
     for p in RECIPES:
@@ -266,7 +255,7 @@ def _dry_run_params():
 
 
 @pytest.mark.parametrize("path", _dry_run_params())
-def test_dry_run(path, tmp_path, capsys, fresh_accelerate_state):
+def test_dry_run(path, tmp_path, capsys):
     from ft_focal.commands.dry_run import dry_run
 
     recipe = load_recipe(path)

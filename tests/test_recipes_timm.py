@@ -81,18 +81,8 @@ def test_timm_recipe_preprocess_and_size_of_the_real_model(path):
     assert head < counts["trainable"] < head + 1e6  # head + 12 blocks of bottleneck-32 adapters
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])  # ~1.5 s each: all in the default suite
-def test_timm_recipe_dry_run(path, tmp_path, capsys, fresh_accelerate_state):
+def test_timm_recipe_dry_run(path, tmp_path, capsys):
     from ft_focal.commands.dry_run import dry_run
 
     recipe = load_recipe(path)

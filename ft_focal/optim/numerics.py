@@ -121,6 +121,7 @@ def perturb_(params: list, directions: list, scale, backup: dict) -> None:
         return
     fresh = [j for j in idx if j not in backup]
     if fresh:
+        # one foreach kernel copies them all (x * 1.0 is exact)
         for j, b in zip(fresh, torch._foreach_mul([params[j].detach() for j in fresh], 1.0)):
             backup[j] = b
     ps = [params[j].detach() for j in idx]

@@ -48,6 +48,7 @@ class ArmedState:
 
     def __init__(self):
         self.ratios = None     # dtype -> ratio [n] in that dtype (converted once per micro-batch)
+        self.pairs = {}        # (dtype, ndim, batch dim) -> rules.pair_weights of the ratio
         self.n = 0
         self.problems = {}     # module -> why it could not split (eager mode only)
         self.low_precision = False   # a rule ran in float16 / bfloat16 (looser first-step check)
@@ -63,11 +64,11 @@ class ArmedState:
     def pair(self, dtype, ndim, dim):
         """``rules.pair_weights`` of the ratio for a layer tensor of ``ndim`` dims, batch at ``dim``."""
         key = (dtype, ndim, dim)
-        w = self.ratios.get(key)
+        w = self.pairs.get(key)
         if w is None:
             w = rules.pair_weights(self.ratio(dtype), ndim, dim)
             if not torch.compiler.is_compiling():
-                self.ratios[key] = w
+                self.pairs[key] = w
         return w
 
 
@@ -191,6 +192,7 @@ class SingleBackward:
         self._reason = None
         self._twins = {}          # id(param) -> twin leaf sharing its storage
         self._bound = []          # (covered module, its twins)
+        self._batchnorms = []     # the model's BatchNorm layers (found at install)
         self.validated = False    # the first step matched the exact path
         self.disabled = None      # reason, once switched off for good
 
@@ -203,12 +205,13 @@ class SingleBackward:
             self._reason = self._install(params)
         if self._reason is not None:
             return self._reason
-        for m in self.model.modules():
-            if isinstance(m, _BatchNorm) and m.training:
+        for m in self._batchnorms:   # checked every step: the model may be switched to train()
+            if m.training:
                 return f"{type(m).__name__} in training mode mixes the samples of a batch"
         return None
 
     def _install(self, params):
+        self._batchnorms = [m for m in self.model.modules() if isinstance(m, _BatchNorm)]
         want = {id(p) for p in params}
         names = {id(p): n for n, p in self.model.named_parameters()}
         owned, chosen = set(), []
@@ -253,12 +256,12 @@ class SingleBackward:
         st = self.state
         if self._bound and self._bound[0][0].split_state is not st:
             self._bind()
-        st.ratios = {None: ratio, ratio.dtype: ratio}
+        st.ratios, st.pairs = {None: ratio, ratio.dtype: ratio}, {}
         st.n, st.problems, st.low_precision = n, {}, False
         try:
             yield
         finally:
-            st.ratios = None
+            st.ratios, st.pairs = None, {}
 
     def collect(self, params) -> tuple[list, str | None]:
         """After the backward: (part gradient per parameter, None), or (partial, reason)."""
@@ -293,6 +296,6 @@ class SingleBackward:
         return None
 
     def reset(self):
-        self.state.ratios = None
+        self.state.ratios, self.state.pairs = None, {}
         for t in self._twins.values():
             t.grad = None
