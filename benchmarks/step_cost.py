@@ -48,6 +48,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from ft_focal.builders import compile_model  # noqa: E402
 from ft_focal.config import ModelConfig, TuningConfig  # noqa: E402
 from ft_focal.malloc import keep_freed_memory  # noqa: E402
 from ft_focal.models import build_classifier  # noqa: E402
@@ -135,12 +136,19 @@ def bench(kind: str, names: list, args: argparse.Namespace) -> tuple:
     x = torch.randn(args.batch, 3, args.image, args.image, generator=g)
     y = torch.randint(0, len(COUNTS), (args.batch,), generator=g)
     params = [p for p in base.parameters() if p.requires_grad]
-    runs = {name: (OPTIMIZERS[name](params, base), lambda: F.cross_entropy(base(x), y, reduction="none"))
-            for name in names}
+    optimizers = {name: OPTIMIZERS[name](params, base) for name in names}
+    # Compiled AFTER the optimizers exist: a one-backward optimizer swaps the covered layers'
+    # classes when it is built, and the compiled graphs must see those (as the Trainer does).
+    forward = compile_model(base) if args.compile else base
+    runs = {name: (opt, lambda: F.cross_entropy(forward(x), y, reduction="none"))
+            for name, opt in optimizers.items()}
     n_train = sum(p.numel() for p in base.parameters() if p.requires_grad)
+    t0 = time.perf_counter()
     for _ in range(args.warmup):   # the first one-backward step is also checked against the exact path
         for opt, closure in runs.values():
             opt.step(closure, targets=y)
+    if args.compile:
+        print(f"{kind}: warm-up with compile (inductor, all optimizers) {time.perf_counter() - t0:.0f} s")
     wall = {n: [] for n in runs}
     cpu = {n: [] for n in runs}
     order = random.Random(0)
@@ -208,6 +216,8 @@ def main(argv: list | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: least disturbed by other work on a shared 2-core machine)")
     ap.add_argument("--no-memory", action="store_true", help="skip the (slow) memory profile")
+    ap.add_argument("--compile", action="store_true",
+                    help="compile the model once with inductor (train.compile's setup) for every optimizer")
     ap.add_argument("--default-malloc", action="store_true",
                     help="glibc's default malloc settings instead of the training loop's (ft_focal.malloc)")
     args = ap.parse_args(argv)
@@ -221,8 +231,11 @@ def main(argv: list | None = None) -> None:
     kept = False if args.default_malloc else keep_freed_memory()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # FlopCounterMode tracks modules through global hooks, which a compiled module warns about.
+    warnings.filterwarnings("ignore", message="Using `torch.compile\\(module\\)` when there are global hooks")
     print(f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}, CLIP vision tower width "
-          f"{args.width} x {args.layers} blocks, image {args.image}, patch {args.patch}, cosine head; "
+          f"{args.width} x {args.layers} blocks, image {args.image}, patch {args.patch}, cosine head, "
+          f"{'compiled (inductor)' if args.compile else 'eager'}; "
           f"{args.rounds} rounds (one step of every optimizer per round, random order); freed memory "
           f"{'kept in the process' if kept else 'returned to the kernel (glibc defaults)'}")
     for kind in args.models.split(","):

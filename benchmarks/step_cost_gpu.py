@@ -5,12 +5,13 @@
 
 GPU preset ``vit-b16``: open_clip ViT-B/16 at 224 px, random init (the FLOPs of the OpenAI weights),
 the toolkit's cosine head over 1000 classes with ImageNet-LT-like counts, batch 128, bf16 autocast,
-SGD. Workloads: AdaptFormer (bottleneck 64) and LoRA r=8 (the recipes' targets). Optimizers: ERM,
-SAM, Focal-SAM official (2F + 3B), Focal-SAM one-backward (2F + 2B) and a bare-torch SAM step (two
-forward / backward passes, a foreach norm and perturbation, ``SGD.step``; no wrapper, no non-finite
-check). All drive ONE model on one batch; each round runs every optimizer once in a fresh random
-order, the ratio to SAM is paired within the round, and the table gives medians over the rounds.
-``--compile`` adds the same rows with the model compiled once (inductor) for all of them. Peak:
+SGD (fused, as the recipes on CUDA; ``--foreach`` for torch's default). Workloads: AdaptFormer
+(bottleneck 64) and LoRA r=8 (the recipes' targets). Optimizers: ERM, SAM, Focal-SAM official (2F +
+3B), Focal-SAM one-backward (2F + 2B) and a bare-torch SAM step (two forward / backward passes, a
+foreach norm and perturbation, ``SGD.step``; no wrapper, no non-finite check). All drive ONE model
+on one batch; each round runs every optimizer once in a fresh random order, the ratio to SAM is
+paired within the round, and the table gives medians over the rounds. ``--compile`` adds the same
+rows with the model compiled once (inductor) for all of them. Peak:
 ``torch.cuda.max_memory_allocated`` during one step above the memory before it.
 
 CPU proxies (tiny open_clip models, bf16 autocast, one steady-state step): aten ops dispatched,
@@ -67,23 +68,26 @@ class OpCounter(TorchDispatchMode):
         return {"ops": sum(self.ops.values()), "reads": self.ops["aten._local_scalar_dense"], "matmuls": mm}
 
 
-def make_optimizers(model, counts):
+def make_optimizers(model, counts, fused=False):
+    """fused: the base SGD's fused kernel (the recipes' default on CUDA), which skips a non-finite
+    update on the device: a steady-state step then reads nothing on the host."""
     params = [p for p in model.parameters() if p.requires_grad]
+    sgd = dict(SGD, fused=True) if fused else SGD
     return {
-        "ERM": ERM(params, torch.optim.SGD, **SGD),
-        "SAM": SAM(params, torch.optim.SGD, rho=0.05, **SGD),
-        "Focal-SAM official": FocalSAM(params, torch.optim.SGD, class_counts=counts, **FOCAL, **SGD),
+        "ERM": ERM(params, torch.optim.SGD, **sgd),
+        "SAM": SAM(params, torch.optim.SGD, rho=0.05, **sgd),
+        "Focal-SAM official": FocalSAM(params, torch.optim.SGD, class_counts=counts, **FOCAL, **sgd),
         "Focal-SAM 1-bwd": FocalSAM(params, torch.optim.SGD, class_counts=counts, model=model,
-                                    single_backward=True, **FOCAL, **SGD),
+                                    single_backward=True, **FOCAL, **sgd),
     }
 
 
 class BareSAM:
     """The plainest SAM step in torch: what the toolkit's SAM is compared against."""
 
-    def __init__(self, params, rho=0.05):
+    def __init__(self, params, rho=0.05, fused=False):
         self.params, self.rho = params, rho
-        self.sgd = torch.optim.SGD(params, **SGD)
+        self.sgd = torch.optim.SGD(params, **SGD, fused=fused)
 
     def step(self, closure, targets=None):
         closure().mean().backward()
@@ -116,8 +120,8 @@ def run_gpu(args):
         model = build_classifier(ModelConfig(**mcfg), TuningConfig(**WORKLOADS[wl]), 1000,
                                  [f"c{i}" for i in range(1000)]).to(dev)
         size = 32 if args.smoke else 224
-        opts = make_optimizers(model, counts)
-        opts["bare SAM"] = BareSAM([p for p in model.parameters() if p.requires_grad])
+        opts = make_optimizers(model, counts, fused=not args.foreach)
+        opts["bare SAM"] = BareSAM([p for p in model.parameters() if p.requires_grad], fused=not args.foreach)
         x = torch.randn(args.batch, 3, size, size, device=dev)
         y = torch.randint(0, 1000, (args.batch,), device=dev)
         modes = ["eager"] + (["compiled"] if args.compile else [])
@@ -232,6 +236,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--compile", action="store_true", help="also time the model compiled with inductor")
+    ap.add_argument("--foreach", action="store_true",
+                    help="base SGD with foreach kernels (one host read per step) instead of fused (none)")
     ap.add_argument("--smoke", action="store_true", help="the GPU code path on the CPU with a tiny model (tests)")
     args = ap.parse_args(argv)
     if args.proxies:
@@ -241,7 +247,8 @@ def main(argv=None):
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("step_cost_gpu: no CUDA device (use --proxies on the CPU)")
     device = torch.cuda.get_device_name() if not args.smoke else "cpu (smoke)"
-    print(f"device: {device}, torch {torch.__version__}, batch {args.batch}, bf16")
+    print(f"device: {device}, torch {torch.__version__}, batch {args.batch}, bf16, "
+          f"base SGD {'foreach' if args.foreach else 'fused'}")
     print("| tuning | mode | optimizer | passes | step | x SAM | peak above weights | |\n|---|---|---|---|---|---|---|---|")
     return run_gpu(args)
 

@@ -105,6 +105,8 @@ def build_optimizer_from(recipe: Recipe, model: torch.nn.Module, wrapped: torch.
     base_kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     if cfg.base == "sgd":
         base_kwargs.update(momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.fused if cfg.fused is not None else accelerator.device.type == "cuda":
+        base_kwargs["fused"] = True   # skips a non-finite update on the device: no host read per update
     method = method_kwargs(recipe)
     if cfg.name == "ccsam":
         method["classifier_params"] = list(model.head.parameters())

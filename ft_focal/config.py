@@ -140,6 +140,9 @@ class OptimConfig:
     name: a method of ft_focal/optim/registry.py ("erm" | "sam" | "asam" | "imbsam" | "ccsam" |
         "focal_sam" | "sse_sam"); the method keys each takes are its `recipe_keys` there.
     Method keys that the chosen optimizer does not take are ignored only if left at null.
+    fused: the base optimizer's fused kernel (torch's ``fused=True``). null = on CUDA only. Fused,
+        a non-finite update is skipped by the kernel itself, so a steady-state update reads nothing
+        on the host and the GPU never waits for the loop (ft_focal/optim/base.py).
     """
 
     name: str = "focal_sam"
@@ -160,6 +163,7 @@ class OptimConfig:
     flat_ratio: Optional[float] = None
     sync_perturbation: bool = True
     single_backward: Optional[bool] = None
+    fused: Optional[bool] = None
 
 
 @dataclass

@@ -66,7 +66,7 @@ from ft_focal.malloc import keep_freed_memory
 from ft_focal.preflight import check_paths
 from ft_focal.sampling import ResumableBatchSampler, SeededDataset, prefetch_to_device, steps_per_epoch
 from ft_focal.trainlog import TrainLog
-from ft_focal.trainstate import BEST, OPERATIONAL_KEYS, TrainState, recipe_digest, save_best  # noqa: F401
+from ft_focal.trainstate import BEST, OPERATIONAL_KEYS, SkipStreak, TrainState, recipe_digest, save_best  # noqa: F401
 from ft_focal.zeroshot import is_zero_shot, mark_zero_shot, refuse_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -210,6 +210,7 @@ class Trainer:
         self.bad_images_before = int(self.state.bad_images)  # skipped before a resume (data.skip_bad_images)
         self.bad_consumed = getattr(self.bundle.train, "bad_count", 0)
         self.first_update_logged = False
+        self.streak = SkipStreak(self.state.bad_streak)
         self.log = TrainLog(self.out, self.accelerator, self.total_steps, min(self.state.step, self.total_steps),
                             self.cfg.batch_size, float(self.state.train_seconds))
 
@@ -225,9 +226,12 @@ class Trainer:
         for group, bad_count in prefetch_to_device(self._groups(epoch, s.step - epoch * n, last),
                                                    self.accelerator.device, self._bad_count):
             self.bad_consumed = bad_count
-            loss = self._update(group)
-            self.log.add_loss(loss)
-            if s.step % cfg.log_every_steps == 0 or s.step == self.total_steps:
+            loss, skipped = self._update(group)
+            self.log.add_loss(loss, skipped)
+            log_due = s.step % cfg.log_every_steps == 0 or s.step == self.total_steps
+            if log_due or self._at_epoch_end(s.step) or self._save_due(s.step):
+                self._stop_if_stuck()  # skips counted on the device are read here, not every update
+            if log_due:
                 self.log.write(s.step, (s.step - 1) // n, self.scheduler.get_last_lr()[0], self.optimizer.skipped_steps)
             self.log.tick()
             if self._at_epoch_end(s.step):
@@ -252,18 +256,18 @@ class Trainer:
     def _bad_count(self) -> int:
         return getattr(self.bundle.train, "bad_count", 0)
 
-    def _update(self, group: list) -> Optional[torch.Tensor]:
-        """One optimizer call and one scheduler step; the mean loss (on the device), None if skipped."""
+    def _update(self, group: list) -> tuple[Optional[torch.Tensor], Any]:
+        """One optimizer call and one scheduler step: (the mean loss on the device, whether the
+        optimizer skipped the update: a bool, or a 0-d device flag when it skips on the device)."""
         s = self.state
         micro = [m for m in group if m is not None]  # None: every image of it was unreadable and skipped
         if not micro:
             s.step += 1
             self.scheduler.step()
-            return None
+            return None, False
         wrapped, criterion = self.wrapped, self.criterion
         closures = [lambda images=images, labels=labels: criterion(wrapped(images).float(), labels)
                     for images, labels in micro]
-        skipped_before = self.optimizer.skipped_steps
         loss = self.optimizer.step(closures, targets=[labels for _, labels in micro])
         self.scheduler.step()
         s.step += 1
@@ -272,16 +276,25 @@ class Trainer:
             passes = self.optimizer.last_pass_counts
             logger.info("first update: %s runs %dF + %dB (forward / backward passes over the batch)",
                         self.recipe.optim.name, passes.get("forward", 0), passes.get("backward", 0))
-        skipped = self.optimizer.skipped_steps > skipped_before
-        s.bad_streak = s.bad_streak + 1 if skipped else 0
-        if s.bad_streak >= self.cfg.max_bad_steps:
-            # Skipped updates leave weights and optimizer state as after the last good update.
-            self.save()
-            raise UserError(
-                f"training stopped at update {s.step}: {s.bad_streak} consecutive updates had non-finite loss or "
-                f"gradients (limit 'train.max_bad_steps' = {self.cfg.max_bad_steps}); the last good weights are "
-                f"saved in {self.ckpt_root} (try a lower 'optim.lr' or 'train.mixed_precision')")
-        return None if skipped else loss
+        skipped = self.optimizer.last_skipped
+        self.streak.add(skipped)
+        if not self.streak.on_device:
+            self._stop_if_stuck()
+        return loss, skipped
+
+    def _stop_if_stuck(self) -> None:
+        """Save and stop once `train.max_bad_steps` updates in a row were skipped. Skipped updates
+        leave weights and optimizer state as after the last good update. With a fused base
+        optimizer the streak is counted on the device and checked at log steps and checkpoints."""
+        s = self.state
+        s.bad_streak, longest = self.streak.read()
+        if longest < self.cfg.max_bad_steps:
+            return
+        self.save()
+        raise UserError(
+            f"training stopped at update {s.step}: {longest} consecutive updates had non-finite loss or "
+            f"gradients (limit 'train.max_bad_steps' = {self.cfg.max_bad_steps}); the last good weights are "
+            f"saved in {self.ckpt_root} (try a lower 'optim.lr' or 'train.mixed_precision')")
 
     def _at_epoch_end(self, step: int) -> bool:
         return step > 0 and (step % self.n_steps_epoch == 0 or step >= self.total_steps)

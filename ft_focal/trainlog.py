@@ -84,13 +84,18 @@ class TrainLog:
         """Training seconds of the run so far, across resumes."""
         return self.seconds_before + time.time() - self.started
 
-    def add_loss(self, loss: Optional[torch.Tensor]) -> None:
-        """Sum one update's mean loss on its device (no host read)."""
-        if loss is None:
+    def add_loss(self, loss: Optional[torch.Tensor], skipped: Any = False) -> None:
+        """Sum one update's mean loss on its device (no host read), leaving out a skipped update's:
+        `skipped` is a bool, or a 0-d device flag (the optimizer skipped on the device)."""
+        if loss is None or skipped is True:
             return
         loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        keep: Any = 1
+        if isinstance(skipped, torch.Tensor):
+            keep = 1 - skipped.to(loss.device)
+            loss = torch.where(keep > 0, loss, torch.zeros_like(loss))   # NaN * 0 would stay NaN
         self._loss_sum = loss.clone() if self._loss_sum is None else self._loss_sum.add_(loss)
-        self._loss_count += 1
+        self._loss_count = keep + self._loss_count
 
     def tick(self) -> None:
         if self._bar is not None:
@@ -98,7 +103,9 @@ class TrainLog:
 
     def write(self, step: int, epoch: int, lr: float, skipped: int) -> dict:
         """One log line at update `step`: reads the summed loss from the device (the one host read)."""
-        loss = float(self._loss_sum) / self._loss_count if self._loss_count else None
+        total, count = self._loss_sum, self._loss_count
+        count = float(count)   # on the device when the optimizer skips there (the first read syncs)
+        loss = float(total) / count if count else None
         self._loss_sum, self._loss_count = None, 0
         now = time.perf_counter()
         updates, seconds = step - self._mark[0], now - self._mark[1]

@@ -62,3 +62,39 @@ def recipe_digest(recipe: Recipe) -> str:
     for section, key in OPERATIONAL_KEYS:
         raw[section].pop(key, None)
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class SkipStreak:
+    """Consecutive skipped (non-finite) updates. A step's skip is a bool, or a 0-d device flag when
+    the base optimizer skips on the device (fused kernel): then the streak is kept on the device
+    and read only when asked (`read`: at log steps and checkpoints), not once per update."""
+
+    def __init__(self, current: int = 0) -> None:
+        self.current = current   # host view of the streak now
+        self.longest = 0         # the longest streak reached since the last read (in this process)
+        self._pending: Optional[torch.Tensor] = None   # device [current, longest] not yet read
+
+    def add(self, skipped: "bool | torch.Tensor") -> None:
+        pair = self._pending
+        if not isinstance(skipped, torch.Tensor):
+            if pair is None:
+                self.current = self.current + 1 if skipped else 0
+                self.longest = max(self.longest, self.current)
+                return
+            skipped = torch.tensor(float(skipped), device=pair.device)
+        if pair is None:
+            pair = torch.tensor([float(self.current), float(self.longest)], device=skipped.device)
+        current = (pair[0] + 1) * skipped
+        self._pending = torch.stack([current, torch.maximum(pair[1], current)])
+
+    @property
+    def on_device(self) -> bool:
+        return self._pending is not None
+
+    def read(self) -> tuple[int, int]:
+        """(current, longest since the previous read): one host read if counted on the device."""
+        if self._pending is not None:
+            self.current, self.longest = (int(v) for v in self._pending.unbind())   # one sync
+            self._pending = None
+        longest, self.longest = self.longest, self.current
+        return self.current, longest

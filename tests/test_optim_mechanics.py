@@ -94,10 +94,13 @@ def _poisoned(model, x, y, bad_call, value=float("inf")):
 
 @pytest.mark.parametrize("name,bad_call", [("sam", 2), ("sam", 1), ("focal_sam", 2), ("imbsam", 1),
                                            ("sse_sam", 3), ("ccsam", 4), ("focal_sam_sb", 1)])
-def test_non_finite_pass_skips_the_step(name, bad_call):
+@pytest.mark.parametrize("fused", [False, True])
+def test_non_finite_pass_skips_the_step(name, bad_call, fused):
+    """fused=True: the base kernel skips the update on the device (no host read)."""
     model, (x, y) = mlp(), batch()
-    opt = MAKERS[name](model)
+    opt = MAKERS[name](model, fused=fused)
     run(opt, model, x, y)   # one good step: momentum buffers exist
+    assert opt.skips_on_device() == fused
     w = weights(model)
     state = copy.deepcopy(opt.base_optimizer.state_dict())
     loss = opt.step(_poisoned(model, x, y, bad_call, float("nan") if bad_call == 1 else float("inf")), targets=y)
@@ -106,11 +109,40 @@ def test_non_finite_pass_skips_the_step(name, bad_call):
     after = opt.base_optimizer.state_dict()
     for k, v in state["state"].items():
         assert torch.equal(v["momentum_buffer"], after["state"][k]["momentum_buffer"])
-    assert all(p.grad is None for p in model.parameters())
+    assert isinstance(opt.last_skipped, torch.Tensor) == fused and bool(opt.last_skipped)
+    if not fused:   # the fused kernel was handed the (non-finite) gradients and skipped them
+        assert all(p.grad is None for p in model.parameters())
     if bad_call == 1:
         assert not torch.isfinite(loss)
     run(opt, model, x, y)   # training continues
-    assert opt.skipped_steps == 1 and max_diff(model, w) > 0
+    assert opt.skipped_steps == 1 and max_diff(model, w) > 0 and not bool(opt.last_skipped)
+
+
+@pytest.mark.parametrize("name", ["sam", "focal_sam", "focal_sam_sb", "sse_sam"])
+@pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW])
+def test_fused_base_skipping_on_the_device_matches_the_host_path(name, base):
+    """The same run (a non-finite step first, one later) with the fused base kernel skipping on the
+    device and with the host read: same weights, same skip count; the first applied update reads."""
+    kw = dict(lr=0.01, weight_decay=5e-4) if base is torch.optim.AdamW else SGD
+    classes = {"sam": SAM, "focal_sam": FocalSAM, "focal_sam_sb": FocalSAM, "sse_sam": SSESAM}
+    runs = []
+    for fused in (False, True):
+        model, (x, y) = mlp(), batch()
+        opt = classes[name](model.parameters(), base, fused=fused, **kw, **_method_kwargs(name, model))
+        for k in range(6):
+            bad = k in (0, 3)
+            opt.step(_poisoned(model, x, y, 1, float("nan")) if bad else closure_for(model, x, y), targets=y)
+            assert opt.skips_on_device() == (fused and k >= 1)
+        runs.append((model, opt.skipped_steps))
+    (host, n_host), (dev, n_dev) = runs
+    assert n_host == n_dev == 2
+    assert max_diff(dev, weights(host)) < 1e-12
+
+
+def _method_kwargs(name, model):
+    return {"sam": dict(rho=0.1), "focal_sam": dict(rho=0.1, gamma=1.0, lam=0.8, class_counts=COUNTS),
+            "focal_sam_sb": dict(rho=0.1, gamma=1.0, lam=0.8, class_counts=COUNTS, single_backward=True, model=model),
+            "sse_sam": dict(rho_head=0.05, rho_tail=0.2, class_counts=COUNTS, tail_threshold=40)}[name]
 
 
 @pytest.mark.parametrize("name", ["sam", "focal_sam", "focal_sam_sb", "ccsam"])

@@ -323,7 +323,9 @@ def test_non_finite_updates_are_skipped_and_counted(tmp_path, monkeypatch):
     assert metrics["updates"] == 12 and metrics["skipped_steps"] == 3
 
 
-def test_too_many_consecutive_non_finite_updates_stop_with_a_checkpoint(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("fused", [False, True])
+def test_too_many_consecutive_non_finite_updates_stop_with_a_checkpoint(tmp_path, monkeypatch, capsys, fused):
+    """fused: the optimizer skips on the device and the loop checks the streak at its epoch end."""
 
     snapshots = {}
     original_step = None
@@ -341,7 +343,9 @@ def test_too_many_consecutive_non_finite_updates_stop_with_a_checkpoint(tmp_path
     _poison(monkeypatch, {4, 5, 6, 7})
     out = tmp_path / "run"
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(_tiny_synthetic(out, max_bad_steps=3)))
+    recipe = _tiny_synthetic(out, max_bad_steps=3)
+    recipe["optim"]["fused"] = fused
+    path.write_text(yaml.safe_dump(recipe))
     from ft_focal.commands.train import main
 
     code = main([str(path)])

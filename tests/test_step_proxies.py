@@ -45,6 +45,15 @@ def test_one_host_read_per_steady_state_step(method, name):
     assert _steady_state(model, make_optimizers(model, COUNTS)[name])["reads"] == 1
 
 
+@pytest.mark.parametrize("method", ["lora", "adaptformer"])
+@pytest.mark.parametrize("name", ["ERM", "SAM", "Focal-SAM official", "Focal-SAM 1-bwd"])
+def test_no_host_read_per_steady_state_step_with_a_fused_base_optimizer(method, name):
+    """The fused kernel takes the non-finite flag and skips on the device (optim.fused)."""
+    model = _model(method)
+    opt = make_optimizers(model, COUNTS, fused=True)[name]
+    assert _steady_state(model, opt)["reads"] == 0 and opt.skips_on_device()
+
+
 @pytest.mark.parametrize("cls", [ImbSAM, SSESAM])
 def test_imbsam_and_ssesam_read_once_when_groups_are_not_skipped(cls):
     """On an accelerator the absent-group shortcut is off (it would read the labels): emulated here."""

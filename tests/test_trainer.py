@@ -1,6 +1,7 @@
 """The Trainer's logs (train_log.jsonl, progress lines, learning curves), its hot path (no host
 reads between log steps) and the rough edges a new user hit (issue 14), one test each."""
 
+import dataclasses
 import json
 import logging
 import types
@@ -133,6 +134,32 @@ def test_loop_reads_no_device_value_between_log_steps(tmp_path, monkeypatch):
     assert between == [0, 0, 1, 0, 0, 1], between  # updates 3 and 6 are log steps
 
 
+@pytest.mark.parametrize("name", ["sam", "focal_sam"])
+def test_with_a_fused_base_optimizer_updates_read_the_device_only_at_log_steps(tmp_path, name):
+    """optim.fused: the kernel skips a non-finite update on the device, so an update reads no
+    device value, optimizer included, except the first (a fused SGD must not skip its first call;
+    the one-backward check) and at log steps (summed loss and count, skip streak, skip count)."""
+    import ft_focal.train as train_mod
+
+    counter, starts = _CountReads(), []
+    recipe = _tiny(tmp_path / "run", max_steps=7, log_every_steps=3)
+    recipe.optim = dataclasses.replace(recipe.optim, name=name, fused=True, momentum=0.9, rho=0.05,
+                                       gamma=1.0 if name == "focal_sam" else None,
+                                       lam=0.8 if name == "focal_sam" else None)
+    real_update = train_mod.Trainer._update
+
+    def update(self, group):
+        starts.append(counter.count)
+        return real_update(self, group)
+
+    with counter, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod.Trainer, "_update", update)
+        train_mod.train(recipe)
+    per_update = [b - a for a, b in zip(starts, starts[1:])]   # update i and the loop after it
+    log_reads = per_update[2]
+    assert per_update[0] >= 1 and per_update[1:] == [0, log_reads, 0, 0, log_reads] and log_reads <= 5, per_update
+
+
 # ------------------------------------------------------------------ rough edges
 
 
@@ -153,7 +180,8 @@ def test_switching_the_method_drops_keys_it_does_not_take(name, dropped, caplog)
 
     recipe = load_recipe(DEMO, [f"optim.name={name}"])
     model = torch.nn.Sequential(torch.nn.Linear(4, 10))
-    accelerator = types.SimpleNamespace(num_processes=1, scaler=None, backward=lambda loss, **kw: loss.backward())
+    accelerator = types.SimpleNamespace(num_processes=1, scaler=None, backward=lambda loss, **kw: loss.backward(),
+                                        device=torch.device("cpu"))
     with caplog.at_level(logging.INFO, logger="ft_focal"):
         opt = build_optimizer_from(recipe, model, model, [50 - 4 * c for c in range(10)], accelerator)
     assert type(opt).__name__.lower().replace("_", "") == name.replace("_", "")

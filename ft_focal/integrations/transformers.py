@@ -208,9 +208,8 @@ class SharpnessTrainerMixin:
             raise RuntimeError("training_step before create_optimizer (use trainer.train())")
         self._set_epoch(opt)
         closures = [functools.partial(self._per_sample_losses, model, x) for x, _ in window]
-        skipped_before = opt.skipped_steps
         loss = opt.step(closures=closures, targets=[y for _, y in window])
-        self._after_step(opt, skipped=opt.skipped_steps > skipped_before)
+        self._after_step(opt, skipped=bool(opt.last_skipped))   # a host read: the Trainer's scheduler needs it
         return loss.to(self.args.device)
 
     def _per_sample_losses(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
@@ -237,7 +236,7 @@ class SharpnessTrainerMixin:
 
     def _after_step(self, opt: SharpnessOptimizer, skipped: bool) -> None:
         """Hand the Trainer's outer step nothing to do."""
-        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        grads = [] if skipped else [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
         self._applied_grad_norm = (float(torch.linalg.vector_norm(torch.stack(
             [torch.linalg.vector_norm(g.detach().double()) for g in grads]))) if grads else 0.0)
         # The gradients were applied; clearing them keeps the Trainer's clip / norm / fp16-unscale calls

@@ -38,7 +38,8 @@ OPTIMIZERS = {name: info.cls for name, info in METHODS.items()}
 BASE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 # keyword -> the base optimizers that use it (others ignore it, so one config section serves all)
 BASE_KWARGS = {"lr": ("sgd", "adamw", "adam"), "weight_decay": ("sgd", "adamw", "adam"),
-               "momentum": ("sgd",), "nesterov": ("sgd",), "betas": ("adamw", "adam")}
+               "momentum": ("sgd",), "nesterov": ("sgd",), "betas": ("adamw", "adam"),
+               "fused": ("sgd", "adamw", "adam")}
 
 
 def optimizer_kwargs(name: str) -> tuple:
@@ -52,12 +53,13 @@ def optimizer_kwargs(name: str) -> tuple:
 def build_optimizer(name: str, params, class_counts=None, **cfg) -> SharpnessOptimizer:
     """Build optimizer ``name`` ("erm", "sam", "asam", "imbsam", "ccsam", "focal_sam", "sse_sam").
 
-    ``cfg``: ``base`` ("sgd" | "adamw" | "adam", default "sgd"), base keywords ``lr``,
-    ``momentum``, ``weight_decay``, ``nesterov``, ``betas`` (those the chosen base does not use, or
-    set to None, are ignored), the method keywords (``optimizer_kwargs(name)``, plus
-    ``classifier_params`` for CC-SAM) and the runtime options ``backward``, ``scaler``,
-    ``backward_applies_scaler``, ``model``, ``no_sync``, ``sync_perturbation``, ``sharded``.
-    An unknown name or keyword raises ValueError naming it and listing the valid ones.
+    ``cfg``: ``base`` ("sgd" | "adamw" | "adam", default "sgd"), base keywords ``lr``, ``momentum``,
+    ``weight_decay``, ``nesterov``, ``betas``, ``fused`` (those the chosen base does not use, or set
+    to None, are ignored; ``fused=True`` skips non-finite steps on the device), the method keywords
+    (``optimizer_kwargs(name)``, plus ``classifier_params`` for CC-SAM) and the runtime options
+    ``backward``, ``scaler``, ``backward_applies_scaler``, ``model``, ``no_sync``,
+    ``sync_perturbation``, ``sharded``. An unknown name or keyword raises ValueError naming it and
+    listing the valid ones.
     """
     info = method_info(name)
     cls = info.cls

@@ -13,12 +13,18 @@ losses ``[B]`` (``reduction='none'``); ``targets`` are the labels ``[B]``. ERM a
 step ``p.grad`` holds the gradient the base optimizer used. Keep every trainable parameter of the
 model in the optimizer (others would accumulate gradients from every pass).
 
-Host reads: a steady-state step reads ONE device value on the host, the non-finite flag that
-decides whether the base optimizer runs. Norms, perturbation scales and the loss scale stay on the
-device; labels are checked against ``class_counts`` on the first step only (the training loop checks
-every label of a dataset once). CC-SAM needs the batch's classes on the host (its passes are per
-class); ImbSAM / SSE-SAM skip the pass of a group absent from the batch only when the labels are on
-the CPU (there reading them is free), and otherwise run it with zero weights (same update).
+Host reads: a steady-state step reads ONE device value on the host, the non-finite flag that decides
+whether the base optimizer runs, and NONE when the base optimizer is fused (``fused=True``: SGD,
+Adam, AdamW): its kernel takes the flag as ``found_inf`` and skips the update on the device, as
+under ``GradScaler``, so the host never waits for the GPU and queues the next step while this one
+runs. ``last_skipped`` is then a 0-d device tensor and ``skipped_steps`` is read when asked (log
+steps, checkpoints). The first applied update still reads the flag: a fused SGD step skipped on its
+first call would leave its momentum buffers uninitialised (torch creates them empty). Norms,
+perturbation scales and the loss scale stay on the device; labels are checked against
+``class_counts`` on the first step only (the training loop checks every label of a dataset once).
+CC-SAM needs the batch's classes on the host (its passes are per class); ImbSAM / SSE-SAM skip the
+pass of a group absent from the batch only when the labels are on the CPU (there reading them is
+free), and otherwise run it with zero weights (same update).
 
 Gradient accumulation (exact big-batch semantics): pass lists ``closures=[c1, c2, ...]`` and
 ``targets=[y1, y2, ...]``. Every pass loops over the micro-batches, one forward and one graph at a
@@ -129,6 +135,8 @@ class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
             self.one_backward.validated = not self.single_backward_check
             self._plan_single_backward(self._trainable())   # swap the layers now, before any compile
         self.skipped_steps = 0
+        self.last_skipped: bool | torch.Tensor = False   # the last step's: a bool, or a 0-d device flag
+        self._base_stepped = False   # the base optimizer has applied an update (its state exists)
         self.pass_counts = {"forward": 0, "backward": 0}
         self.last_pass_counts = {"forward": 0, "backward": 0}
         self.epoch, self.num_epochs = 0, None
@@ -160,6 +168,25 @@ class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
     def _load_extra_state(self, state):
         pass
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite values (a host read when some were counted on the device)."""
+        if self._skipped_on_device is not None:
+            self._skipped_count += int(self._skipped_on_device.sum())
+            self._skipped_on_device = None
+        return self._skipped_count
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_count, self._skipped_on_device = int(value), None
+
+    def skips_on_device(self) -> bool:
+        """True when the next step decides on the device whether to apply the update (fused base
+        optimizer, after its first applied update): no host read."""
+        base = self.base_optimizer
+        return (self._base_stepped and getattr(base, "_step_supports_amp_scaling", False)
+                and all(g.get("fused") for g in base.param_groups))
+
     def _growth_tracker(self):
         tracker = getattr(self.scaler, "_growth_tracker", None) if self.scaler is not None else None
         if tracker is None:
@@ -185,6 +212,7 @@ class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
         self.pass_counts = dict(w.get("pass_counts", {"forward": 0, "backward": 0}))
         self.epoch, self.num_epochs = int(w.get("epoch", 0)), w.get("num_epochs")
         self._pending_growth = int(w.get("growth_tracker", 0))
+        self._base_stepped = bool(self.base_optimizer.state)
         if self.one_backward is not None:
             self.one_backward.validated = bool(w.get("sb_validated", self.one_backward.validated))
             self.one_backward.disabled = w.get("sb_disabled", self.one_backward.disabled)
@@ -204,23 +232,29 @@ class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
         """Run every pass of the method and apply the base optimizer once; returns the mean loss
         at w (detached). ``closure`` may also be a list of micro-batch closures."""
         st = self._begin(closures if closures is not None else closure, targets)
+        on_device = self.skips_on_device()
         try:
             final = self._compute(st)
             if st.manual_sync:
                 final = nm.all_reduce_mean(final, st.params, st.world)
             found = nm.any_found(st.found, st.device, st.world)
-            skip = bool(found > 0)   # the step's one host read
+            skip = (found > 0).float() if on_device else bool(found > 0)   # the step's one host read
         finally:
             nm.restore_(st.params, st.backup)
             self._zero_param_grads()
             if self.one_backward is not None:
                 self.one_backward.reset()
-        if skip:
-            self.skipped_steps += 1
-        else:
+        self.last_skipped = skip
+        if on_device or not skip:
             for p, g in zip(st.params, final):
                 p.grad = g
-            self.base_optimizer.step()
+            if on_device:
+                self._base_step_unless(skip)
+            else:
+                self.base_optimizer.step()
+                self._base_stepped = True
+        else:
+            self.skipped_steps += 1
         self.last_pass_counts = dict(st.passes)
         for k, v in st.passes.items():
             self.pass_counts[k] += v
@@ -229,6 +263,17 @@ class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
         self._labels_checked = True
         loss = st.loss_sum / st.batch_size if st.loss_sum is not None else torch.tensor(float("nan"))
         return loss.detach()
+
+    def _base_step_unless(self, skip: torch.Tensor) -> None:
+        """The fused base step, skipped by its own kernel where ``skip`` (float 0-d) is 1."""
+        base = self.base_optimizer
+        base.grad_scale, base.found_inf = None, skip   # GradScaler's protocol (gradients already unscaled)
+        try:
+            base.step()
+        finally:
+            del base.grad_scale, base.found_inf
+        pending = self._skipped_on_device
+        self._skipped_on_device = skip if pending is None else pending + skip
 
     def _trainable(self):
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]

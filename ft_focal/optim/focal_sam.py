@@ -23,9 +23,10 @@ class FocalSAM(SharpnessOptimizer):
     switch that its released settings do not use; it is not offered here.
 
     ``single_backward=True`` (needs ``model=``) forms steps 2-3 from ONE backward of the unweighted
-    mean loss plus per-layer hooks (see ``single_backward.py``): same update (to float rounding) at
-    2F + 2B when every trainable parameter sits in an ``nn.Linear`` (LoRA, adapters, linear head) or
-    in a small module that can be re-run per sample (LayerNorm, an adapter's learnable scale);
+    mean loss: every covered layer (Linear, LayerNorm, the cosine head, a learnable scale) runs as an
+    ``autograd.Function`` whose backward also gives the a-weighted gradient (closed forms, see
+    ``single_backward.py`` and ``single_backward_rules.py``). Same update (to float rounding) at
+    2F + 2B when every trainable parameter sits in a covered layer (LoRA, AdaptFormer, heads);
     otherwise the exact path above is used (warning logged once). The first step is checked against
     the exact path (one more backward) unless ``single_backward_check=False``.
     """
