@@ -177,6 +177,9 @@ class TrainConfig:
         (ViT-B/16, bf16, batch 128): the step runs 1.6x faster compiled, after ~1-2 min warm-up.
     log_with: Accelerate trackers to log to (tensorboard, wandb, trackio, ...; each an optional
         package). Empty = none; train_log.jsonl in output_dir is always written.
+    max_bad_steps: this many consecutive skipped (non-finite) updates stop the run with a
+        checkpoint. With a fused base optimizer (optim.fused) skips are counted on the device and the
+        streak is checked at log steps, checkpoints and epoch ends, not after every update.
     """
 
     epochs: int = 10  # 0 (or max_steps 0): zero-shot, the initial head is evaluated without training
