@@ -181,6 +181,19 @@ def test_adapter_with_learnable_scale_and_dropout(method):
     assert sb.one_backward.disabled is None and sb.last_pass_counts == {"forward": 2, "backward": 2}
 
 
+def test_adapter_with_a_per_channel_scale_falls_back(caplog):
+    """The scale rule sums delta * u over every non-batch dim: a vector scale takes the exact path."""
+    caplog.set_level(logging.WARNING, logger="ft_focal")
+
+    def build():
+        m = _seeded(AdaptNet)
+        m.adapter.scale = nn.Parameter(torch.linspace(0.5, 1.5, 24, dtype=torch.float64))
+        return m
+    diff, (_, sb), _ = compare(build, tokens(10, T=4), steps=2)
+    assert diff < 1e-12 and "one-element learnable scale" in caplog.text
+    assert sb.last_pass_counts == {"forward": 2, "backward": 3}
+
+
 def test_parameter_without_rule_falls_back(caplog):
     caplog.set_level(logging.WARNING, logger="ft_focal")
     x = tokens(6, T=3)   # the scalar s belongs to the whole model, whose forward no rule describes

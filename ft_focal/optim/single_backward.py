@@ -14,8 +14,8 @@ forward, ``collect`` returns the part gradients after the backward.
 
 Covered (rules): ``nn.Linear`` (LoRA A / B, adapter down / up, linear heads), ``nn.LayerNorm`` and
 open_clip's LayerNorm classes, and modules that declare ``single_backward_rule``: ``"cosine"`` (a
-cosine head: ``weight``, a float ``scale``) or ``"scale"`` (forward ``self.scale * self.unscaled(x)``,
-e.g. AdaptFormer's bottleneck with its learnable scale). Rules need no re-run, no RNG replay, no
+cosine head: ``weight``, a float ``scale``) or ``"scale"`` (forward ``self.scale * self.unscaled(x)``
+with a one-element ``scale``, e.g. AdaptFormer's bottleneck). Rules need no re-run, no RNG replay, no
 tensor hooks: the compiled model has no graph break, and no host read is added.
 
 The batch dimension of a layer input is its unique leading dimension of size B ([B, D], [B, T, D] or
@@ -220,10 +220,12 @@ class SingleBackward:
             if not own:
                 continue
             rule = rule_of(m)
+            if rule is not None and rule[0] == "scale" and m.scale.numel() != 1:
+                rule = None   # the scale rule sums over every non-batch dim: one element only
             if rule is None or not set(own) <= set(rule[1]):
                 p = next(iter(own.values()))
                 return (f"parameter {names.get(id(p))} belongs to {type(m).__name__}, which has no "
-                        "one-backward rule (Linear, LayerNorm, cosine head, learnable scale)")
+                        "one-backward rule (Linear, LayerNorm, cosine head, one-element learnable scale)")
             chosen.append((m, rule))
             owned.update(id(p) for p in own.values())
         missing = [p for p in params if id(p) not in owned]

@@ -13,7 +13,7 @@ Rules (closed forms, no module is re-run):
   linear:     y = x W^T + b. grad W = delta^T x; part W = (r delta)^T x, both from ONE (batched)
               GEMM: the narrower of x and delta is stacked with its r-weighted copy ([2, N, k]).
   layer_norm: y = xhat w + b. [delta xhat, delta] ([N, 2D]) reduced by [1; r] ([2, N]) in one GEMM.
-  scale:      y = s u (s a learnable scalar / vector). per-sample sums of delta u, then [1; r].
+  scale:      y = s u (s a learnable scalar). per-sample sums of delta u, summed and r-weighted.
   cosine:     y = scale <f/|f|, W_c/|W_c|>: the linear rule on the normalised features and weights;
               the twin goes through the same normalisation, so autograd applies its closed form.
 Under autocast the GEMMs run in the autocast dtype, as autograd's own weight-gradient GEMMs do;
@@ -124,12 +124,13 @@ class _Scale(torch.autograd.Function):
         s, u, ratio = ctx.saved_tensors
         gu = (grad * s).to(u.dtype) if ctx.needs_input_grad[1] else None
         dims = [k for k in range(grad.dim()) if k != ctx.dim]
-        per_sample = (grad * u).sum(dims) if dims else grad * u                              # [B]
-        both = torch.stack([per_sample, per_sample * ratio.to(per_sample.dtype)]).sum(1)    # [2]
-        gs, ps = both[0].reshape(s.shape).to(s.dtype), both[1].reshape(s.shape).to(s.dtype)
+        per_sample = (grad * u).sum(dims) if dims else grad * u     # [B]: d l_j / d s (s has one element)
+        gs = per_sample.sum().reshape(s.shape).to(s.dtype)
+        ps = per_sample.dot(ratio.to(per_sample.dtype)).reshape(s.shape).to(s.dtype)
         return gs if ctx.needs_input_grad[0] else None, gu, ps, None, None
 
 
 def scale(s, u, twin_s, ratio, dim):
-    """s * u (s broadcast over u, batch at ``dim`` of u); twin_s.grad gets the part gradient."""
+    """s * u (s one element, broadcast over u, batch at ``dim`` of u); twin_s.grad gets the part
+    gradient."""
     return _Scale.apply(s, u, twin_s, ratio, dim)
