@@ -6,7 +6,10 @@ data.dataset=synthetic (1000 classes), random init (the FLOPs of the OpenAI weig
   loop ms   = (loop(N) - loop(N/3)) / (N - N/3), loop(n) = train_seconds of an n-update run minus
               the end-of-run validation + checkpoint (loop_overhead.toolkit_run): model build,
               compilation and DataLoader start-up cancel out. `--steps` sets N (default 150).
-  in-loop   = the same difference of the time spent inside optimizer.step.
+  in-loop   = the same difference of the time spent inside optimizer.step. With a fused base
+              optimizer (optim.fused, the default on CUDA) step() reads nothing on the host and
+              returns once its work is queued: in-loop is then the host's queueing time, and
+              loop ms is the measure.
   step ms   = the toolkit's optimizer.step alone, on one batch already on the GPU (the loop's own
               objects: Trainer.setup, Accelerate's bf16 autocast), median of timed calls, each
               ended by torch.cuda.synchronize.
