@@ -81,9 +81,9 @@ class SkipStreak:
                 self.current = self.current + 1 if skipped else 0
                 self.longest = max(self.longest, self.current)
                 return
-            skipped = torch.tensor(float(skipped), device=pair.device)
-        if pair is None:
-            pair = torch.tensor([float(self.current), float(self.longest)], device=skipped.device)
+            skipped = pair.new_full((), float(skipped))
+        if pair is None:   # filled by kernels: torch.tensor(..., device=cuda) would copy and sync
+            pair = torch.stack([skipped.new_full((), float(self.current)), skipped.new_full((), float(self.longest))])
         current = (pair[0] + 1) * skipped
         self._pending = torch.stack([current, torch.maximum(pair[1], current)])
 

@@ -134,6 +134,24 @@ def test_loop_reads_no_device_value_between_log_steps(tmp_path, monkeypatch):
     assert between == [0, 0, 1, 0, 0, 1], between  # updates 3 and 6 are log steps
 
 
+def test_skip_streak_counts_the_same_on_the_host_and_on_the_device():
+    """The longest run of skips between two reads, from bools or from 0-d flags read late."""
+    from ft_focal.trainstate import SkipStreak
+
+    pattern = [0, 1, 1, 0, 1, 1, 1, 0, 0, 1, 1]
+    reads_at = {3, 8, 11}
+    results = []
+    for on_device in (False, True):
+        streak, seen = SkipStreak(current=2), []
+        for k, bad in enumerate(pattern, 1):
+            streak.add(torch.tensor(float(bad)) if on_device else bool(bad))
+            assert streak.on_device == on_device
+            if k in reads_at:
+                seen.append(streak.read())
+        results.append(seen)
+    assert results[0] == results[1] == [(2, 2), (0, 3), (2, 2)]
+
+
 @pytest.mark.parametrize("name", ["sam", "focal_sam"])
 def test_with_a_fused_base_optimizer_updates_read_the_device_only_at_log_steps(tmp_path, name):
     """optim.fused: the kernel skips a non-finite update on the device, so an update reads no
