@@ -229,8 +229,9 @@ class Trainer:
             loss, skipped = self._update(group)
             self.log.add_loss(loss, skipped)
             log_due = s.step % cfg.log_every_steps == 0 or s.step == self.total_steps
-            if log_due or self._at_epoch_end(s.step) or self._save_due(s.step):
-                self._stop_if_stuck()  # skips counted on the device are read here, not every update
+            # Skips counted on the device are read at log steps and checkpoints, not every update.
+            if not self.streak.on_device or log_due or self._at_epoch_end(s.step) or self._save_due(s.step):
+                self._stop_if_stuck()
             if log_due:
                 self.log.write(s.step, (s.step - 1) // n, self.scheduler.get_last_lr()[0], self.optimizer.skipped_steps)
             self.log.tick()
@@ -278,8 +279,6 @@ class Trainer:
                         self.recipe.optim.name, passes.get("forward", 0), passes.get("backward", 0))
         skipped = self.optimizer.last_skipped
         self.streak.add(skipped)
-        if not self.streak.on_device:
-            self._stop_if_stuck()
         return loss, skipped
 
     def _stop_if_stuck(self) -> None:

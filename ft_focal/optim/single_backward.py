@@ -156,8 +156,8 @@ def rule_of(module: nn.Module):
     declared = getattr(cls, "single_backward_rule", None)
     if declared == "cosine":
         return "cosine", ("weight",)
-    if declared == "scale":
-        return "scale", ("scale",)
+    if declared == "scale":   # the rule sums over every non-batch dim: a one-element scale only
+        return ("scale", ("scale",)) if module.scale.numel() == 1 else None
     return None
 
 
@@ -220,8 +220,6 @@ class SingleBackward:
             if not own:
                 continue
             rule = rule_of(m)
-            if rule is not None and rule[0] == "scale" and m.scale.numel() != 1:
-                rule = None   # the scale rule sums over every non-batch dim: one element only
             if rule is None or not set(own) <= set(rule[1]):
                 p = next(iter(own.values()))
                 return (f"parameter {names.get(id(p))} belongs to {type(m).__name__}, which has no "
