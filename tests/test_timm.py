@@ -4,6 +4,8 @@ and the one-backward Focal-SAM step on them. Everything offline, nothing downloa
 
 import copy
 import logging
+import os
+import sys
 
 import pytest
 import timm
@@ -14,7 +16,9 @@ from ft_focal.config import CHOICES, ModelConfig, TuningConfig
 from ft_focal.errors import UserError
 from ft_focal.models import AdaptFormerMLP, build_classifier, default_lora_targets, preprocess_for, tiny_model_config
 from ft_focal.models.classifier import tiny_variant
-from ft_focal.optim import FocalSAM
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_single_backward_models import COUNTS, assert_one_backward_matches_exact  # noqa: E402
 
 C = 5
 TINY = tiny_model_config("timm")["config"]
@@ -247,8 +251,6 @@ def test_tiny_variant_keeps_the_timm_architecture_when_it_can():
 
 # ------------------------------------------------------------------------- one backward
 
-COUNTS = [100, 50, 20, 10, 5, 2]
-
 
 @pytest.mark.parametrize("name,method,backward", [
     (None, "lora", 2), (None, "adaptformer", 2), (None, "head", 2), (EVA, "lora", 2), (EVA, "adaptformer", 2),
@@ -260,25 +262,4 @@ def test_single_backward_equals_default_on_timm(name, method, backward):
     in float64, at SAM's 2 forward + 2 backward passes (full tuning: the same update in 2F + 3B)."""
     torch.manual_seed(0)
     model = build_classifier(timm_cfg(name), TuningConfig(method=method, lora_rank=4), len(COUNTS)).double()
-    with torch.no_grad():  # non-trivial adapters so every trainable tensor matters
-        for pname, p in model.named_parameters():
-            if p.requires_grad and ("up" in pname or "lora_B" in pname):
-                p.normal_(0, 0.05)
-    twin = copy.deepcopy(model)
-    x = torch.randn(8, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    y = torch.tensor([0, 1, 2, 3, 4, 5, 0, 5])
-    criterion = torch.nn.CrossEntropyLoss(reduction="none")
-    runs = []
-    for m, single in ((model, True), (twin, False)):
-        params = [p for p in m.parameters() if p.requires_grad]
-        start = [p.detach().clone() for p in params]
-        opt = FocalSAM(params, torch.optim.SGD, rho=0.05, gamma=1.0, lam=0.8, class_counts=COUNTS, lr=0.1,
-                       momentum=0.9, model=m, single_backward=single)
-        for _ in range(3):  # the first single-backward step is checked against the exact path
-            opt.step(lambda m=m: criterion(m(x), y), targets=y)
-        runs.append(([p.detach() - s for p, s in zip(params, start)], dict(opt.last_pass_counts)))
-    (fast, fast_passes), (slow, slow_passes) = runs
-    assert max(float(d.abs().max()) for d in slow) > 1e-4
-    for a, b in zip(fast, slow):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-    assert fast_passes == {"forward": 2, "backward": backward} and slow_passes["backward"] == 3
+    assert_one_backward_matches_exact(model, backward)
