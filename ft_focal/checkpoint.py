@@ -36,9 +36,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ft_focal.files import write_json
+from ft_focal.files import save_safetensors, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def save_checkpoint(
     torch.save(_plain_rng(rng_state()), rng_file)
     _fsync_file(rng_file)
     if rank == 0:
-        save_file(trainable_state(model), str(tmp / "model.safetensors"))
+        save_safetensors(trainable_state(model), tmp / "model.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:

@@ -16,18 +16,20 @@ from ft_focal.commands.guard import RedactTokens, list_flag, redact, run_guarded
 
 __all__ = ["main", "COMMANDS", "USAGE", "RedactTokens", "list_flag", "redact", "run_guarded", "setup_logging"]
 
-USAGE = """usage: ft-focal COMMAND ...
+USAGE = """usage: ft-focal COMMAND ...   (ft-focal --version: the installed version)
 
 commands:
   train RECIPE.yaml [key=value ...] [--dry-run]   fine-tune (same as accelerate launch -m ft_focal.train)
                   [--zero-shot]                    evaluate the initial head, no training
-  eval MODEL_DIR [key=value ...] [--out FILE]      long-tail accuracy (+ --imagenet-c ROOT for CE / mCE)
+  eval RUN_OR_MODEL_DIR [k=v ...] [--out FILE]     long-tail accuracy (+ --imagenet-c ROOT for CE / mCE)
   corrupt RECIPE_OR_SPLIT --out DIR                render an ImageNet-C style set of a test split
   check-data RECIPE.yaml [key=value ...]           verify every image of every split
   export RUN_DIR EXPORT_DIR [--merge-lora]         Hub-ready folder (safetensors + model card)
   push RUN_OR_EXPORT_DIR REPO_ID [--private]       upload to the Hugging Face Hub
   report RUN_DIR [RUN_DIR ...]                     Markdown report / comparison of runs
   sharpness MODEL_DIR [--groups many,medium,few]   Hessian eigenvalues / trace by shot group
+
+Flags and key=value recipe overrides may come in any order.
 """
 
 
@@ -56,6 +58,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("--version", "-V", "version"):
+        from ft_focal.version import __version__
+
+        print(f"ft-focal {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         close = difflib.get_close_matches(command, list(COMMANDS), n=1)

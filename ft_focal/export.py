@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,7 +35,7 @@ import torch
 
 from ft_focal.data.transforms import describe_test_transform, preprocessor_config
 from ft_focal.errors import UserError
-from ft_focal.files import write_json
+from ft_focal.files import save_safetensors, write_json
 from ft_focal.provenance import base_model_id
 from ft_focal.saved import WEIGHTS, load_model_dir, save_model_dir, trained_head_init
 
@@ -47,6 +48,10 @@ TRAINED_TENSORS = "trained_tensors.safetensors"
 PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before the module path
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 PICKLE_PATTERNS = [f"*{s}" for s in PICKLE_SUFFIXES]
+# What an export writes itself (a re-export replaces these); eval.json only when it is the run's.
+EXPORT_OWNED = frozenset({WEIGHTS, "recipe.yaml", "classnames.json", "class_counts.json", "preprocess.json",
+                          "wnids.json", "preprocessor_config.json", ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINED_TENSORS,
+                          "metrics.json", EXPORT_INFO, "README.md"})
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -59,8 +64,16 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
         return path / "final"
     if (path / WEIGHTS).is_file():
         return path
-    if (path / "final").is_dir() or (path / "recipe.yaml").is_file():
-        raise UserError(f"{path}: no {WEIGHTS} (the run has not finished; final/ is written at the end)")
+    if (path / EXPORT_INFO).is_file():
+        raise UserError(f"{path}: an export without its {WEIGHTS} (the file was removed or the export was cut "
+                        f"short); run `ft-focal export` again")
+    if (path / "final").is_dir():
+        raise UserError(f"{path / 'final'}: no {WEIGHTS} (final/ is incomplete: the file was removed or the run "
+                        f"stopped while writing it); run the training command again to rewrite it")
+    if (path / "classnames.json").is_file():
+        raise UserError(f"{path}: a model folder without its {WEIGHTS} (the file was removed or never finished)")
+    if (path / "recipe.yaml").is_file():
+        raise UserError(f"{path}: no final/ yet (the run has not finished; final/ is written at its end)")
     raise UserError(f"{path}: not a run folder (with final/) nor a model folder (with {WEIGHTS})")
 
 
@@ -128,8 +141,13 @@ def export_run(run_dir: str | os.PathLike, export_dir: str | os.PathLike, merge_
     source = resolve_model_dir(run_dir)
     export_dir = Path(export_dir)
     src_abs, out_abs = source.resolve(), export_dir.resolve()
-    if out_abs == src_abs or src_abs in out_abs.parents or out_abs in src_abs.parents:
-        raise UserError(f"{export_dir}: the export folder must be outside the model folder {source}")
+    if out_abs == src_abs:
+        raise UserError(f"{export_dir}: is the model folder itself; choose a new folder for the export")
+    if src_abs in out_abs.parents:
+        raise UserError(f"{export_dir}: is inside the model folder {source}; choose a folder outside it")
+    if out_abs in src_abs.parents:
+        raise UserError(f"{export_dir}: contains the model folder {source} (the export would replace it); "
+                        "choose a folder outside it")
     if export_dir.exists():
         if not export_dir.is_dir():
             raise UserError(f"{export_dir}: exists and is not a folder")
@@ -234,7 +252,7 @@ def export_run(run_dir: str | os.PathLike, export_dir: str | os.PathLike, merge_
         if bad:  # pragma: no cover - nothing above writes one
             raise RuntimeError(f"export would contain pickle files: {[p.name for p in bad]}")
         if export_dir.exists():
-            shutil.rmtree(export_dir)
+            _replace_previous_export(export_dir, tmp)
         os.replace(tmp, export_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -243,12 +261,34 @@ def export_run(run_dir: str | os.PathLike, export_dir: str | os.PathLike, merge_
     return export_dir
 
 
-def _write_adapter(folder: Path, model: torch.nn.Module, base_model: Optional[str]) -> None:
-    from safetensors.torch import save_file
+def _replace_previous_export(export_dir: Path, new: Path) -> None:
+    """Clear the way for the new export. The files an export writes are replaced; anything else in
+    the old folder (`ft-focal eval` / `sharpness` outputs: eval.json, eval_report.md, plots) was made
+    FROM the old weights, so the whole old folder is moved aside (never deleted) and the log says where."""
+    extra = sorted(entry.name for entry in export_dir.iterdir()
+                   if entry.name not in EXPORT_OWNED and not _same_file(entry, new / entry.name))
+    if not extra:
+        shutil.rmtree(export_dir)
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = export_dir.with_name(f"{export_dir.name}.before-{stamp}")
+    counter = 1
+    while aside.exists():
+        aside, counter = export_dir.with_name(f"{export_dir.name}.before-{stamp}-{counter}"), counter + 1
+    os.replace(export_dir, aside)
+    kept = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+    logger.warning("%s held outputs made from the previous export (%s); the previous export is kept in %s",
+                   export_dir, kept, aside)
 
+
+def _same_file(old: Path, new: Path) -> bool:
+    return old.is_file() and new.is_file() and old.read_bytes() == new.read_bytes()
+
+
+def _write_adapter(folder: Path, model: torch.nn.Module, base_model: Optional[str]) -> None:
     state = model.lora_state_dict()
     tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_safetensors(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     config = copy.deepcopy(model.lora_config)
     config.base_model_name_or_path = base_model
     config.inference_mode = True
@@ -256,9 +296,7 @@ def _write_adapter(folder: Path, model: torch.nn.Module, base_model: Optional[st
 
 
 def _write_trained_tensors(folder: Path, model: torch.nn.Module) -> None:
-    from safetensors.torch import save_file
-
     tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()
                if p.requires_grad and "lora_" not in name}
     if tensors:
-        save_file(tensors, str(folder / TRAINED_TENSORS), metadata={"format": "pt"})
+        save_safetensors(tensors, folder / TRAINED_TENSORS, metadata={"format": "pt"})

@@ -22,3 +22,21 @@ def write_json(path: str | os.PathLike, value: Any, indent: int = 1, fsync: bool
             handle.flush()
             os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def with_output_permissions(path: str | os.PathLike) -> None:
+    """Give a file the permissions every other output gets (0o666 less the umask).
+
+    safetensors creates its files with mode 0o600 whatever the umask, so weights would be the one
+    output a group or a shared results folder cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """`safetensors.torch.save_file` with the permissions of the other outputs."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    with_output_permissions(path)

@@ -106,6 +106,7 @@ def push_run(run_dir: str | os.PathLike, repo_id: str, private: bool = False, re
         raise UserError(f"{source}: not found")
     if not isinstance(repo_id, str) or not repo_id.strip():
         raise UserError("push: a repo id (e.g. your-name/model-name) is required")
+    check_repo_id(repo_id)
     export = is_export_dir(source)
     if export:
         bad = pickle_files(source)
@@ -198,6 +199,18 @@ def _to_pil(image: Any):
     except ImportError:  # pragma: no cover
         pass
     raise TypeError(f"cannot use {type(image).__name__} as an image (PIL image, path, array or tensor)")
+
+
+def check_repo_id(repo_id: str) -> None:
+    """A one-line error, before any token or network use, for a string the Hub cannot take as a
+    repository id (`name` or `namespace/name`: letters, digits, `-`, `_`, `.`; no `--` / `..`)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(f"{repo_id}: not a Hub repository id (write namespace/name or name: letters, digits, "
+                        "'-', '_', '.'; no '--' or '..', at most 96 characters per part)") from None
 
 
 def _looks_like_repo_id(text: str) -> bool:

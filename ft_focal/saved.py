@@ -27,7 +27,7 @@ from safetensors.torch import save_model as st_save_model
 
 from ft_focal.config import Recipe, load_recipe, save_recipe
 from ft_focal.errors import UserError
-from ft_focal.files import write_json
+from ft_focal.files import with_output_permissions, write_json
 
 WEIGHTS = "model.safetensors"
 
@@ -65,6 +65,7 @@ def save_model_dir(
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / (WEIGHTS + ".tmp")
     st_save_model(model, str(tmp))
+    with_output_permissions(tmp)
     os.replace(tmp, directory / WEIGHTS)
     # The recipe that reloads the folder: the resolved architecture with no weights file, so the
     # folder stays loadable when the original pretrained weights are not on this machine.

@@ -65,7 +65,7 @@ from ft_focal.errors import UserError, one_line
 from ft_focal.malloc import keep_freed_memory
 from ft_focal.preflight import check_paths
 from ft_focal.sampling import ResumableBatchSampler, SeededDataset, prefetch_to_device, steps_per_epoch
-from ft_focal.trainlog import TrainLog
+from ft_focal.trainlog import TrainLog, percent
 from ft_focal.trainstate import BEST, OPERATIONAL_KEYS, SkipStreak, TrainState, recipe_digest, save_best  # noqa: F401
 from ft_focal.zeroshot import is_zero_shot, mark_zero_shot, refuse_checkpoints
 
@@ -398,7 +398,7 @@ class Trainer:
             except Exception as exc:  # a plotting problem must not lose a finished run
                 logger.warning("could not write the report: %s", exc)
             test = results["test"] or {}
-            logger.info("test: overall %s many %s medium %s few %s (%s)", *(_pct(test.get(k)) for k in
+            logger.info("test: overall %s many %s medium %s few %s (%s)", *(percent(test.get(k)) for k in
                         ("overall", "many", "medium", "few")), results["selected"])
         acc.wait_for_everyone()
         acc.end_training()
@@ -425,10 +425,6 @@ def train(recipe: Recipe, bundle: Any = None) -> dict:
 
 def _short(result: dict) -> dict:
     return {k: result.get(k) for k in ("overall", "many", "medium", "few", "ece")}
-
-
-def _pct(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
 if __name__ == "__main__":  # `accelerate launch -m ft_focal.train RECIPE`: the `ft-focal train` command

@@ -52,6 +52,11 @@ def _truncate_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def percent(value: Optional[float]) -> str:
+    """An accuracy (a fraction) as people read it in every command's output: `78.33%`, or `n/a`."""
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
 def _duration(seconds: float) -> str:
     seconds = int(max(0.0, seconds))
     hours, rest = divmod(seconds, 3600)

@@ -45,10 +45,10 @@ class TrainState:
 
 def save_best(out: Path, model: torch.nn.Module) -> str:
     """Write best_model.safetensors atomically; returns its sha256 (recorded in the checkpoint)."""
-    from safetensors.torch import save_file
+    from ft_focal.files import save_safetensors
 
     tmp = out / (BEST + ".tmp")
-    save_file(ckpt.trainable_state(model), str(tmp))
+    save_safetensors(ckpt.trainable_state(model), tmp)
     digest = ckpt.sha256(tmp)
     os.replace(tmp, out / BEST)
     return digest

@@ -5,10 +5,10 @@ Lists ALL problems at once (file: what is wrong) and exits 1 when there is any, 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional
 
+from ft_focal.commands.args import CommandParser
 from ft_focal.commands.guard import run_guarded
 from ft_focal.config import load_recipe
 
@@ -17,11 +17,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     def run() -> int:
         from ft_focal.data.check import check_data
 
-        parser = argparse.ArgumentParser(prog="ft-focal check-data", description=__doc__)
+        parser = CommandParser(prog="ft-focal check-data", description=__doc__)
         parser.add_argument("recipe")
-        parser.add_argument("overrides", nargs="*")
         parser.add_argument("--workers", type=int, default=4)
-        args = parser.parse_args(argv)
+        args = parser.parse_command(argv)
         recipe = load_recipe(args.recipe, args.overrides)
         problems = check_data(recipe.data, args.workers)
         for problem in problems:

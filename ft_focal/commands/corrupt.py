@@ -19,6 +19,7 @@ from typing import Optional
 
 import numpy as np
 
+from ft_focal.commands.args import CommandParser
 from ft_focal.commands.guard import list_flag, run_guarded
 from ft_focal.config import load_recipe
 from ft_focal.errors import UserError
@@ -66,10 +67,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         from ft_focal.data.corrupt_sources import sources_from_folder, sources_from_split_list
         from ft_focal.metrics import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS
 
-        parser = argparse.ArgumentParser(prog="ft-focal corrupt", description=__doc__,
+        parser = CommandParser(prog="ft-focal corrupt", description=__doc__,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("source", help="recipe YAML, split list (with --root) or image folder")
-        parser.add_argument("overrides", nargs="*", help="recipe overrides key=value")
         parser.add_argument("--out", required=True, help="output folder (ImageNet-C layout)")
         parser.add_argument("--root", help="image root of a split list")
         parser.add_argument("--split", default="test", help="recipe split to render (default test)")
@@ -79,7 +79,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)))
         parser.add_argument("--quality", type=int, default=85)
         parser.add_argument("--limit", type=int, help="render only N evenly spaced images (a quick subset)")
-        args = parser.parse_args(argv)
+        args = parser.parse_command(argv)
         args.corruptions = list_flag(args.corruptions, str, "--corruptions")
         args.severities = list_flag(args.severities, int, "--severities")
         corruptions = list(BENCHMARK_CORRUPTIONS) + list(EXTRA_CORRUPTIONS) if args.corruptions == ["all"] else args.corruptions

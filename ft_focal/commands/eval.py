@@ -1,19 +1,20 @@
-"""`ft-focal eval MODEL_DIR [key=value ...] [--out FILE] [--five-crop] [--imagenet-c ROOT] [--baseline ...]`.
+"""`ft-focal eval RUN_OR_MODEL_DIR [key=value ...] [--out FILE] [--five-crop] [--imagenet-c ROOT] [--baseline ...]`.
 
-Long-tail accuracy by shot group, ECE and (with --imagenet-c) CE / mCE of a run's final/ folder
+Long-tail accuracy by shot group, ECE and (with --imagenet-c) CE / mCE of a run (its final/ folder), a final/ folder
 or an export (ft_focal/evaluate.py); writes the metrics JSON and, unless --no-report, the
 Markdown report. Several processes: `accelerate launch -m ft_focal.commands.eval MODEL_DIR ...`.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional
 
+from ft_focal.commands.args import CommandParser
 from ft_focal.commands.guard import run_guarded
 from ft_focal.files import write_json
+from ft_focal.trainlog import percent
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -23,36 +24,33 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _run(argv: Optional[list[str]]) -> int:
     from ft_focal.accel import make_accelerator
     from ft_focal.evaluate import evaluate_saved
+    from ft_focal.export import resolve_model_dir
     from ft_focal.report import write_eval_report
 
-    parser = argparse.ArgumentParser(prog="ft-focal eval", description="Evaluate a trained / exported model.")
-    parser.add_argument("model_dir", help="a run's final/ folder or an export folder")
-    parser.add_argument("overrides", nargs="*", help="recipe overrides key=value (e.g. data.root=/data/imagenet)")
+    parser = CommandParser(prog="ft-focal eval", description="Evaluate a trained / exported model.")
+    parser.add_argument("model_dir", help="a run folder (its final/ is evaluated), a final/ folder or an export")
     parser.add_argument("--out", help="write the metrics JSON here (default MODEL_DIR/eval.json)")
     parser.add_argument("--split", help="split to evaluate (default: the recipe's test split)")
     parser.add_argument("--five-crop", action="store_true", default=None, help="LIFT test-time five-crop ensemble")
     parser.add_argument("--imagenet-c", help="root of an ImageNet-C layout folder to evaluate as well")
     parser.add_argument("--baseline", help="'alexnet' (default) or a baseline run's eval JSON for custom -C sets")
     parser.add_argument("--no-report", action="store_true", help="do not write the Markdown report / plots")
-    args = parser.parse_args(argv)
+    args = parser.parse_command(argv)
+    model_dir = resolve_model_dir(args.model_dir)
     accelerator = make_accelerator()
-    result = evaluate_saved(args.model_dir, args.overrides, args.split, args.five_crop, args.imagenet_c,
+    result = evaluate_saved(str(model_dir), args.overrides, args.split, args.five_crop, args.imagenet_c,
                             args.baseline, accelerator)
     if accelerator.is_main_process:
-        out = Path(args.out) if args.out else Path(args.model_dir) / "eval.json"
+        out = Path(args.out) if args.out else model_dir / "eval.json"
         write_json(out, result)
         if not args.no_report:
-            write_eval_report(result, out.parent, class_counts_path=Path(args.model_dir) / "class_counts.json")
+            write_eval_report(result, out.parent, class_counts_path=model_dir / "class_counts.json")
         test = result["test"]
-        print(f"{result['split']}: overall {test['overall']:.4f} many {_fmt(test['many'])} "
-              f"medium {_fmt(test['medium'])} few {_fmt(test['few'])} -> {out}")
+        print(f"{result['split']}: overall {percent(test['overall'])} many {percent(test['many'])} "
+              f"medium {percent(test['medium'])} few {percent(test['few'])} -> {out}")
         if "corruption" in result and result["corruption"].get("mCE") is not None:
             print(f"mCE {result['corruption']['mCE']:.2f}")
     return 0
-
-
-def _fmt(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 if __name__ == "__main__":

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional
 
+from ft_focal.commands.args import CommandParser
 from ft_focal.commands.guard import run_guarded
 
 
@@ -17,10 +17,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _run(argv: Optional[list[str]]) -> int:
     from ft_focal.report import compare_runs, load_metrics, write_run_report
 
-    parser = argparse.ArgumentParser(prog="ft-focal report", description="Report of one run, or a comparison.")
+    parser = CommandParser(overrides=False, prog="ft-focal report", description="Report of one run, or a comparison.")
     parser.add_argument("runs", nargs="+", help="run directories (with metrics.json)")
     parser.add_argument("--out", help="output directory (default: the run itself / ./comparison)")
-    args = parser.parse_args(argv)
+    args = parser.parse_command(argv)
     runs = [Path(r) for r in args.runs]
     if len(runs) == 1:
         path = write_run_report(Path(args.out) if args.out else runs[0], load_metrics(runs[0]))

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ft_focal.commands.args import CommandParser
 from ft_focal.commands.guard import list_flag, run_guarded
 from ft_focal.files import write_json
 
@@ -78,10 +79,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     def run() -> int:
         from ft_focal import plots
 
-        parser = argparse.ArgumentParser(prog="ft-focal sharpness", description=__doc__,
+        parser = CommandParser(prog="ft-focal sharpness", description=__doc__,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("model_dir", help="a run's final/ folder or an export")
-        parser.add_argument("overrides", nargs="*", help="recipe overrides key=value (e.g. data.root=...)")
         parser.add_argument("--groups", nargs="+", help="subset of many,medium,few ('a,b' or 'a b')")
         parser.add_argument("--classes", nargs="+", help="class ids instead of shot groups ('1,3,5' or '1 3 5')")
         parser.add_argument("--batches", type=int, default=4, help="training batches per loss evaluation")
@@ -93,7 +93,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--per-class", action="store_true", help="also the trace of every class")
         parser.add_argument("--out", help="output folder")
-        args = parser.parse_args(argv)
+        args = parser.parse_command(argv)
         result = measure(
             args.model_dir, list_flag(args.groups, str, "--groups") or None,
             list_flag(args.classes, int, "--classes") or None,

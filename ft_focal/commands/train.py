@@ -8,10 +8,10 @@ without training, into `<output_dir>_zero_shot` (ft_focal/zeroshot.py).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional
 
+from ft_focal.commands.args import CommandParser
 from ft_focal.commands.guard import run_guarded
 from ft_focal.config import load_recipe
 
@@ -21,14 +21,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _run(argv: Optional[list[str]]) -> int:
-    parser = argparse.ArgumentParser(prog="ft-focal train", description="Fine-tune a model from a recipe.")
+    parser = CommandParser(prog="ft-focal train", description="Fine-tune a model from a recipe.")
     parser.add_argument("recipe", help="recipe YAML file")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.005 train.epochs=5")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny backbone of the same family + synthetic images: build everything, 2 updates, 1 eval")
     parser.add_argument("--zero-shot", action="store_true", help="no training: evaluate the initial (text or "
                         "class-mean) head; writes to <output_dir>_zero_shot")
-    args = parser.parse_args(argv)
+    args = parser.parse_command(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.zero_shot:
         from ft_focal.zeroshot import zero_shot_recipe

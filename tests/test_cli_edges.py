@@ -1,0 +1,223 @@
+"""The command line as a person types it: flags and `key=value` overrides in any order in every
+command (ft_focal/commands/args.py), one-line errors, `eval RUN_DIR`, percentages, `--version`,
+and the edges of export / push / load_model."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ft_focal
+from ft_focal.cli import main
+from ft_focal.version import __version__
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "recipes/demo/digits_lt_focal_sam.yaml")
+IMAGENET = str(REPO / "recipes/imagenet_lt/clip_vit_b16_adaptformer_focal_sam.yaml")
+FAST = ["train.epochs=1", "train.max_steps=2", "data.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", DEMO, f"output_dir={out}", *FAST]) == 0
+    return out
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+# ----------------------------------------------------------------------------- any order
+
+
+def test_train_dry_run_takes_overrides_after_the_flag(monkeypatch):
+    """The README's own command: `--dry-run` before the overrides."""
+    seen = []
+    monkeypatch.setattr("ft_focal.commands.dry_run.dry_run", lambda recipe: seen.append(recipe))
+    assert main(["train", IMAGENET, "--dry-run", "data.root=/data/imagenet", "model.pretrained=/x.safetensors"]) == 0
+    assert seen[0].data.root == "/data/imagenet" and seen[0].model.pretrained == "/x.safetensors"
+    seen.clear()  # and the flag last, an override first, the recipe in between
+    assert main(["train", "optim.rho=0.1", IMAGENET, "data.root=/d", "--dry-run"]) == 0
+    assert seen[0].optim.rho == 0.1 and seen[0].data.root == "/d"
+
+
+def test_train_zero_shot_takes_overrides_after_the_flag(monkeypatch):
+    seen = []
+    monkeypatch.setattr("ft_focal.train.train", lambda recipe: seen.append(recipe))
+    assert main(["train", IMAGENET, "--zero-shot", "data.root=/data/imagenet", "optim.rho=0.1"]) == 0
+    assert seen[0].data.root == "/data/imagenet" and seen[0].train.epochs == 0
+    assert seen[0].output_dir.endswith("_zero_shot")
+
+
+def test_a_later_override_of_the_same_key_wins(monkeypatch):
+    seen = []
+    monkeypatch.setattr("ft_focal.commands.dry_run.dry_run", lambda recipe: seen.append(recipe))
+    assert main(["train", IMAGENET, "optim.rho=0.1", "--dry-run", "optim.rho=0.2"]) == 0
+    assert seen[0].optim.rho == 0.2
+
+
+def test_unknown_flag_is_one_line_in_every_command(capsys):
+    for command in (["train", DEMO], ["eval", "x"], ["corrupt", DEMO, "--out", "x"], ["check-data", DEMO],
+                    ["export", "a", "b"], ["push", "a", "me/b"], ["report", "a"], ["sharpness", "x"]):
+        assert main([*command, "--bogus", "data.root=/d"]) == 2, command
+        err = _one_line_error(capsys)
+        assert "--bogus" in err and f"ft-focal {command[0]}" in err
+
+
+def test_missing_argument_is_one_line(capsys):
+    assert main(["train", "--dry-run"]) == 2
+    assert "recipe" in _one_line_error(capsys)
+
+
+def test_commands_without_a_recipe_refuse_overrides_in_one_line(run, tmp_path, capsys):
+    assert main(["export", str(run), str(tmp_path / "e"), "data.root=/x"]) == 2
+    assert "data.root=/x" in _one_line_error(capsys)
+    assert not (tmp_path / "e").exists()
+    assert main(["report", str(run), "train.epochs=3"]) == 2
+    assert "key=value" in _one_line_error(capsys)
+
+
+def test_flag_values_shaped_like_overrides_stay_flag_values(monkeypatch):
+    """`--message lr=0.1`: the value of a one-value flag is never taken for an override."""
+    seen = {}
+
+    def fake_push(source, repo_id, **kwargs):
+        seen.update(kwargs, source=source, repo_id=repo_id)
+        return "https://hub/x"
+
+    monkeypatch.setattr("ft_focal.hub.push_run", fake_push)
+    assert main(["push", "--private", "--message", "lr=0.1", "some/run", "me/model"]) == 0
+    assert seen["commit_message"] == "lr=0.1" and seen["private"] and seen["repo_id"] == "me/model"
+
+
+def test_eval_out_then_overrides(run, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert main(["eval", str(run / "final"), "--out", str(out), "data.num_workers=0", "--no-report"]) == 0
+    assert json.loads(out.read_text())["test"]["overall"] is not None
+
+
+def test_corrupt_flags_then_overrides(tmp_path):
+    out = tmp_path / "c"
+    assert main(["corrupt", DEMO, "--out", str(out), "--limit", "5", "data.num_workers=0", "--corruptions",
+                 "contrast", "data.imbalance_factor=10", "--severities", "1", "--workers", "1"]) == 0
+    assert len(list((out / "contrast" / "1").glob("*/*.JPEG"))) == 5
+
+
+def test_sharpness_flags_then_overrides(run, tmp_path):
+    out = tmp_path / "s"
+    assert main(["sharpness", str(run / "final"), "--iters", "2", "train.threads=1", "--groups", "many",
+                 "data.num_workers=0", "--trace-samples", "2", "--batches", "1", "--batch-size", "8",
+                 "--out", str(out)]) == 0
+    assert list(json.loads((out / "sharpness.json").read_text())["groups"]) == ["many"]
+
+
+def test_check_data_flag_then_overrides(capsys):
+    assert main(["check-data", "--workers", "1", DEMO, "data.num_workers=0"]) == 0
+    assert "all images readable" in capsys.readouterr().out
+
+
+def test_python_m_ft_focal_train_uses_the_same_parser(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "ft_focal.train", DEMO, "--bogus", "train.epochs=1"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: ft-focal train: unrecognized arguments: --bogus (see ft-focal train --help)"]
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"ft-focal {__version__}"
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def test_eval_takes_a_run_folder_and_prints_percentages(run, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(run), "data.num_workers=0"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((run / "final" / "eval.json").read_text())
+    assert (run / "final" / "eval_report.md").is_file()
+    overall = result["test"]["overall"]
+    assert f"overall {100 * overall:.2f}%" in out, out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert overall == metrics["test"]["overall"]
+
+
+# ----------------------------------------------------------------------------- export / push / load
+
+
+def test_reexport_keeps_what_eval_wrote_in_the_old_export(run, tmp_path, caplog):
+    export = tmp_path / "export"
+    assert main(["export", str(run), str(export)]) == 0
+    assert main(["eval", str(export), "data.num_workers=0"]) == 0
+    made = {p.name: p.read_bytes() for p in export.iterdir() if p.name.startswith("eval")}
+    assert {"eval.json", "eval_report.md"} <= set(made)
+    with caplog.at_level("WARNING"):
+        assert main(["export", str(run), str(export)]) == 0
+    asides = [p for p in tmp_path.iterdir() if p.name.startswith("export.before-")]
+    assert len(asides) == 1
+    assert {name: (asides[0] / name).read_bytes() for name in made} == made  # nothing lost
+    assert str(asides[0]) in caplog.text
+    assert (export / "model.safetensors").is_file() and not (export / "eval_report.md").exists()
+
+
+def test_reexport_over_a_plain_export_replaces_it_without_a_copy(run, tmp_path):
+    export = tmp_path / "export"
+    assert main(["export", str(run), str(export)]) == 0
+    assert main(["export", str(run), str(export)]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_export_into_the_run_itself_says_contains_not_inside(run, capsys):
+    assert main(["export", str(run), str(run)]) == 2
+    err = _one_line_error(capsys)
+    assert "contains the model folder" in err and "inside" not in err
+    assert main(["export", str(run), str(run / "final" / "sub")]) == 2
+    assert "inside the model folder" in _one_line_error(capsys)
+
+
+def test_push_refuses_a_bad_repo_id_before_any_token_lookup(run, monkeypatch, capsys):
+    def no_api():
+        raise AssertionError("the Hub API was reached")
+
+    monkeypatch.setattr("ft_focal.hub._hf_api", no_api)
+    for bad in ("../../etc/passwd", "a/b/c", "me/--x", "me/"):
+        assert main(["push", str(run), bad]) == 2, bad
+        err = _one_line_error(capsys)
+        assert "not a Hub repository id" in err and "token" not in err
+
+
+def test_load_model_of_an_export_without_weights_says_what_is_wrong(run, tmp_path):
+    export = tmp_path / "export"
+    assert main(["export", str(run), str(export)]) == 0
+    (export / "model.safetensors").unlink()
+    with pytest.raises(ft_focal.errors.UserError) as caught:
+        ft_focal.load_model(export)
+    message = str(caught.value)
+    assert "not finished" not in message and "export" in message and "model.safetensors" in message
+
+
+def test_safetensors_outputs_have_the_permissions_of_the_other_outputs(run, tmp_path):
+    export = tmp_path / "export"
+    assert main(["export", str(run), str(export)]) == 0
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    expected = mode(run / "final" / "recipe.yaml")
+    weights = [run / "final" / "model.safetensors", export / "model.safetensors",
+               export / "trained_tensors.safetensors" if (export / "trained_tensors.safetensors").exists() else None,
+               *sorted((run / "checkpoints").rglob("*.safetensors")), *sorted(run.glob("*.safetensors"))]
+    weights = [w for w in weights if w is not None]
+    assert len(weights) >= 3
+    for file in weights:
+        assert mode(file) == expected, (file, oct(mode(file)), oct(expected))
