@@ -10,7 +10,11 @@ to apply its own mean / std. `PlainClassifier` wraps an ft_focal classifier that
 The class order is `.classnames` (index c of the logits is `classnames[c]`); the module is in
 eval mode. Resizing / cropping stay the caller's job (RobustBench's ImageNet loaders give 224 px
 after Resize(256) + CenterCrop(224)); a wrong size is refused with one line rather than
-silently interpolated.
+silently interpolated. So is input outside [0, 1] (0-255 pixels, or images normalised already),
+which would give confident nonsense: values below -0.25 or above 1.25 are refused (the margin
+allows the overshoot of a bicubic resize). On the CPU every batch is checked; on a GPU only the
+first batch each device sees (reading its min / max is one host sync; checking every batch would
+add one per call), since a pipeline that feeds 0-255 pixels does so from its first batch.
 """
 
 from __future__ import annotations
@@ -41,15 +45,35 @@ class PlainClassifier(nn.Module):
         self.register_buffer("std", torch.tensor(preprocess["std"], dtype=torch.float32).view(1, 3, 1, 1),
                              persistent=False)
         self.eval()
+        self._range_checked: set = set()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(f"expected RGB images [B, 3, {self.image_size}, {self.image_size}] in [0, 1], "
                              f"got {list(x.shape)}")
+        if x.device.type == "cpu" or x.device not in self._range_checked:
+            check_unit_range(x)
+            self._range_checked.add(x.device)
         return self.classifier((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"image_size={self.image_size}, num_classes={len(self.classnames)}, input=RGB in [0, 1]"
+
+
+RANGE_MARGIN = 0.25  # a bicubic resize of [0, 1] pixels overshoots by less than this
+
+
+def check_unit_range(x: torch.Tensor) -> None:
+    """One line (ValueError) when `x` is clearly not RGB in [0, 1] (e.g. 0-255 or normalised)."""
+    if not x.is_floating_point():
+        raise ValueError(f"expected float RGB images in [0, 1], got dtype {x.dtype}")
+    if x.numel() == 0:
+        return
+    low, high = float(x.min()), float(x.max())
+    if low < -RANGE_MARGIN or high > 1 + RANGE_MARGIN:
+        hint = " (0-255 pixels? divide by 255)" if high > 2 else " (normalised already? give raw RGB)"
+        raise ValueError(f"expected RGB images in [0, 1], got values in [{low:.3g}, {high:.3g}]{hint}; "
+                         "the model normalises inside")
 
 
 def plain_model(saved: object) -> PlainClassifier:

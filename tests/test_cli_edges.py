@@ -221,3 +221,17 @@ def test_safetensors_outputs_have_the_permissions_of_the_other_outputs(run, tmp_
     assert len(weights) >= 3
     for file in weights:
         assert mode(file) == expected, (file, oct(mode(file)), oct(expected))
+
+
+def test_plain_model_refuses_input_outside_unit_range_in_one_line(run):
+    import torch
+
+    plain = ft_focal.load_model(run, plain=True)
+    size = plain.image_size
+    images = torch.rand(2, 3, size, size)
+    assert plain(images).shape == (2, len(plain.classnames))
+    for bad, hint in ((images * 255, "0-255"), ((images - 0.5) / 0.25, "normalised")):
+        with pytest.raises(ValueError) as caught:
+            plain(bad)
+        message = str(caught.value)
+        assert "[0, 1]" in message and hint in message and "\n" not in message
