@@ -47,7 +47,9 @@ def _run(argv: Optional[list[str]]) -> int:
         print(f"{result['split']}: overall {test['overall']:.4f} many {_fmt(test['many'])} "
               f"medium {_fmt(test['medium'])} few {_fmt(test['few'])} -> {out}")
         if "corruption" in result and result["corruption"].get("mCE") is not None:
-            print(f"mCE {result['corruption']['mCE']:.2f}")
+            from ft_focal.metrics import describe_mce
+
+            print(describe_mce(result["corruption"]))
     return 0
 
 
