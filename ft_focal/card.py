@@ -23,6 +23,7 @@ import yaml
 
 from ft_focal import zeroshot
 from ft_focal.losses import LOSSES
+from ft_focal.metrics import describe_mce, mce_name
 from ft_focal.optim.registry import METHODS, RECIPE_KEYS
 from ft_focal.provenance import dataset_info
 from ft_focal.version import __version__
@@ -169,10 +170,13 @@ def front_matter(recipe: Any, metrics: dict, eval_result: Optional[dict], info: 
         })
     corruption = (eval_result or {}).get("corruption") or {}
     if corruption.get("mCE") is not None:
-        metrics_c = [_metric(float(corruption["mCE"]), "mCE (%, lower is better)", "mCE")]
+        # A partial mean or an invalid baseline is not the benchmark's mCE: named and typed so.
+        name = mce_name(corruption) + ("" if corruption.get("baseline_valid", True) else ", baseline not valid")
+        kind = "mCE" if name == "mCE" else "mCE-not-comparable"
+        metrics_c = [_metric(float(corruption["mCE"]), f"{name} (%, lower is better)", kind)]
         if corruption.get("relative_mCE") is not None:
-            metrics_c.append(_metric(float(corruption["relative_mCE"]), "relative mCE (%)",
-                                     "relative-mCE"))
+            metrics_c.append(_metric(float(corruption["relative_mCE"]), f"relative {name} (%)",
+                                     "relative-" + kind))
         results.append({
             "task": {"type": "image-classification", "name": "Robustness to common corruptions"},
             "dataset": {"name": "ImageNet-C", "type": "imagenet-c",
@@ -251,10 +255,9 @@ def render_card(recipe: Any, metrics: dict, eval_result: Optional[dict], info: d
     corruption = (eval_result or {}).get("corruption") or {}
     if corruption.get("mCE") is not None:
         add("")
-        rel = corruption.get("relative_mCE")
-        add(f"ImageNet-C: **mCE {corruption['mCE']:.2f}%**" + (f", relative mCE {rel:.2f}%" if rel is not None else "")
-            + f" (normalised by the {corruption.get('baseline', 'alexnet')} errors, 15 benchmark corruptions x "
-              "5 severities).")
+        add(f"ImageNet-C: **{describe_mce(corruption, '%')}** (normalised by the {corruption.get('baseline', 'alexnet')} "
+            f"errors; {corruption.get('mCE_corruptions', len(corruption.get('CE') or {}))} of the 15 benchmark "
+            "corruptions x 5 severities).")
     add("")
 
     # ---- training

@@ -17,8 +17,9 @@ so a kill at any moment leaves either the previous good checkpoint or a stray `.
 (ignored and removed). A good checkpoint is never overwritten: a second checkpoint of the same
 step (e.g. the epoch-end one after a resume) gets the name `step_N.1`, `step_N.2`, ... and
 sorts after it. `latest_good` skips (with a warning) checkpoints that are incomplete or whose
-files do not match their MANIFEST; `prune` keeps the newest `keep` GOOD ones, so it never
-deletes the only good checkpoint. `.pt` files hold only tensors and plain containers and are
+files do not match their MANIFEST; `prune` keeps the newest `keep` GOOD ones and deletes
+only checkpoints older than a newer one that verifies: it never deletes the only good checkpoint,
+nor one (corrupt or not) that no verified checkpoint supersedes. `.pt` files hold only tensors and plain containers and are
 read with `torch.load(weights_only=True)`.
 """
 
@@ -269,15 +270,42 @@ def save_checkpoint(
 
 
 def prune(root: Path, keep: int) -> None:
-    """Keep the newest `keep` GOOD checkpoints; never delete the only good one; drop stray .tmp."""
+    """Keep the newest `keep` GOOD checkpoints and drop stray `.tmp` directories. A checkpoint is
+    deleted only when it is older than a newer one that verifies: an unverifiable checkpoint with
+    no good one after it stays (its weights may be all the user has)."""
     for stray in root.glob("step_*.tmp"):
         shutil.rmtree(stray, ignore_errors=True)
     dirs = checkpoint_dirs(root)
     good = [p for p in dirs if verify(p) is None]
+    if not good:
+        return
     keep_set = set(good[-max(keep, 1):])  # the newest good one is always kept
+    newest_good = _order(good[-1])
     for path in dirs:
-        if path not in keep_set:
+        if path not in keep_set and _order(path) < newest_good:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def unusable_report(root: Path) -> list[str]:
+    """One line per checkpoint directory under `root`: its name and what is wrong with it
+    (`verify`), noting whether its model weights still match the manifest."""
+    lines = []
+    for path in checkpoint_dirs(root):
+        problem = verify(path)
+        if problem is None:
+            continue
+        lines.append(f"{path}: {problem}{_weights_note(path)}")
+    return lines
+
+
+def _weights_note(path: Path) -> str:
+    try:
+        digest = json.loads((path / MANIFEST).read_text()).get("model.safetensors")
+        intact = digest is not None and (path / "model.safetensors").is_file() and \
+            sha256(path / "model.safetensors") == digest
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return ""
+    return " (its model.safetensors is intact)" if intact else ""
 
 
 def load_checkpoint(

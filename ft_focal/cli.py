@@ -21,6 +21,7 @@ USAGE = """usage: ft-focal COMMAND ...   (ft-focal --version: the installed vers
 commands:
   train RECIPE.yaml [key=value ...] [--dry-run]   fine-tune (same as accelerate launch -m ft_focal.train)
                   [--zero-shot]                    evaluate the initial head, no training
+                  [--restart]                      start from update 0 (old checkpoints moved aside)
   eval RUN_OR_MODEL_DIR [k=v ...] [--out FILE]     long-tail accuracy (+ --imagenet-c ROOT for CE / mCE)
   corrupt RECIPE_OR_SPLIT --out DIR                render an ImageNet-C style set of a test split
   check-data RECIPE.yaml [key=value ...]           verify every image of every split

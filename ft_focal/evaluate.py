@@ -204,6 +204,7 @@ def evaluate_corruption_set(saved: Any, model: torch.nn.Module, root: str, clean
     from ft_focal.data import build_transform
     from ft_focal.data.imagenet_c import class_to_label_for
     from ft_focal.evaluation.corruption import evaluate_corruptions, summarize_corruptions
+    from ft_focal.metrics import imagenet_classes
 
     class_to_label = class_to_label_for(root, saved.classnames, getattr(saved, "wnids", None))
     transform = build_transform(saved.preprocess, saved.recipe.data, train=False)
@@ -221,7 +222,13 @@ def evaluate_corruption_set(saved: Any, model: torch.nn.Module, root: str, clean
     if baseline and baseline != "alexnet":
         base, base_clean = load_baseline_errors(baseline)
     summary = summarize_corruptions(raw["errors"], clean_error, baseline=base, baseline_clean_error=base_clean)
-    return {**raw, **summary, "baseline": baseline or "alexnet"}
+    note = None
+    if base == "alexnet" and not imagenet_classes(getattr(saved, "wnids", None)):
+        # The AlexNet errors were measured on ImageNet's 1000 classes: on other classes the ratio is not an mCE.
+        note = (f"AlexNet's ImageNet-C errors are not a valid baseline for this model's {len(saved.classnames)} "
+                "non-ImageNet classes: pass --baseline with a baseline run's eval.json")
+        logger.warning("%s", note)
+    return {**raw, **summary, "baseline": baseline or "alexnet", "baseline_valid": note is None, "baseline_note": note}
 
 
 def load_baseline_errors(path: str) -> tuple[dict, Optional[float]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Mapping, Sequence
@@ -23,6 +24,9 @@ __all__ = [
     "long_tail_accuracy",
     "expected_calibration_error",
     "load_alexnet_errors",
+    "mce_name",
+    "describe_mce",
+    "imagenet_classes",
     "BENCHMARK_CORRUPTIONS",
     "EXTRA_CORRUPTIONS",
     "ALL_CORRUPTIONS",
@@ -274,6 +278,8 @@ def mean_corruption_error(
         ``mCE``: mean of ``CE`` (``None`` if none present);
         ``mCE_complete``: whether all 15 were present; ``missing``: the absent ones (a
         benchmark corruption counts as absent when either the model or the baseline lacks it);
+        ``mCE_corruptions``: how many were averaged; ``mCE_name``: what the number is
+        (:func:`mce_name`: "mCE over 2 of 15 corruptions (incomplete)" unless all 15);
         ``mean_error``: {corruption: mean top-1 error over severities, percent} for every
         corruption in ``errors``;
         ``extra_CE``: CE of every other corruption (the 4 extras, custom names) that the
@@ -324,6 +330,8 @@ def mean_corruption_error(
     out["mCE"] = float(np.mean(list(out["CE"].values()))) if bench else None
     out["mCE_complete"] = not missing
     out["missing"] = missing
+    out["mCE_corruptions"] = len(bench)
+    out["mCE_name"] = mce_name(out)
     out["mean_error"] = {c: float(100.0 * errs[c].mean()) for c in errs}
     out["extra_CE"] = {c: ce(c) for c in extras}
     out["no_baseline"] = [c for c in others if c not in base]
@@ -336,6 +344,38 @@ def mean_corruption_error(
         out["clean_error"] = 100.0 * clean
         out["baseline_clean_error"] = 100.0 * base_clean
     return out
+
+
+def mce_name(corruption: Mapping[str, Any]) -> str:
+    """What ``corruption["mCE"]`` is: "mCE" when all 15 benchmark corruptions were averaged, else
+    "mCE over K of 15 corruptions (incomplete)" - a partial mean is not the benchmark's mCE
+    (docs/metrics.md). ``corruption``: the output of :func:`mean_corruption_error`."""
+    present = len(corruption.get("CE") or {})
+    total = len(BENCHMARK_CORRUPTIONS)
+    if corruption.get("mCE_complete", present == total or "CE" not in corruption):   # no CE listed: cannot tell
+        return "mCE"
+    return f"mCE over {present} of {total} corruptions (incomplete)"
+
+
+def describe_mce(corruption: Mapping[str, Any], unit: str = "") -> str | None:
+    """The mCE as a person reads it, e.g. "mCE over 2 of 15 corruptions (incomplete) 63.50, relative
+    mCE over 2 of 15 corruptions (incomplete) 80.10 (<baseline note>)"; None without an mCE.
+    ``unit``: appended to each number (e.g. "%")."""
+    if corruption.get("mCE") is None:
+        return None
+    name = mce_name(corruption)
+    text = f"{name} {float(corruption['mCE']):.2f}{unit}"
+    if corruption.get("relative_mCE") is not None:
+        text += f", relative {name} {float(corruption['relative_mCE']):.2f}{unit}"
+    if corruption.get("baseline_note"):
+        text += f" ({corruption['baseline_note']})"
+    return text
+
+
+def imagenet_classes(wnids: Sequence[str] | None) -> bool:
+    """Whether a model's classes are ImageNet's 1000 (synset ids "n01440764", ...): the classes
+    the AlexNet ImageNet-C errors, the mCE normaliser, were measured on."""
+    return bool(wnids) and len(wnids) == 1000 and all(re.fullmatch(r"n\d{8}", str(w)) for w in wnids)
 
 
 def errors_from_accuracy_table(

@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ft_focal.metrics import BENCHMARK_CORRUPTIONS, shot_groups
+from ft_focal.metrics import BENCHMARK_CORRUPTIONS, mce_name, shot_groups
 
 __all__ = [
     "plot_per_class_accuracy",
@@ -132,12 +132,14 @@ def plot_corruption_errors(
         ce = dict(ce_dict["CE"])
         extra = dict(ce_dict.get("extra_CE") or {})
         mce = ce_dict.get("mCE")
+        name = mce_name(ce_dict)
     else:
         ce = {k: v for k, v in ce_dict.items() if k in BENCHMARK_CORRUPTIONS}
         extra = {k: v for k, v in ce_dict.items() if k not in BENCHMARK_CORRUPTIONS}
         if not ce:
             ce, extra = extra, {}
         mce = float(np.mean(list(ce.values()))) if ce else None
+        name = mce_name({"CE": ce})
     names = list(ce) + list(extra)
     if not names:
         raise ValueError("no corruption errors to plot")
@@ -149,11 +151,11 @@ def plot_corruption_errors(
         bar.set_edgecolor("dimgray")
         bar.set_hatch("//")
     if _finite(mce):
-        ax.axhline(float(mce), color="tab:red", lw=1.5, label=f"mCE = {float(mce):.1f}")
+        ax.axhline(float(mce), color="tab:red", lw=1.5, label=f"{name} = {float(mce):.1f}")
         ax.legend(fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("corruption error CE (%)")
-    ax.set_title(title or "ImageNet-C corruption errors")
+    ax.set_title(title or "ImageNet-C corruption errors" + ("" if name == "mCE" else f"\n{name}"))
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 

@@ -14,6 +14,7 @@ from typing import Optional
 
 from ft_focal import plots
 from ft_focal.errors import UserError
+from ft_focal.metrics import describe_mce
 
 logger = logging.getLogger(__name__)
 GROUPS = ("overall", "many", "medium", "few")
@@ -38,8 +39,7 @@ def corruption_section(corruption: dict, directory: Path, prefix: str = "") -> l
     if corruption.get("preprocessing"):
         lines.append(f"Preprocessing: {corruption['preprocessing']}.  Baseline: {corruption.get('baseline', 'alexnet')}.")
     if corruption.get("mCE") is not None:
-        lines.append(f"\n**mCE {corruption['mCE']:.2f}**"
-                     + (f", relative mCE {corruption['relative_mCE']:.2f}" if corruption.get("relative_mCE") is not None else ""))
+        lines.append(f"\n**{describe_mce(corruption)}**")
     if corruption.get("CE"):
         plots.plot_corruption_errors(corruption, directory / f"{prefix}corruption_ce.png")
         lines.append(f"\n![CE per corruption]({prefix}corruption_ce.png)")

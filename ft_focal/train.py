@@ -33,14 +33,15 @@ this process. An epoch end (evaluation, best-model selection) is recorded by the
 written after it; a crash before that checkpoint re-runs the epoch end exactly once.
 Non-finite updates (loss or gradient NaN / inf in any pass) are skipped by the optimizer and
 counted; `train.max_bad_steps` consecutive ones stop the run with a checkpoint and one line.
+Checkpoints exist but none verifies: the run stops and says why (never starts over next to them);
+`restart=True` (`--restart`) moves old checkpoints aside first. SIGTERM / SIGUSR1 write a
+checkpoint at the end of the current update and stop (ft_focal/runcontrol.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
-import pickle  # only for the exception type raised by torch.load(weights_only=True)
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -50,6 +51,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ft_focal import checkpoint as ckpt
+from ft_focal import runcontrol
 from ft_focal.builders import (  # noqa: F401
     LOSS_KEYS,
     METHOD_KEYS,
@@ -61,9 +63,10 @@ from ft_focal.builders import (  # noqa: F401
     make_accelerator,
 )
 from ft_focal.config import Recipe, save_recipe
-from ft_focal.errors import UserError, one_line
+from ft_focal.errors import UserError
 from ft_focal.malloc import keep_freed_memory
 from ft_focal.preflight import check_paths
+from ft_focal.runcontrol import Preempted, StopSignals, flat_recipe
 from ft_focal.sampling import ResumableBatchSampler, SeededDataset, prefetch_to_device, steps_per_epoch
 from ft_focal.trainlog import TrainLog, percent
 from ft_focal.trainstate import BEST, OPERATIONAL_KEYS, SkipStreak, TrainState, recipe_digest, save_best  # noqa: F401
@@ -77,22 +80,28 @@ __all__ = ["Trainer", "train", "LOSS_KEYS", "METHOD_KEYS", "build_loss_from", "b
 
 class Trainer:
     """One run of a recipe: `run()` = setup, resume, (train_epoch, epoch_end)*, select_and_report,
-    write_artifacts. `bundle`: prebuilt datasets (tests, the dry run); None = read the recipe's data."""
+    write_artifacts. `bundle`: prebuilt datasets (tests, the dry run); None = read the recipe's data.
+    `restart`: move existing checkpoints aside and start from update 0."""
 
-    def __init__(self, recipe: Recipe, bundle: Any = None) -> None:
-        self.recipe, self.cfg, self.bundle = recipe, recipe.train, bundle
+    def __init__(self, recipe: Recipe, bundle: Any = None, restart: bool = False) -> None:
+        self.recipe, self.cfg, self.bundle, self.restart = recipe, recipe.train, bundle, restart
         self.out = Path(recipe.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.state = TrainState(recipe_sha256=recipe_digest(recipe))
+        self.signals = StopSignals()
 
     def run(self) -> dict:
         self.setup()
         self.resume()
         self.start_loop()
-        self.epoch_end()  # a run killed between an epoch's last update and its checkpoint
-        while self.state.step < self.total_steps:
-            self.train_epoch(self.state.step // self.n_steps_epoch)
-            self.epoch_end()
+        self.signals.install()
+        try:
+            self.epoch_end()  # a run killed between an epoch's last update and its checkpoint
+            while self.state.step < self.total_steps:
+                self.train_epoch(self.state.step // self.n_steps_epoch)
+                self.epoch_end()
+        finally:
+            self.signals.restore()
         self.log.close()
         results = self.select_and_report()
         self.write_artifacts(results)
@@ -173,25 +182,18 @@ class Trainer:
         """
         if self.total_steps == 0:
             return refuse_checkpoints(self.ckpt_root)
+        acc = self.accelerator
+        if self.restart:
+            runcontrol.restart_aside(self.out, ("checkpoints", BEST), acc)
         resume_from = ckpt.latest_good(self.ckpt_root)
         if resume_from is None:
-            return
-        acc = self.accelerator
-        try:
-            restored = ckpt.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, self.rank,
-                                            acc.scaler)
-        except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused an object
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-            what = f"it references {found.group(1)}" if found else one_line(exc, 120)
-            raise UserError(f"{resume_from}: refusing to load a checkpoint file that holds more than tensors "
-                            f"({what}); remove this checkpoint") from None
-        except (KeyError, ValueError, RuntimeError, OSError) as exc:
-            raise UserError(f"{resume_from}: cannot resume from this checkpoint ({one_line(exc)}); it does not "
-                            f"fit this recipe or holds more than tensors: use another output_dir or remove it") from None
+            return runcontrol.refuse_unverifiable(self.ckpt_root)
+        restored = runcontrol.load_for_resume(resume_from, self.model, self.optimizer, self.scheduler, self.rank,
+                                              acc.scaler)
         digest = self.state.recipe_sha256
         if restored.get("recipe_sha256") not in (None, digest):
-            logger.warning("the recipe differs from the one %s was written with: the resumed run is not the "
-                           "run this recipe describes from scratch", resume_from)
+            runcontrol.warn_recipe_differs(resume_from, restored.get("recipe"), self.recipe,
+                                tuple(".".join(key) for key in OPERATIONAL_KEYS))
         if restored.get("world_size", self.world) != self.world:
             logger.warning("%s was written by %s process(es), this run has %d", resume_from,
                            restored.get("world_size"), self.world)
@@ -232,6 +234,7 @@ class Trainer:
             # Skips counted on the device are read at log steps and checkpoints, not every update.
             if not self.streak.on_device or log_due or self._at_epoch_end(s.step) or self._save_due(s.step):
                 self._stop_if_stuck()
+            self._stop_if_signalled(log_due or self._save_due(s.step))
             if log_due:
                 self.log.write(s.step, (s.step - 1) // n, self.scheduler.get_last_lr()[0], self.optimizer.skipped_steps)
             self.log.tick()
@@ -290,10 +293,17 @@ class Trainer:
         if longest < self.cfg.max_bad_steps:
             return
         self.save()
-        raise UserError(
-            f"training stopped at update {s.step}: {longest} consecutive updates had non-finite loss or "
-            f"gradients (limit 'train.max_bad_steps' = {self.cfg.max_bad_steps}); the last good weights are "
-            f"saved in {self.ckpt_root} (try a lower 'optim.lr' or 'train.mixed_precision')")
+        raise UserError(runcontrol.stuck_message(s.step, longest, self.cfg.max_bad_steps, self.ckpt_root,
+                                                 self.recipe.optim.lr))
+
+    def _stop_if_signalled(self, agreed_point: bool) -> None:
+        """After an update: when SIGTERM / SIGUSR1 arrived, write a checkpoint and raise Preempted
+        (with several processes: checked at `agreed_point`s only, see StopSignals.agreed)."""
+        received = self.signals.agreed(self.accelerator, agreed_point)
+        if received is not None:
+            self.save()
+            raise Preempted(f"stopped by {received} at update {self.state.step} of {self.total_steps}: a checkpoint "
+                            f"is written in {self.ckpt_root}; run the same command again to continue from it")
 
     def _at_epoch_end(self, step: int) -> bool:
         return step > 0 and (step % self.n_steps_epoch == 0 or step >= self.total_steps)
@@ -339,7 +349,7 @@ class Trainer:
         best = self.out / BEST
         files = {BEST: best} if self.rank == 0 and s.best_sha256 and best.is_file() else None
         ckpt.save_checkpoint(self.ckpt_root, s.step, self.model, self.optimizer, self.scheduler,
-                             dataclasses.asdict(s), rank=self.rank, world_size=self.world,
+                             {**dataclasses.asdict(s), "recipe": flat_recipe(self.recipe)}, rank=self.rank, world_size=self.world,
                              barrier=acc.wait_for_everyone, keep=self.cfg.keep_checkpoints, scaler=acc.scaler,
                              files=files)
 
@@ -408,8 +418,10 @@ class Trainer:
             push_run(out, recipe.hub.repo_id, private=recipe.hub.private, revision=recipe.hub.revision)
 
 
-def train(recipe: Recipe, bundle: Any = None) -> dict:
-    """Run a recipe to the end (resuming from its last good checkpoint); returns metrics.json.
+def train(recipe: Recipe, bundle: Any = None, restart: bool = False) -> dict:
+    """Run a recipe to the end (resuming from its last good checkpoint; `restart`: moving existing
+    checkpoints aside and starting from update 0); returns metrics.json. Raises Preempted
+    (ft_focal/runcontrol.py) after writing a checkpoint when SIGTERM / SIGUSR1 arrives.
 
     `train.deterministic` switches torch's deterministic algorithms on for the run; the previous
     setting is restored afterwards (the switch is process-wide).
@@ -417,7 +429,7 @@ def train(recipe: Recipe, bundle: Any = None) -> dict:
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     try:
-        return Trainer(recipe, bundle).run()
+        return Trainer(recipe, bundle, restart).run()
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2], previous[3]

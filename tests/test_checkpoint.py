@@ -61,8 +61,27 @@ def test_pruning_keeps_newest_good_and_never_the_only_good_one(tmp_path):
     entries["trainer.json"] = "0" * 64
     manifest.write_text(json.dumps(entries))
     ckpt.prune(tmp_path, keep=1)
-    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path)] == ["step_00000002"]
+    # the corrupt newest one stays: no checkpoint that verifies supersedes it
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path)] == ["step_00000002", "step_00000003"]
     (tmp_path / "step_00000009.tmp").mkdir()
     ckpt.prune(tmp_path, keep=1)
     assert not (tmp_path / "step_00000009.tmp").exists()
     assert ckpt.latest_good(tmp_path).name == "step_00000002"
+    # a newer good checkpoint supersedes both: now they go
+    ckpt.save_checkpoint(tmp_path, 4, model, opt, sched, {"step": 4}, keep=1)
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path)] == ["step_00000004"]
+
+
+def test_rotation_never_deletes_checkpoints_no_newer_verified_one_supersedes(tmp_path):
+    """Both checkpoints unverifiable (one with intact weights): saving an OLDER step rotates nothing away."""
+    model, opt, sched = make()
+    for step in (6, 7):
+        ckpt.save_checkpoint(tmp_path, step, model, opt, sched, {"step": step}, keep=5)
+    (tmp_path / "step_00000007" / "trainer.json").write_text("{}")          # weights intact
+    (tmp_path / "step_00000006" / "model.safetensors").write_bytes(b"x")    # weights broken
+    ckpt.save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1}, keep=1)
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path)] == ["step_00000001", "step_00000006", "step_00000007"]
+    report = ckpt.unusable_report(tmp_path)
+    assert len(report) == 2
+    assert report[0].endswith("step_00000006: checksum mismatch in model.safetensors")
+    assert report[1].endswith("step_00000007: checksum mismatch in trainer.json (its model.safetensors is intact)")

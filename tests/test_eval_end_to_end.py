@@ -59,3 +59,52 @@ def test_eval_reports_ce_and_mce_relative_to_a_baseline_run(runs, capsys):
         assert (root / png).stat().st_size > 1000
     report = (root / "eval_report.md").read_text()
     assert "mCE" in report and "eval_corruption_ce.png" in report
+
+
+def test_partial_imagenet_c_is_never_reported_as_mce(runs, capsys, monkeypatch, tmp_path):
+    """2 of the 15 benchmark corruptions, AlexNet baseline on digit classes: every place the number
+    appears (console, eval.json, eval_report.md, plot, model card) says it is a partial mean and
+    that AlexNet's errors are not a valid baseline for these classes."""
+    import shutil
+
+    from ft_focal import card, plots
+
+    root, corrupt = runs
+    run = tmp_path / "focal"
+    shutil.copytree(root / "focal", run)
+    drawn = []
+    original_save = plots._save
+
+    def recording_save(fig, path):
+        ax = fig.axes[0]
+        legend = ax.get_legend()
+        drawn.append((Path(path).name, ax.get_title(), [t.get_text() for t in legend.get_texts()] if legend else []))
+        return original_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", recording_save)
+    capsys.readouterr()
+    assert main(["eval", str(run / "final"), "--imagenet-c", str(corrupt)]) == 0
+    partial = "mCE over 2 of 15 corruptions (incomplete)"
+    invalid = "AlexNet's ImageNet-C errors are not a valid baseline for this model's 10 non-ImageNet classes"
+    printed = [line for line in capsys.readouterr().out.splitlines() if "mCE" in line]
+    assert len(printed) == 1 and printed[0].startswith(f"{partial} ") and invalid in printed[0], printed
+
+    corruption = json.loads((run / "final" / "eval.json").read_text())["corruption"]
+    assert corruption["mCE_name"] == partial and corruption["mCE_corruptions"] == 2
+    assert corruption["mCE_complete"] is False and corruption["baseline_valid"] is False
+    assert corruption["baseline_note"].startswith(invalid)
+
+    report_lines = [ln for ln in (run / "final" / "eval_report.md").read_text().splitlines() if "mCE" in ln]
+    assert report_lines and all(partial in ln for ln in report_lines), report_lines
+    assert any(invalid in ln for ln in report_lines)
+    (title_plot,) = [d for d in drawn if d[0] == "eval_corruption_ce.png"]
+    assert partial in title_plot[1] and all(partial in text for text in title_plot[2] if "mCE" in text)
+
+    assert main(["export", str(run), str(tmp_path / "export")]) == 0
+    readme = (tmp_path / "export" / "README.md").read_text()
+    meta = card.read_front_matter(readme)
+    names = [m["name"] for r in meta["model-index"][0]["results"] for m in r["metrics"] if "mCE" in m["name"]]
+    assert names and all(partial in name for name in names), names
+    assert all(m["type"] != "mCE" for r in meta["model-index"][0]["results"] for m in r["metrics"])
+    body_lines = [ln for ln in readme.split("---", 2)[2].splitlines() if "mCE" in ln]
+    assert body_lines and all(partial in ln for ln in body_lines), body_lines

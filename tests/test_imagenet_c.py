@@ -292,7 +292,11 @@ def test_summary_of_alexnet_itself_is_100(tmp_path):
     errors = dict(table, saturate=[0.1, 0.2, 0.3, 0.4, 0.5])
     res = summarize_corruptions(errors, clean_error=ALEXNET_CLEAN_ERROR)
     assert res["mCE"] == pytest.approx(100.0) and res["relative_mCE"] == pytest.approx(100.0)
-    assert res["mCE_complete"] is True
+    assert res["mCE_complete"] is True and res["mCE_name"] == "mCE" and res["mCE_corruptions"] == 15
+    from ft_focal.metrics import describe_mce, imagenet_classes
+
+    assert describe_mce(res) == f"mCE {res['mCE']:.2f}, relative mCE {res['relative_mCE']:.2f}"
+    assert imagenet_classes([f"n{i:08d}" for i in range(1000)]) and not imagenet_classes([str(i) for i in range(10)])
     assert res["extra"]["CE"] == {} and res["extra"]["mean_error"]["saturate"] == pytest.approx(30.0)
     res2 = summarize_corruptions(table, None, baseline=str(REPO / "eval" / "alexnet_errors.csv"))
     assert res2["mCE"] == pytest.approx(100.0) and "relative_mCE" not in res2

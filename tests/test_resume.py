@@ -234,8 +234,9 @@ def test_same_step_is_never_overwritten_and_latest_good_prefers_the_newer(tmp_pa
     # keep=1 and the newest save is corrupt afterwards: the next prune keeps the only good one
     third = ckpt.save_checkpoint(tmp_path, 6, model, opt, sched, {"step": 6}, keep=3)
     (third / "trainer.json").write_text("{}")
-    ckpt.prune(tmp_path, keep=1)
-    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path)] == ["step_00000005.1"]
+    ckpt.prune(tmp_path, keep=1)   # the corrupt newer one stays: no verified checkpoint supersedes it
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path)] == ["step_00000005.1", "step_00000006"]
+    shutil.rmtree(third)
     # a MANIFEST that does not list the weights is not a complete checkpoint
     (second / "MANIFEST.json").write_text(json.dumps({"trainer.json": "0" * 64}))
     assert ckpt.verify(second) == "MANIFEST.json does not list model.safetensors"

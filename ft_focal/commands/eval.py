@@ -49,7 +49,9 @@ def _run(argv: Optional[list[str]]) -> int:
         print(f"{result['split']}: overall {percent(test['overall'])} many {percent(test['many'])} "
               f"medium {percent(test['medium'])} few {percent(test['few'])} -> {out}")
         if "corruption" in result and result["corruption"].get("mCE") is not None:
-            print(f"mCE {result['corruption']['mCE']:.2f}")
+            from ft_focal.metrics import describe_mce
+
+            print(describe_mce(result["corruption"]))
     return 0
 
 

@@ -8,6 +8,11 @@ first-order sharpness L_G(w + rho g/||g||) - L_G(w). Training images are read wi
 transform (no augmentation), in a fixed order, `--batches` batches streamed from disk each pass,
 so the numbers are deterministic given `--seed` and memory stays bounded.
 
+Runs with the recipe's `train.threads` CPU threads (as training does; `train.threads=1` overrides).
+Each loss evaluation is one pass over the batches (forward + double backward); the passes are
+counted and a progress line with the time left is logged about every 10 s (an upper bound: the
+power iteration may converge early). A `--classes` id outside the model's classes is an error.
+
 Writes OUT/sharpness.json and OUT/sharpness.png (+ OUT/trace_vs_count.png with --per-class);
 OUT defaults to RUN_DIR/sharpness when MODEL_DIR is a run's final/, so the run report links it.
 """
@@ -15,6 +20,8 @@ OUT defaults to RUN_DIR/sharpness when MODEL_DIR is a run's final/, so the run r
 from __future__ import annotations
 
 import argparse
+import logging
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +31,44 @@ from torch.utils.data import DataLoader, Subset
 from ft_focal.commands.args import CommandParser
 from ft_focal.commands.guard import list_flag, run_guarded
 from ft_focal.files import write_json
+
+logger = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 10.0   # seconds between progress lines
+
+
+class PassProgress:
+    """Counts passes over the data (calls of the stream) against an upper bound `total`; logs
+    "pass N of at most T (P%), M:SS elapsed, about M:SS left" at most every PROGRESS_EVERY_S."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = max(int(total), 1), 0
+        self.start = self.last = time.monotonic()
+
+    def tick(self) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if now - self.last < PROGRESS_EVERY_S and self.done != 1:
+            return
+        self.last = now
+        elapsed = now - self.start
+        left = elapsed / max(self.done - 1, 1) * max(self.total - self.done + 1, 0) if self.done > 1 else None
+        logger.info("sharpness: pass %d of at most %d (%d%%), %s elapsed, %s", self.done, self.total,
+                    min(100, 100 * self.done // self.total), _clock(elapsed),
+                    "estimating time left" if left is None else f"about {_clock(left)} left")
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
+
+
+def planned_passes(groups: dict[str, set[int]], k: int, iters: int, trace_samples: int, per_class: bool,
+                   per_class_samples: int = 10) -> int:
+    """The most passes `group_sharpness` makes (ft_focal/sharpness/groups.py): per group one to
+    count its samples, k * iters for the eigenvalues, trace_samples for the trace, 2 for the SAM
+    sharpness, and per class (with per_class) one count + per_class_samples."""
+    per_group = 1 + k * iters + trace_samples + 2
+    return sum(per_group + (len(c) * (1 + per_class_samples) if per_class else 0) for c in groups.values())
 
 
 def measure(model_dir: str, groups: Optional[list[str]] = None, classes: Optional[list[int]] = None,
@@ -38,6 +83,11 @@ def measure(model_dir: str, groups: Optional[list[str]] = None, classes: Optiona
 
     saved = load_model_dir(model_dir, overrides)
     recipe = saved.recipe
+    num_classes = len(saved.class_counts)
+    outside = [c for c in (classes or []) if not 0 <= int(c) < num_classes]
+    if outside:
+        raise UserError(f"--classes: {outside[0]} is not a class of this model (it has {num_classes} classes, "
+                        f"ids 0..{num_classes - 1})")
     bundle = build_datasets(recipe.data, saved.preprocess, recipe.seed)
     train_eval = bundle.eval_dataset("train") if hasattr(bundle, "eval_dataset") else None
     if train_eval is None:
@@ -48,6 +98,7 @@ def measure(model_dir: str, groups: Optional[list[str]] = None, classes: Optiona
     subset = Subset(train_eval, sorted(order))
 
     def stream():
+        progress.tick()
         return iter(DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=0))
 
     if classes:
@@ -64,9 +115,19 @@ def measure(model_dir: str, groups: Optional[list[str]] = None, classes: Optiona
     # Hessian-vector products need double backward, which the fused attention kernels lack.
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.MATH):
-        result = group_sharpness(saved.model, params, stream, criterion, wanted, k=k, iters=iters,
-                                 trace_samples=trace_samples, rho=rho, seed=seed, per_class_trace=per_class)
+    progress = PassProgress(planned_passes(wanted, k, iters, trace_samples, per_class))
+    logger.info("sharpness: %d group(s), at most %d passes over %d training images", len(wanted), progress.total,
+                count)
+    threads_before = torch.get_num_threads()
+    if recipe.train.threads:   # as in training: the default (all cores) oversubscribes small models
+        torch.set_num_threads(recipe.train.threads)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            result = group_sharpness(saved.model, params, stream, criterion, wanted, k=k, iters=iters,
+                                     trace_samples=trace_samples, rho=rho, seed=seed, per_class_trace=per_class)
+    finally:
+        torch.set_num_threads(threads_before)
+    logger.info("sharpness: %d passes in %s", progress.done, _clock(time.monotonic() - progress.start))
     return {
         "model_dir": str(model_dir), "recipe": recipe.name, "loss": recipe.loss.name,
         "samples": count, "batch_size": batch_size, "seed": seed, "rho": rho, "iters": iters,

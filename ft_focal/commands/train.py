@@ -3,7 +3,9 @@
 
 Same as `accelerate launch -m ft_focal.train RECIPE.yaml [key=value ...]`. `--dry-run` runs the
 recipe small instead (ft_focal/commands/dry_run.py); `--zero-shot` evaluates the initial head
-without training, into `<output_dir>_zero_shot` (ft_focal/zeroshot.py).
+without training, into `<output_dir>_zero_shot` (ft_focal/zeroshot.py). `--restart` starts from
+update 0 after moving existing checkpoints aside (never deleted). A run stopped by SIGTERM /
+SIGUSR1 writes a checkpoint, prints one line and exits with code 75 (ft_focal/runcontrol.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def _run(argv: Optional[list[str]]) -> int:
                         help="tiny backbone of the same family + synthetic images: build everything, 2 updates, 1 eval")
     parser.add_argument("--zero-shot", action="store_true", help="no training: evaluate the initial (text or "
                         "class-mean) head; writes to <output_dir>_zero_shot")
+    parser.add_argument("--restart", action="store_true", help="start from update 0: move the output_dir's "
+                        "checkpoints (and best model) aside into output_dir/previous_<time>/ instead of resuming")
     args = parser.parse_command(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.zero_shot:
@@ -38,9 +42,14 @@ def _run(argv: Optional[list[str]]) -> int:
 
         dry_run(recipe)
         return 0
+    from ft_focal.runcontrol import PREEMPTED_EXIT_CODE, Preempted
     from ft_focal.train import train
 
-    train(recipe)
+    try:
+        train(recipe, restart=args.restart)
+    except Preempted as stop:
+        print(f"{stop}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

@@ -29,6 +29,11 @@ scale update) and treat our forward closure as its own; it still advances Lightn
 manual optimization. Lightning saves ``optimizer.state_dict()`` in checkpoints, which is the ft_focal
 optimizer's (wrapper state included) and loads back on resume; the fp16 scale is in the precision
 plugin's state.
+
+Skipped updates (non-finite loss or gradients in any pass; weights unchanged) return loss NaN, are
+counted in ``module.sharpness_skip_guard.skipped_steps``, warned about once, and ``max_bad_steps`` in a
+row (default 20, as ``train.max_bad_steps``) stop training with ``NonFiniteUpdates``
+(ft_focal/integrations/skips.py).
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from typing import Any
 
 import torch
 
+from ft_focal.integrations.skips import DEFAULT_MAX_BAD_STEPS, SkipGuard
 from ft_focal.optim import SINGLE_BACKWARD_METHODS, SharpnessOptimizer, build_optimizer
 
 __all__ = ["SharpnessLightningMixin", "build_lightning_optimizer", "sharpness_step"]
@@ -73,13 +79,15 @@ def build_lightning_optimizer(module: Any, name: str, class_counts: Sequence[int
 def sharpness_step(module: Any, closure: Callable[[], torch.Tensor] | None = None,
                    targets: torch.Tensor | None = None, *,
                    closures: Sequence[Callable[[], torch.Tensor]] | None = None,
-                   optimizer: Any = None) -> torch.Tensor:
+                   optimizer: Any = None, max_bad_steps: int = DEFAULT_MAX_BAD_STEPS) -> torch.Tensor:
     """One ft_focal step from a LightningModule's ``training_step``.
 
     ``closure()``: forward at the current weights, per-sample losses ``[B]`` (``reduction='none'``);
     ``targets``: labels ``[B]``. Micro-batches: ``closures=[c1, ...]`` and ``targets=[y1, ...]``
     (exact big-batch semantics). ``optimizer``: which of ``module.optimizers()`` (default: the only
-    one). Returns the mean loss at the pre-step weights (0-d, detached).
+    one). Returns the mean loss at the pre-step weights (0-d, detached; NaN for a skipped update).
+    ``max_bad_steps`` consecutive skipped updates raise ``NonFiniteUpdates`` (counts in
+    ``module.sharpness_skip_guard``).
     """
     lopt = module.optimizers() if optimizer is None else optimizer
     if isinstance(lopt, (list, tuple)):
@@ -104,10 +112,16 @@ def sharpness_step(module: Any, closure: Callable[[], torch.Tensor] | None = Non
         before()
     try:
         with torch.autocast(module.device.type, enabled=False):
-            return opt.step(closures=closures, targets=targets)
+            loss = opt.step(closures=closures, targets=targets)
     finally:
         if after is not None:
             after()
+    guard = getattr(module, "sharpness_skip_guard", None)
+    if guard is None or guard.max_bad_steps != max_bad_steps:
+        guard = module.sharpness_skip_guard = SkipGuard("sharpness_step", max_bad_steps)
+    skipped = bool(opt.last_skipped)
+    guard.record(skipped, int(trainer.global_step))   # global_step already counts this update
+    return torch.full_like(loss, float("nan")) if skipped else loss
 
 
 def _in_context(context: Callable[[], Any], closure: Callable[[], torch.Tensor] | None) -> Callable[[], torch.Tensor]:
@@ -133,6 +147,7 @@ class SharpnessLightningMixin:
     def sharpness_step(self, closure: Callable[[], torch.Tensor] | None = None,
                        targets: torch.Tensor | None = None, *,
                        closures: Sequence[Callable[[], torch.Tensor]] | None = None,
-                       optimizer: Any = None) -> torch.Tensor:
+                       optimizer: Any = None, max_bad_steps: int = DEFAULT_MAX_BAD_STEPS) -> torch.Tensor:
         """``sharpness_step(self, ...)``: one ft_focal step; mean loss at the pre-step weights."""
-        return sharpness_step(self, closure, targets, closures=closures, optimizer=optimizer)
+        return sharpness_step(self, closure, targets, closures=closures, optimizer=optimizer,
+                              max_bad_steps=max_bad_steps)

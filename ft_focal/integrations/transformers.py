@@ -28,6 +28,11 @@ How it fits the Trainer's loop (written against transformers 5.x ``Trainer._run_
   micro-batches, so the Trainer's logged loss is unchanged.
 - Gradient clipping is not part of the ft_focal update rules: ``max_grad_norm > 0`` is ignored with
   one warning; the logged ``grad_norm`` is the L2 norm of the gradient the base optimizer applied.
+- Skipped updates (non-finite loss or gradients in any pass; weights unchanged): logged with loss
+  NaN (when every update since the previous log was skipped) and grad_norm NaN, counted in
+  ``trainer.state.skipped_steps`` and in every log record (``skipped_steps``), one warning at the first;
+  ``max_bad_steps`` in a row (default 20, as ``train.max_bad_steps``) stop training with
+  ``NonFiniteUpdates`` (ft_focal/integrations/skips.py).
 - Resume: the Trainer saves ``optimizer.state_dict()``, which is the ft_focal optimizer's (base
   optimizer state plus wrapper state: skipped steps, pass counts, epoch, fp16 growth counter, ...);
   the fp16 scale itself is in the Trainer's ``scaler.pt``.
@@ -46,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from ft_focal.integrations.skips import DEFAULT_MAX_BAD_STEPS, SkipGuard
 from ft_focal.optim import OPTIMIZERS, SINGLE_BACKWARD_METHODS, SharpnessOptimizer, build_optimizer
 
 __all__ = ["SharpnessTrainer", "SharpnessTrainerMixin"]
@@ -125,11 +131,12 @@ class SharpnessTrainerMixin:
     loss_fn: per-sample loss ``loss_fn(logits [B, C], labels [B]) -> [B]``; default cross-entropy.
         Its ``set_epoch(epoch)``, if any, is called before every step (e.g. LDAM-DRW).
     label_key: the key of the labels in the Trainer's batches (default "labels").
+    max_bad_steps: this many consecutive skipped (non-finite) updates stop training.
     """
 
     def __init__(self, *args: Any, optim: str = "focal_sam", optim_kwargs: Mapping[str, Any] | None = None,
                  class_counts: Sequence[int] | None = None, loss_fn: PerSampleLoss | None = None,
-                 label_key: str = "labels", **kwargs: Any) -> None:
+                 label_key: str = "labels", max_bad_steps: int = DEFAULT_MAX_BAD_STEPS, **kwargs: Any) -> None:
         if optim not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optim!r}; valid: {', '.join(OPTIMIZERS)}")
         self.sharpness_method = optim
@@ -141,6 +148,8 @@ class SharpnessTrainerMixin:
         self._pending: list[tuple[dict, torch.Tensor]] = []   # micro-batches of the open accumulation window
         self._applied_grad_norm: float | None = None
         self._clip_warned = False
+        self.skip_guard = SkipGuard("SharpnessTrainer", max_bad_steps)
+        self._window_updates = self._window_skipped = 0   # since the previous log record
         super().__init__(*args, **kwargs)
         if getattr(self, "is_deepspeed_enabled", False):
             raise ValueError("SharpnessTrainer does not support DeepSpeed: its engine applies the optimizer "
@@ -209,8 +218,23 @@ class SharpnessTrainerMixin:
         self._set_epoch(opt)
         closures = [functools.partial(self._per_sample_losses, model, x) for x, _ in window]
         loss = opt.step(closures=closures, targets=[y for _, y in window])
-        self._after_step(opt, skipped=bool(opt.last_skipped))   # a host read: the Trainer's scheduler needs it
-        return loss.to(self.args.device)
+        skipped = bool(opt.last_skipped)   # a host read: the Trainer's scheduler needs it
+        self._after_step(opt, skipped=skipped)
+        self._window_updates += 1
+        self._window_skipped += skipped
+        self.state.skipped_steps = opt.skipped_steps
+        self.skip_guard.record(skipped, self.state.global_step + 1)
+        return torch.full((), float("nan"), device=self.args.device) if skipped else loss.to(self.args.device)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's log, with skipped updates visible: ``loss`` NaN when every update since the
+        previous record was skipped (the Trainer's NaN filter would log 0), ``skipped_steps`` in all."""
+        if "loss" in logs and self.sharpness_optimizer is not None:
+            if self._window_updates and self._window_skipped == self._window_updates:
+                logs["loss"] = float("nan")
+            logs["skipped_steps"] = self.sharpness_optimizer.skipped_steps
+            self._window_updates = self._window_skipped = 0
+        super().log(logs, *args, **kwargs)
 
     def _per_sample_losses(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """Forward at the current weights; per-sample losses ``[B]``."""
@@ -238,7 +262,8 @@ class SharpnessTrainerMixin:
         """Hand the Trainer's outer step nothing to do."""
         grads = [] if skipped else [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
         self._applied_grad_norm = (float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(g.detach().double()) for g in grads]))) if grads else 0.0)
+            [torch.linalg.vector_norm(g.detach().double()) for g in grads]))) if grads else
+            float("nan") if skipped else 0.0)
         # The gradients were applied; clearing them keeps the Trainer's clip / norm / fp16-unscale calls
         # from acting on (or unscaling) them.
         opt.zero_grad(set_to_none=True)
