@@ -50,7 +50,7 @@ def test_train_dry_run_takes_overrides_after_the_flag(monkeypatch):
 
 def test_train_zero_shot_takes_overrides_after_the_flag(monkeypatch):
     seen = []
-    monkeypatch.setattr("ft_focal.train.train", lambda recipe: seen.append(recipe))
+    monkeypatch.setattr("ft_focal.train.train", lambda recipe, **kwargs: seen.append(recipe))
     assert main(["train", IMAGENET, "--zero-shot", "data.root=/data/imagenet", "optim.rho=0.1"]) == 0
     assert seen[0].data.root == "/data/imagenet" and seen[0].train.epochs == 0
     assert seen[0].output_dir.endswith("_zero_shot")
