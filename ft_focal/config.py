@@ -322,7 +322,7 @@ def _build_section(cls: type, section: str, values: dict) -> Any:
     for key, value in values.items():
         full = f"{section}.{key}"
         if key not in types_:
-            raise UserError(f"unknown recipe key '{full}'" + closest(key, list(types_)))
+            raise UserError(f"unknown recipe key '{full}'" + closest(key, list(types_), f"{section}."))
         if value is False and "no" in CHOICES.get(full, ()):
             value = "no"  # YAML 1.1 reads a bare `no` as false; it is Accelerate's spelling of "off"
         if full == "train.log_with" and isinstance(value, str):

@@ -14,10 +14,13 @@ import yaml
 from ft_focal.errors import UserError
 
 
-def closest(name: str, options: list[str]) -> str:
-    """The hint appended to an unknown-key error: the closest option, else the valid ones."""
+def closest(name: str, options: list[str], prefix: str = "") -> str:
+    """The hint appended to an unknown-key error: the closest option, else the valid ones, each
+    written in full (`prefix` is the section, e.g. "optim.": the hint says `optim.rho`, not `rho`)."""
     match = difflib.get_close_matches(str(name), list(options), n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else f" (valid: {', '.join(sorted(options))})"
+    if match:
+        return f" (did you mean '{prefix}{match[0]}'?)"
+    return f" (valid: {', '.join(prefix + o for o in sorted(options))})"
 
 
 def parse_override(text: str, where: str = "", example: str = "optim.lr=0.01") -> tuple[str, Any]:

@@ -84,6 +84,29 @@ def count_lines(path: Optional[str], root: Optional[str]) -> Optional[int]:
         return sum(1 for line in handle if line.strip())
 
 
+def train_image_count(recipe: Recipe) -> tuple[Optional[int], str]:
+    """(number of training images of the real run, or None; why it is unknown).
+
+    Split lists are counted by their lines; data that ships with the package or is generated
+    (digits-LT, synthetic) is built, which takes a second; other sources (image folders, CIFAR,
+    Hugging Face datasets) only when they are on disk, else None with the reason."""
+    data = recipe.data
+    if data.train_list:
+        count = count_lines(data.train_list, data.root)
+        return count, "" if count is not None else "list not on disk"
+    if data.dataset in ("digits_lt", "synthetic") or (data.dataset in ("image_folder", "cifar_lt")
+                                                      and data.root and Path(data.root).exists()):
+        from ft_focal.data.build import build_datasets
+
+        preprocess = {"image_size": data.image_size or 32, "mean": [0.0] * 3, "std": [1.0] * 3,
+                      "interpolation": "bilinear"}
+        try:
+            return len(build_datasets(data, preprocess, recipe.seed).train), ""
+        except UserError as exc:
+            return None, f"data not readable: {exc}"
+    return None, "data not on disk" if data.dataset != "hf" else "a Hugging Face dataset (not opened by a dry run)"
+
+
 def real_class_count(recipe: Recipe) -> int:
     if recipe.data.num_classes:
         return recipe.data.num_classes

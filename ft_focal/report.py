@@ -88,7 +88,7 @@ def write_run_report(run_dir: Path, metrics: dict) -> Path:
                   "|---|---|---|---|---|---|"]
         for h in metrics["history"]:
             v = h.get("val", {})
-            lines.append(f"| {h['epoch']} | {h['step']} | " + " | ".join(_pct(v.get(k)) for k in GROUPS) + " |")
+            lines.append(f"| {h['epoch'] + 1} | {h['step']} | " + " | ".join(_pct(v.get(k)) for k in GROUPS) + " |")
     sharp = run_dir / "sharpness" / "sharpness.json"
     if sharp.is_file():
         lines += ["", "## Sharpness by shot group", "", f"See [sharpness/]({'sharpness/sharpness.json'})."]

@@ -209,12 +209,17 @@ class Trainer:
         """Trackers, the log and the training clock (train_seconds counts from here)."""
         if self.accelerator.trackers:
             self.accelerator.init_trackers(self.recipe.name.replace("/", "_"))
-        self.bad_images_before = int(self.state.bad_images)  # skipped before a resume (data.skip_bad_images)
+        # unreadable files met before a resume (data.skip_bad_images): marked again, so that they are
+        # neither logged nor counted twice; a checkpoint without the list only has their number
+        known = list(self.state.bad_image_indices or [])
+        if known and hasattr(self.bundle.train, "mark_bad"):
+            self.bundle.train.mark_bad(known)
+        self.bad_images_before = max(0, int(self.state.bad_images) - len(known))
         self.bad_consumed = getattr(self.bundle.train, "bad_count", 0)
         self.first_update_logged = False
         self.streak = SkipStreak(self.state.bad_streak)
         self.log = TrainLog(self.out, self.accelerator, self.total_steps, min(self.state.step, self.total_steps),
-                            self.cfg.batch_size, float(self.state.train_seconds))
+                            self.cfg.batch_size, float(self.state.train_seconds), self.n_steps_epoch)
 
     # ------------------------------------------------------------------ the loop
     def train_epoch(self, epoch: int) -> None:
@@ -335,6 +340,7 @@ class Trainer:
                              acc, recipe.data.num_workers, self.bundle.collate_fn)
         score = val[recipe.eval.select_metric]
         s.history.append({"epoch": epoch, "step": s.step, "val": _short(val)})
+        self.log.write_validation(s.step, epoch, _short(val))
         acc.log({f"val/{k}": v for k, v in _short(val).items() if v is not None}, step=s.step)
         if score is not None and (s.best is None or score > s.best):
             s.best, s.best_epoch = score, epoch
@@ -344,7 +350,8 @@ class Trainer:
     def save(self) -> None:
         """A checkpoint of the current update (atomic; every process writes its RNG state)."""
         s, acc = self.state, self.accelerator
-        s.bad_images = self.bad_images_before + self.bad_consumed
+        bad_files = self.bundle.train.bad_indices() if hasattr(self.bundle.train, "bad_indices") else []
+        s.bad_images, s.bad_image_indices = self.bad_images_before + len(bad_files), bad_files
         s.train_seconds = round(self.log.elapsed(), 3)
         best = self.out / BEST
         files = {BEST: best} if self.rank == 0 and s.best_sha256 and best.is_file() else None
@@ -362,8 +369,8 @@ class Trainer:
         train_seconds = self.log.elapsed()
         skipped_train_images = self.bad_images_before + self._bad_count()
         if skipped_train_images:
-            logger.warning("skipped %d unreadable training image(s) in all (data.skip_bad_images; counted each "
-                           "time an image was drawn)", skipped_train_images)
+            logger.warning("skipped %d unreadable training image file(s) in all (data.skip_bad_images; each "
+                           "logged and counted once, however often it was drawn)", skipped_train_images)
         selected = "last"
         best_file = self.out / BEST
         if recipe.eval.select_split == "val" and s.best is not None:
@@ -371,10 +378,10 @@ class Trainer:
 
             if best_file.is_file() and s.best_sha256 in (None, ckpt.sha256(best_file)):
                 ckpt.load_trainable_state(self.model, load_file(str(best_file)))
-                selected = f"best on val ({recipe.eval.select_metric}) at epoch {s.best_epoch}"
+                selected = f"best on val ({recipe.eval.select_metric}) at epoch {s.best_epoch + 1}"
             else:
                 logger.warning("%s is missing or not the best model this run recorded (epoch %s); reporting the "
-                               "last weights instead", best_file, s.best_epoch)
+                               "last weights instead", best_file, s.best_epoch + 1)
         opt = self.optimizer
         results = {"recipe": recipe.name, "world_size": self.world, "selected": selected,
                    "class_counts": self.class_counts, "skipped_images": {"train": skipped_train_images},

@@ -3,6 +3,10 @@
 Every `train.log_every_steps` updates (and at the last one) the main process appends one JSON line
 to `output_dir/train_log.jsonl`:
   {"update", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "skipped_updates"}
+and after each validation one line
+  {"update", "epoch", "val": {"overall", "many", "medium", "few", "ece"}}
+`epoch` is the 0-based index, as in metrics.json's "history"; the console shows epochs from 1
+("epoch 60/60").
 `loss` is the mean training loss over the updates since the previous line (skipped, non-finite
 updates left out; null when every one was skipped). It is summed ON THE DEVICE and read once per
 log line, so the loop reads no device value between log steps (each read is a full GPU sync).
@@ -10,7 +14,8 @@ log line, so the loop reads no device value between log steps (each read is a fu
 checkpoint, so the file describes the run that produced the weights, without repeats.
 
 On a terminal the loop shows a tqdm bar; when stdout is not a terminal (nohup, SLURM, `> log.txt`)
-it prints one plain line per log step instead, with rate and ETA. `train.log_with` trackers
+it prints one plain line per log step instead, with rate and ETA; both show the latest
+validation accuracy, and each validation prints a line of its own. `train.log_with` trackers
 (Accelerate) receive the same values.
 """
 
@@ -67,7 +72,7 @@ class TrainLog:
     """The loop's log: `add_loss` every update (no host read), `write` at log steps (one read)."""
 
     def __init__(self, out: Path, accelerator: Any, total_steps: int, start_step: int, images_per_update: int,
-                 seconds_before: float) -> None:
+                 seconds_before: float, steps_per_epoch: int = 0) -> None:
         self.main = accelerator.is_main_process
         self.accelerator = accelerator
         self.total, self.images_per_update = total_steps, images_per_update
@@ -77,6 +82,9 @@ class TrainLog:
         self._loss_count = 0
         self._mark = self._start = (start_step, time.perf_counter())  # (update, clock): previous line, start
         self._bar = None
+        self.epochs = -(-total_steps // steps_per_epoch) if steps_per_epoch > 0 else None
+        self.last_val: Optional[float] = None  # overall accuracy of the latest validation
+        self._postfix_items: dict = {}
         if self.main:
             _truncate_after(self.path, start_step)
             if sys.stdout.isatty():
@@ -132,17 +140,46 @@ class TrainLog:
             self._show(record, done / seconds if done > 0 and seconds > 0 else None)
         return record
 
+    def write_validation(self, step: int, epoch: int, val: dict) -> None:
+        """One line after a validation at update `step` (0-based `epoch`): train_log.jsonl and the console."""
+        self.last_val = val.get("overall")
+        if not self.main:
+            return
+        record = {"update": step, "epoch": epoch, "val": val}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        groups = " ".join(f"{k} {percent(val.get(k))}" for k in ("many", "medium", "few"))
+        line = (f"validation at update {step}/{self.total}, {self._epoch(epoch)}: overall "
+                f"{percent(val.get('overall'))} ({groups})")
+        if self._bar is not None:
+            self._bar.write(line)
+            self._bar.set_postfix(self._postfix(), refresh=True)
+        else:
+            print(line, flush=True)
+
+    def _epoch(self, epoch: int) -> str:
+        """A 0-based epoch index as people count: "epoch 1/60" for the first."""
+        return f"epoch {epoch + 1}/{self.epochs}" if self.epochs else f"epoch {epoch + 1}"
+
+    def _postfix(self, loss: Optional[str] = None, lr: Optional[float] = None) -> dict:
+        if loss is not None:
+            self._postfix_items.update(loss=loss, lr=f"{lr:.2e}")
+        if self.last_val is not None:
+            self._postfix_items["val"] = percent(self.last_val)
+        return dict(self._postfix_items)
+
     def _show(self, record: dict, rate: Optional[float]) -> None:
         """The bar's postfix, or one plain line; ETA from the mean rate of this process so far."""
         loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
         if self._bar is not None:
-            self._bar.set_postfix(loss=loss, lr=f"{record['lr']:.2e}")
+            self._bar.set_postfix(self._postfix(loss, record["lr"]))
             return
         step = record["update"]
         eta = _duration((self.total - step) / rate) if rate else "?"
         speed = "?" if record["images_per_s"] is None else f"{record['images_per_s']:.1f} img/s"
-        print(f"update {step}/{self.total} ({100 * step / max(1, self.total):.0f}%) epoch {record['epoch']} "
-              f"loss {loss} lr {record['lr']:.2e} {speed} elapsed {_duration(record['elapsed_s'])} ETA {eta}",
+        val = "" if self.last_val is None else f" val {percent(self.last_val)}"
+        print(f"update {step}/{self.total} ({100 * step / max(1, self.total):.0f}%) {self._epoch(record['epoch'])} "
+              f"loss {loss}{val} lr {record['lr']:.2e} {speed} elapsed {_duration(record['elapsed_s'])} ETA {eta}",
               flush=True)
 
     def close(self) -> None:

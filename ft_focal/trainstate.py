@@ -32,7 +32,8 @@ class TrainState:
     best_sha256: Optional[str] = None   # of best_model.safetensors (checked before it is used)
     history: list = field(default_factory=list)  # one entry per validation
     bad_streak: int = 0                 # consecutive skipped (non-finite) updates
-    bad_images: int = 0                 # unreadable training images skipped (data.skip_bad_images)
+    bad_images: int = 0                 # unreadable training image files skipped (data.skip_bad_images)
+    bad_image_indices: list = field(default_factory=list)  # which ones (not logged nor counted again)
     epoch_end_step: int = 0             # update at which the last epoch end ran (it runs once)
     train_seconds: float = 0.0          # across resumes
     recipe_sha256: Optional[str] = None

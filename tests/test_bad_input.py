@@ -197,7 +197,7 @@ def test_empty_training_class_is_allowed_and_reported(tree, tmp_path, capsys, ca
 def test_unknown_recipe_key_suggests_the_closest(tree, tmp_path, capsys):
     recipe = write_recipe(tree, tmp_path)
     line = one_line_error(capsys, ["train", str(recipe), "optim.lamda=0.5"])
-    assert line == "error: unknown recipe key 'optim.lamda' (did you mean 'lam'?)"
+    assert line == "error: unknown recipe key 'optim.lamda' (did you mean 'optim.lam'?)"
     raw = yaml.safe_load(recipe.read_text())
     raw["trian"] = raw.pop("train")
     recipe.write_text(yaml.safe_dump(raw))
@@ -267,7 +267,7 @@ def test_missing_weights_of_a_model_folder(model_dir, tmp_path, capsys):
     shutil.copytree(model_dir, copy)
     (copy / "model.safetensors").unlink()
     line = one_line_error(capsys, ["eval", str(copy), "--no-report"])
-    assert line == f"error: {copy / 'model.safetensors'}: weights file missing"
+    assert line == f"error: {copy}: a model folder without its model.safetensors (the file was removed or never finished)"
 
 
 def test_imagenet_c_folder_missing_corruptions_and_severities_listed_at_once(model_dir, tmp_path, capsys):

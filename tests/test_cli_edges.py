@@ -235,3 +235,107 @@ def test_plain_model_refuses_input_outside_unit_range_in_one_line(run):
             plain(bad)
         message = str(caught.value)
         assert "[0, 1]" in message and hint in message and "\n" not in message
+
+
+# ----------------------------------------------------------------------------- what a person reads
+
+
+def test_progress_and_train_log_show_validation_with_1_based_epochs(tmp_path, capsys):
+    out = tmp_path / "run"
+    # 544 training images in batches of 272: 2 updates per epoch, a validation after each epoch
+    assert main(["train", DEMO, f"output_dir={out}", "train.epochs=2", "train.batch_size=272",
+                 "train.eval_every_epochs=1", "train.log_every_steps=1", "train.warmup_steps=0",
+                 "data.num_workers=0"]) == 0
+    printed = capsys.readouterr().out  # not a terminal: plain lines
+    metrics = json.loads((out / "metrics.json").read_text())
+    first, second = (h["val"]["overall"] for h in metrics["history"])
+    assert f"validation at update 2/4, epoch 1/2: overall {100 * first:.2f}%" in printed, printed
+    assert f"validation at update 4/4, epoch 2/2: overall {100 * second:.2f}%" in printed
+    after_first = [line for line in printed.splitlines() if line.startswith("update 3/4")]
+    assert after_first and f"val {100 * first:.2f}%" in after_first[0] and "epoch 2/2" in after_first[0]
+    assert "epoch 0" not in printed
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["update"], r["val"]["overall"]) for r in records if "val" in r] == [(2, first), (4, second)]
+    assert f"at epoch {metrics['history'][0 if first >= second else 1]['epoch'] + 1}" in metrics["selected"]
+    assert "| 1 | 2 |" in (out / "report.md").read_text()  # the validation history table
+
+
+def test_info_lines_on_the_main_process_only():
+    code = ("import logging; from ft_focal.commands.guard import setup_logging, BarSafeHandler; setup_logging(); "
+            "log = logging.getLogger('ft_focal'); log.info('INFO-LINE'); log.warning('WARN-LINE'); "
+            "assert all(isinstance(h, BarSafeHandler) for h in logging.getLogger().handlers)")
+    for rank, expected in (("0", ["INFO-LINE", "WARN-LINE"]), ("1", ["WARN-LINE"])):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": rank}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert [w for w in ("INFO-LINE", "WARN-LINE") if w in done.stderr] == expected, (rank, done.stderr)
+
+
+def test_a_log_line_never_lands_on_a_progress_bar_line():
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from ft_focal.commands.guard import BarSafeHandler
+
+    stream = io.StringIO()
+    handler = BarSafeHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    bar = tqdm(total=10, file=stream, desc="train", mininterval=0)
+    bar.update(3)
+    handler.emit(logging.LogRecord("ft_focal", logging.INFO, __file__, 1, "LOG-MESSAGE", None, None))
+    bar.close()
+    line = next(line for line in stream.getvalue().split("\n") if "LOG-MESSAGE" in line)
+    assert line.split("\r")[-1] == "INFO LOG-MESSAGE", repr(line)
+
+
+def test_corrupt_writes_no_bar_updates_into_a_redirected_log(tmp_path, capsys):
+    assert main(["corrupt", DEMO, "--out", str(tmp_path / "c"), "--limit", "20", "--corruptions", "contrast",
+                 "--severities", "1", "--workers", "1", "data.num_workers=0"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "|" not in err, err
+    assert "corrupt: 20/20 images (100%)" in err
+
+
+def test_unknown_key_hint_names_the_full_dotted_key(capsys):
+    assert main(["train", DEMO, "optim.rhoo=0.1", "--dry-run"]) == 2
+    assert _one_line_error(capsys) == "error: unknown recipe key 'optim.rhoo' (did you mean 'optim.rho'?)"
+
+
+def test_demo_dry_run_counts_the_embedded_training_images(tmp_path, capsys):
+    from ft_focal.commands.dry_run import dry_run
+    from ft_focal.config import load_recipe
+
+    plan = dry_run(load_recipe(DEMO), output_dir=str(tmp_path / "run"))
+    assert plan["train_images"] == 544  # digits-LT: 134 + 103 + 80 + 62 + 48 + 37 + 28 + 22 + 17 + 13
+    assert "train images: 544, updates per epoch 17" in capsys.readouterr().out
+
+
+def test_skip_bad_images_logs_and_counts_each_bad_file_once(tmp_path, caplog):
+    import logging
+
+    import torch
+    from PIL import Image
+
+    from ft_focal.data.datasets import FileListDataset, collate_skip_bad
+
+    for name in ("a", "b", "c", "d"):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png")
+    (tmp_path / "cut.png").write_bytes(b"\x89PNG not really")
+    paths = ["a.png", "gone.png", "b.png", "cut.png", "c.png", "d.png"]
+    dataset = FileListDataset(str(tmp_path), paths, [0, 1, 0, 1, 0, 1], skip_bad=True, name="train")
+    with caplog.at_level(logging.WARNING, logger="ft_focal.data"):
+        for _ in range(3):  # three epochs: each bad file drawn three times
+            assert [dataset[i] is None for i in range(len(dataset))] == [False, True, False, True, False, False]
+    assert dataset.bad_count == 2 and dataset.bad_indices() == [1, 3]
+    logged = [r.getMessage() for r in caplog.records if "skipping bad image" in r.getMessage()]
+    assert len(logged) == 2 and any("gone.png" in m for m in logged) and any("cut.png" in m for m in logged)
+    # in DataLoader worker processes too, and a resume's marks are neither logged nor counted again
+    fresh = FileListDataset(str(tmp_path), paths, [0, 1, 0, 1, 0, 1], skip_bad=True, name="train",
+                            transform=lambda image: torch.zeros(1))
+    fresh.mark_bad([1])
+    loader = torch.utils.data.DataLoader(fresh, batch_size=2, num_workers=2, collate_fn=collate_skip_bad)
+    for _ in range(2):
+        assert sum(len(y) for _, y in loader) == 4
+    assert fresh.bad_count == 2

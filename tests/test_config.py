@@ -37,11 +37,11 @@ def test_int_accepted_for_float_but_not_string(tmp_path):
 
 
 def test_unknown_key_suggests_closest(tmp_path):
-    with pytest.raises(UserError, match=r"unknown recipe key 'optim.lamda'.*did you mean 'lam'"):
+    with pytest.raises(UserError, match=r"unknown recipe key 'optim.lamda'.*did you mean 'optim.lam'"):
         load_recipe(write(tmp_path, {"optim": {"lamda": 0.8}}))
     with pytest.raises(UserError, match=r"unknown recipe key 'trian'.*did you mean 'train'"):
         load_recipe(write(tmp_path, {"trian": {}}))
-    with pytest.raises(UserError, match=r"unknown recipe key 'train.epoch'.*'epochs'"):
+    with pytest.raises(UserError, match=r"unknown recipe key 'train.epoch'.*'train.epochs'"):
         load_recipe(write(tmp_path, {}), ["train.epoch=3"])
 
 

@@ -50,8 +50,10 @@ def run(tmp_path_factory):
 
 def test_train_log_jsonl_has_one_line_per_log_step(run):
     out, metrics, _ = run
-    lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    lines = [r for r in records if "val" not in r]  # the others: one line per validation
     assert [r["update"] for r in lines] == [2, 4, 6]
+    assert [(r["update"], r["val"]) for r in records if "val" in r] == [(h["step"], h["val"]) for h in metrics["history"]]
     for r in lines:
         assert set(r) >= {"update", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "skipped_updates"}
         assert r["loss"] > 0 and r["lr"] >= 0 and r["skipped_updates"] == 0

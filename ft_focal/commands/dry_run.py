@@ -18,7 +18,7 @@ import torch
 from ft_focal.config import Recipe
 from ft_focal.data import synthetic_bundle
 from ft_focal.models import preprocess_for, tiny_variant
-from ft_focal.preflight import count_lines, missing_paths, real_class_count, real_parameter_counts
+from ft_focal.preflight import missing_paths, real_class_count, real_parameter_counts, train_image_count
 from ft_focal.train import train
 
 
@@ -27,7 +27,7 @@ def dry_run(recipe: Recipe, output_dir: Optional[str] = None, train_size: int = 
     num_classes = real_class_count(recipe)
     missing = missing_paths(recipe)
     counts = real_parameter_counts(recipe, num_classes)
-    train_images = count_lines(recipe.data.train_list, recipe.data.root)
+    train_images, unknown_because = train_image_count(recipe)
     batch = 4 * recipe.train.grad_accum_steps
     with tempfile.TemporaryDirectory(prefix="ft_focal_dry_run_") as tmp:
         tiny = dataclasses.replace(
@@ -55,6 +55,7 @@ def dry_run(recipe: Recipe, output_dir: Optional[str] = None, train_size: int = 
         "classes": num_classes,
         "parameters": counts,
         "train_images": train_images,
+        "train_images_unknown": unknown_because,
         "updates_per_epoch": None if train_images is None else train_images // recipe.train.batch_size,
         "missing_paths": missing,
         "dry_run_updates": results["updates"],
@@ -72,6 +73,10 @@ def cpu_precision(recipe: Recipe) -> str:
     return "bf16"
 
 
+def _unknown(plan: dict) -> str:
+    return f"unknown ({plan.get('train_images_unknown') or 'not counted'})"
+
+
 def format_plan(plan: dict) -> str:
     params = plan["parameters"]
     if params:
@@ -84,7 +89,7 @@ def format_plan(plan: dict) -> str:
         f"  real model:   {plan['family']} {plan['model']}, weights {plan['weights'] or 'random init'}",
         f"  tuning:       {plan['tuning']}, parameters {param_text}",
         f"  optimizer:    {plan['optimizer']}; classes {plan['classes']}",
-        f"  train images: {plan['train_images'] if plan['train_images'] is not None else 'unknown (list not on disk)'}"
+        f"  train images: {plan['train_images'] if plan['train_images'] is not None else _unknown(plan)}"
         f", updates per epoch {plan['updates_per_epoch'] if plan['updates_per_epoch'] is not None else 'unknown'}",
     ]
     if plan.get("compile"):

@@ -46,9 +46,39 @@ class RedactTokens(logging.Filter):
         return True
 
 
+class BarSafeHandler(logging.StreamHandler):
+    """A console handler that writes through `tqdm.write`: an open progress bar on the same stream
+    is cleared first and redrawn after, so a log line never lands on the bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # the handler's own error path, as logging.StreamHandler does
+            self.handleError(record)
+
+
+def process_rank() -> int:
+    """This process's rank under torchrun / `accelerate launch` (0 when not distributed)."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
 def setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    """INFO lines on the main process only (every process of a multi-process run would print each
+    one); warnings and errors on every process, since they may be about that process alone."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = BarSafeHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    if process_rank() != 0:
+        root.setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactTokens) for f in handler.filters):
             handler.addFilter(RedactTokens())

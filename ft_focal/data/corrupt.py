@@ -306,9 +306,7 @@ def _render(tasks: list, cfg: dict[str, Any], corruptions: Sequence[str], worker
     failures: list[str] = []
     bar = None
     if progress and total:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc="corrupt", unit="img", dynamic_ncols=True, file=sys.stderr)
+        bar = _progress(total)
     try:
         if total and workers > 1 and len(tasks) > 1:
             if "glass_blur" in corruptions:
@@ -333,6 +331,35 @@ def _render(tasks: list, cfg: dict[str, Any], corruptions: Sequence[str], worker
         if bar is not None:
             bar.close()
     return written, failures
+
+
+class _PlainProgress:
+    """Progress for a log that is not a terminal (`> log.txt`, nohup, SLURM): one line per tenth
+    of the work instead of a bar's carriage-return updates, which would fill the file."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.shown, self.started = total, 0, 0, time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        tenth = 10 * self.done // self.total
+        if tenth > self.shown:
+            self.shown = tenth
+            seconds = time.perf_counter() - self.started
+            print(f"corrupt: {self.done}/{self.total} images ({100 * self.done // self.total}%), "
+                  f"{self.done / max(seconds, 1e-9):.1f} images/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int):
+    """A tqdm bar on a terminal, plain lines otherwise."""
+    if not sys.stderr.isatty():
+        return _PlainProgress(total)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="corrupt", unit="img", dynamic_ncols=True, file=sys.stderr)
 
 
 def _warm_glass_blur() -> None:

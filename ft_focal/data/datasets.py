@@ -6,8 +6,10 @@ the bundle). Construction is deterministic and uses no global random state.
 
 Bad images: by default a missing / corrupt image raises `DataError` naming the file (and the
 list line). With `data.skip_bad_images: true` the dataset returns `None` for it instead, logs a
-warning for the first few, and counts it in `dataset.bad_count`, a counter in shared memory (a
-torch tensor) so that images skipped inside DataLoader worker processes are counted too. Use
+warning the first time it meets that file, and marks it in a per-item flag array in shared
+memory (a torch tensor), so that files met inside DataLoader worker processes count too:
+`dataset.bad_count` is the number of distinct unreadable FILES, however often each is drawn
+(`bad_indices()` / `mark_bad()` carry them across a resume). Use
 `collate_skip_bad` (also `bundle.collate_fn`) as the DataLoader's collate_fn: it drops the
 `None` samples (and returns `None` when a whole batch is bad).
 """
@@ -31,14 +33,13 @@ from ft_focal.errors import UserError
 
 log = logging.getLogger(__name__)
 
-_MAX_BAD_WARNINGS = 10
-_COUNTER_SLOTS = 129  # one per DataLoader worker (id modulo 128) + one for the main process
+_MAX_BAD_WARNINGS = 50  # per split and process; every further bad file is still counted
 
 
-def _new_counter() -> torch.Tensor:
-    """Skipped-image counter in shared memory: visible to the main process whatever the worker
-    start method (fork, spawn, forkserver), since torch shares such tensors with its workers."""
-    return torch.zeros(_COUNTER_SLOTS, dtype=torch.int64).share_memory_()
+def _new_flags(n: int) -> torch.Tensor:
+    """One byte per item in shared memory (1 = unreadable): visible to the main process whatever the
+    worker start method (fork, spawn, forkserver), since torch shares such tensors with its workers."""
+    return torch.zeros(max(1, n), dtype=torch.uint8).share_memory_()
 
 
 class LabelledImages(Dataset):
@@ -46,12 +47,22 @@ class LabelledImages(Dataset):
 
     def __init__(self, labels: Sequence[int], transform: Optional[Callable] = None,
                  skip_bad: bool = False, name: str = "data"):
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.transform = transform
         self.skip_bad = bool(skip_bad)
+        self._bad: Optional[torch.Tensor] = None
+        self.labels = labels  # allocates the bad-file flags (see the setter)
+        self.transform = transform
         self.name = name
-        self._bad = _new_counter() if self.skip_bad else None
         self._warned = 0
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+    @labels.setter
+    def labels(self, value) -> None:
+        # a subset / remap gives other items: the flags follow the items (set before any worker starts)
+        self._labels = np.asarray(value, dtype=np.int64)
+        self._bad = _new_flags(len(self._labels)) if self.skip_bad else None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -74,30 +85,41 @@ class LabelledImages(Dataset):
         except DataError as exc:
             if not self.skip_bad:
                 raise
-            self._record_bad(exc)
+            self._record_bad(i, exc)
             return None
         if self.transform is not None:
             img = self.transform(img)
         return img, int(self.labels[i])
 
-    def _record_bad(self, exc: Exception) -> None:
-        info = torch.utils.data.get_worker_info()
-        slot = (info.id % (_COUNTER_SLOTS - 1)) if info is not None else _COUNTER_SLOTS - 1
-        self._bad[slot] += 1  # one slot per worker process: no lock needed
+    def _record_bad(self, i: int, exc: Exception) -> None:
+        if self._bad[i]:
+            return  # met before (an earlier epoch, another worker): logged and counted once
+        self._bad[i] = 1  # items are split between workers: no two write the same flag at once
         self._warned += 1
         if self._warned <= _MAX_BAD_WARNINGS:
-            more = " (further bad images of this split in this process are counted, not logged)" \
+            more = " (further bad files of this split in this process are counted, not logged)" \
                 if self._warned == _MAX_BAD_WARNINGS else ""
             log.warning("skipping bad image: %s%s", exc, more)
 
     @property
     def bad_count(self) -> int:
-        """Images skipped so far (all processes sharing this dataset; 0 without skip_bad)."""
+        """Distinct unreadable files met so far (all processes sharing this dataset; 0 without skip_bad)."""
         return int(self._bad.sum()) if self._bad is not None else 0
+
+    def bad_indices(self) -> list[int]:
+        """The items found unreadable so far, in order (what a checkpoint records)."""
+        return [] if self._bad is None else torch.nonzero(self._bad).flatten().tolist()
+
+    def mark_bad(self, indices: Sequence[int]) -> None:
+        """Mark items found unreadable before a resume: neither logged nor counted again."""
+        if self._bad is not None:
+            for i in indices:
+                if 0 <= int(i) < len(self):
+                    self._bad[int(i)] = 1
 
     def _copy(self) -> "LabelledImages":
         new = copy.copy(self)
-        new._bad = _new_counter() if self.skip_bad else None
+        new._bad = _new_flags(len(self)) if self.skip_bad else None
         new._warned = 0
         return new
 

@@ -91,7 +91,7 @@ def _validate(raw: Any, schema: dict[str, Any], where: str, prefix: str, base_di
         raise UserError(f"{where}: '{prefix.rstrip('.') or 'suite'}' must be a mapping, got {type(raw).__name__}")
     for key in raw:
         if key not in schema:
-            raise UserError(f"{where}: unknown key '{prefix}{key}'" + closest(key, list(schema)))
+            raise UserError(f"{where}: unknown key '{prefix}{key}'" + closest(key, list(schema), prefix))
     out: dict[str, Any] = {}
     for key, spec in schema.items():
         full = prefix + key
