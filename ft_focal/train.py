@@ -282,9 +282,7 @@ class Trainer:
         s.step += 1
         if not self.first_update_logged:
             self.first_update_logged = True
-            passes = self.optimizer.last_pass_counts
-            logger.info("first update: %s runs %dF + %dB (forward / backward passes over the batch)",
-                        self.recipe.optim.name, passes.get("forward", 0), passes.get("backward", 0))
+            logger.info("first update: %s runs %s", self.recipe.optim.name, self.optimizer.describe_last_passes())
         skipped = self.optimizer.last_skipped
         self.streak.add(skipped)
         return loss, skipped

@@ -139,6 +139,7 @@ class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
         self._base_stepped = False   # the base optimizer has applied an update (its state exists)
         self.pass_counts = {"forward": 0, "backward": 0}
         self.last_pass_counts = {"forward": 0, "backward": 0}
+        self.last_check_backwards = 0   # backwards of the last step that only checked the one-backward path
         self.epoch, self.num_epochs = 0, None
         self._pending_growth = None
         self._labels_checked = False
@@ -232,6 +233,7 @@ class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
         """Run every pass of the method and apply the base optimizer once; returns the mean loss
         at w (detached). ``closure`` may also be a list of micro-batch closures."""
         st = self._begin(closures if closures is not None else closure, targets)
+        self.last_check_backwards = 0
         on_device = self.skips_on_device()
         try:
             final = self._compute(st)
@@ -263,6 +265,17 @@ class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
         self._labels_checked = True
         loss = st.loss_sum / st.batch_size if st.loss_sum is not None else torch.tensor(float("nan"))
         return loss.detach()
+
+    def describe_last_passes(self) -> str:
+        """The last step's passes as a person reads them: "2F + 3B (forward / backward passes over
+        the batch; 1 backward of them was the one-time check of the one-backward path against the
+        exact one, from now on 2F + 2B)"."""
+        f, b = self.last_pass_counts.get("forward", 0), self.last_pass_counts.get("backward", 0)
+        text = f"{f}F + {b}B (forward / backward passes over the batch"
+        if self.last_check_backwards:
+            text += (f"; {self.last_check_backwards} backward of them was the one-time check of the one-backward "
+                     f"path against the exact one, from now on {f}F + {b - self.last_check_backwards}B")
+        return text + ")"
 
     def _base_step_unless(self, skip: torch.Tensor) -> None:
         """The fused base step, skipped by its own kernel where ``skip`` (float 0-d) is 1."""

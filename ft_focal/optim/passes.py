@@ -159,10 +159,11 @@ class PassesMixin:
                     continue
                 check = p is not None and not sb.validated and st.can_skip
                 rng = None if check else _rng_state()
-                with sb.armed(_ratio(p, t, st.sizes[i], st.device), st.sizes[i]):
+                with sb.armed(_ratio(p, t, st.sizes[i], st.device), st.sizes[i], check=check):
                     losses = self._forward(st, i, False)
                 self._backward(self._weighted(st, losses, t), retain=check)
                 parts, reason = sb.collect(st.params)
+                magnitudes = sb.magnitudes(st.params)
                 self._take(st, g_total)
                 if reason is not None and not st.can_skip:   # plain DDP: no second backward allowed
                     raise RuntimeError(f"single_backward cannot split this model ({reason}) and DDP forbids "
@@ -181,9 +182,10 @@ class PassesMixin:
                     sb.reset()   # the retained graph's rules also filled the twins: drop that
                 del losses
                 if reason is None:
-                    reason = sb.compare(st.params, parts, exact)
+                    reason = sb.compare(st.params, parts, exact, magnitudes)
                     if reason is None:
                         sb.validated = True
+                        self.last_check_backwards = 1
                 if reason is not None:
                     sb.disabled = reason
                     self._warn_once("sb-off", "single_backward switched off: %s; using the exact "

@@ -26,7 +26,10 @@ when a trainable parameter has no rule or a BatchNorm is in training mode (it mi
 ``nn.MultiheadAttention`` calling ``out_proj.weight`` functionally, or no batch dimension); the
 optimizer then back-propagates the part weighting exactly and switches the mechanism off. The first
 step is also compared with that exact backward (catches tied weights used outside the layer and
-operations mixing samples; skip with ``single_backward_check=False``).
+operations mixing samples; skip with ``single_backward_check=False``): element by element, the
+rule's part gradient must match the exact one up to the rounding of the sum it is, i.e. relative
+to the magnitude of the summed per-sample terms (``compare`` states the formula), not to the
+(possibly cancelling) result.
 
 torch.compile: compile the model after the optimizer is built (the swap happens in its constructor);
 the armed and the plain forward are two graphs of the same compiled model.
@@ -52,6 +55,7 @@ class ArmedState:
         self.n = 0
         self.problems = {}     # module -> why it could not split (eager mode only)
         self.low_precision = False   # a rule ran in float16 / bfloat16 (looser first-step check)
+        self.check = False     # this forward is the checked one: the rules also fill the magnitude twins
 
     def ratio(self, dtype):
         r = self.ratios.get(dtype)
@@ -102,10 +106,11 @@ def _linear_forward(self, x):
         return F.linear(x, self.weight, self.bias)
     st, d = armed
     tw, tb = self.split_twins
+    mw, mb = self.split_mags if st.check else (None, None)
     dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     if dt in (torch.float16, torch.bfloat16):
         st.low_precision = True
-    return rules.linear(x, self.weight, self.bias, tw, tb, st.pair(dt, x.dim(), d))
+    return rules.linear(x, self.weight, self.bias, tw, tb, st.pair(dt, x.dim(), d), mw, mb)
 
 
 def _layer_norm_forward(self, x):
@@ -114,9 +119,10 @@ def _layer_norm_forward(self, x):
         return self.split_plain_forward(x)
     st, d = armed
     tw, tb = self.split_twins
+    mw, mb = self.split_mags if st.check else (None, None)
     upcast = getattr(self, "split_upcast", False)
     dt = torch.float32 if upcast or torch.is_autocast_enabled(x.device.type) else x.dtype
-    out = rules.layer_norm(x, self.weight, self.bias, tw, tb, st.pair(dt, x.dim(), d), self.eps, upcast)
+    out = rules.layer_norm(x, self.weight, self.bias, tw, tb, st.pair(dt, x.dim(), d), self.eps, upcast, mw, mb)
     return out.to(x.dtype) if getattr(self, "split_cast_back", False) else out
 
 
@@ -126,11 +132,13 @@ def _cosine_forward(self, features):
         return self.split_plain_forward(features)
     st, d = armed
     (tw,) = self.split_twins
+    (mw,) = self.split_mags if st.check else (None,)
     dt = torch.promote_types(features.dtype, self.weight.dtype)   # as CosineHead: no autocast
     with torch.autocast(features.device.type, enabled=False):
         fn, wn = F.normalize(features.to(dt), dim=-1), F.normalize(self.weight.to(dt), dim=-1)
         twn = F.normalize(tw.to(dt), dim=-1) if tw is not None else None
-        return self.scale * rules.linear(fn, wn, None, twn, None, st.pair(dt, features.dim(), d))
+        mwn = rules.abs_normalize(mw.to(dt)) if mw is not None else None
+        return self.scale * rules.linear(fn, wn, None, twn, None, st.pair(dt, features.dim(), d), mwn)
 
 
 def _scale_forward(self, x):
@@ -140,7 +148,8 @@ def _scale_forward(self, x):
         return self.scale * u
     st, d = armed
     (ts,) = self.split_twins
-    return rules.scale(self.scale, u, ts, st.ratio(torch.promote_types(self.scale.dtype, u.dtype)), d)
+    (ms,) = self.split_mags if st.check else (None,)
+    return rules.scale(self.scale, u, ts, st.ratio(torch.promote_types(self.scale.dtype, u.dtype)), d, ms)
 
 
 _OPEN_CLIP_NORMS = {("open_clip.transformer", "LayerNorm"): False, ("open_clip.transformer", "LayerNormFp32"): True}
@@ -191,6 +200,7 @@ class SingleBackward:
         self._key = None
         self._reason = None
         self._twins = {}          # id(param) -> twin leaf sharing its storage
+        self._mags = {}           # id(param) -> magnitude twin (first-step check; same storage)
         self._bound = []          # (covered module, its twins)
         self._batchnorms = []     # the model's BatchNorm layers (found at install)
         self.validated = False    # the first step matched the exact path
@@ -229,39 +239,42 @@ class SingleBackward:
         missing = [p for p in params if id(p) not in owned]
         if missing:
             return f"parameter {names.get(id(missing[0]), tuple(missing[0].shape))} has no owning module"
-        self._twins, self._bound = {}, []
+        self._twins, self._mags, self._bound = {}, {}, []
         for m, (rule, attrs) in chosen:
-            twins = []
+            twins, mags = [], []
             for a in attrs:
                 p = getattr(m, a, None)
-                t = None
+                t = mag = None
                 if p is not None and id(p) in want:
                     t = self._twins[id(p)] = p.detach().requires_grad_()
+                    mag = self._mags[id(p)] = p.detach().requires_grad_()
                 twins.append(t)
+                mags.append(mag)
             _swap_class(m, rule)
-            self._bound.append((m, tuple(twins)))
+            self._bound.append((m, tuple(twins), tuple(mags)))
         self._bind()
         return None
 
     def _bind(self):
         """Point the covered modules at this strategy (another optimizer of the same model may
         have taken them over since)."""
-        for m, twins in self._bound:
-            m.split_state, m.split_twins = self.state, twins
+        for m, twins, mags in self._bound:
+            m.split_state, m.split_twins, m.split_mags = self.state, twins, mags
 
     # ----------------------------------------------------------------- one forward / backward
     @contextlib.contextmanager
-    def armed(self, ratio: torch.Tensor, n: int):
-        """The covered layers split the next forward: ``ratio[j]`` = part_j / total_j ([n])."""
+    def armed(self, ratio: torch.Tensor, n: int, check: bool = False):
+        """The covered layers split the next forward: ``ratio[j]`` = part_j / total_j ([n]);
+        ``check``: the rules also fill the magnitude twins (``magnitudes``, for ``compare``)."""
         st = self.state
         if self._bound and self._bound[0][0].split_state is not st:
             self._bind()
         st.ratios, st.pairs = {None: ratio, ratio.dtype: ratio}, {}
-        st.n, st.problems, st.low_precision = n, {}, False
+        st.n, st.problems, st.low_precision, st.check = n, {}, False, check
         try:
             yield
         finally:
-            st.ratios, st.pairs = None, {}
+            st.ratios, st.pairs, st.check = None, {}, False
 
     def collect(self, params) -> tuple[list, str | None]:
         """After the backward: (part gradient per parameter, None), or (partial, reason)."""
@@ -278,24 +291,57 @@ class SingleBackward:
             parts.append(g)
         return parts, reason
 
-    def compare(self, params, captured, exact, rtol=1e-4) -> str | None:
-        """None if the rule gradients match the exact ones (relative to the largest entry)."""
-        worst, scale = 0.0, 0.0
+    def magnitudes(self, params) -> list:
+        """After a checked backward (``armed(..., check=True)``): per parameter the magnitude of its
+        part gradient's terms (rules module docstring), None where no rule filled one; cleared."""
+        out = []
+        for p in params:
+            mag = self._mags.get(id(p))
+            out.append(None if mag is None else mag.grad)
+            if mag is not None:
+                mag.grad = None
+        return out
+
+    def compare(self, params, captured, exact, magnitudes, rtol=None) -> str | None:
+        """None if the rule's part gradients equal the exact ones up to rounding, else what differs.
+
+        For every element i of every parameter tensor P:
+
+            |rule_i - exact_i| <= rtol * (M_i + 0.1 * max_{k in P} M_k)
+
+        where ``M`` is the magnitude of the terms the part gradient sums (``magnitudes``:
+        ``M = sum_j |r_j| |J_j^T delta_j|``, the same GEMM / sum on absolute values; ``|exact|``
+        where no rule gave one), not the (possibly cancelling) result; and ``rtol`` = 1e-4 in
+        float32 / float64, 3e-2 when a rule or a gradient ran in float16 / bfloat16. The rounding
+        error of a sum is bounded by ~eps times the sum of its absolute terms; the second term
+        covers the rounding of the output gradients delta themselves (the exact path back-propagates
+        the part weighting separately), which scales with the tensor's largest terms. A wrong rule
+        (a misweighted or missing sample, r and 1 - r exchanged, a dropped term) differs by a
+        share of the terms themselves.
+        """
         half = self.state.low_precision
-        for p, c, e in zip(params, captured, exact):
+        rows = []
+        for p, c, e, m in zip(params, captured, exact, magnitudes):
             if e is None and c is None:
                 continue
             e = torch.zeros_like(p) if e is None else e
             c = torch.zeros_like(e) if c is None else c.to(e.dtype)
+            m = e.abs() if m is None else m.to(e.dtype)
             half = half or e.dtype in (torch.float16, torch.bfloat16)
-            worst = max(worst, float((e - c).abs().max()))
-            scale = max(scale, float(e.abs().max()))
-        tol = (5e-2 if half else rtol) * scale + 1e-30
-        if not worst <= tol:
-            return f"layer-rule gradients differ from the exact ones (max diff {worst:.3g}, scale {scale:.3g})"
-        return None
+            rows.append(((e - c).abs(), m + (0.1 * float(m.max()) + 1e-30)))
+        rtol = rtol if rtol is not None else (3e-2 if half else 1e-4)
+        worst, at = 0.0, None
+        for d, allowed in rows:
+            ratio = d / allowed
+            k = int(torch.argmax(ratio))
+            if float(ratio.flatten()[k]) > worst:
+                worst, at = float(ratio.flatten()[k]), (float(d.flatten()[k]), float(allowed.flatten()[k]))
+        if worst <= rtol:
+            return None
+        return (f"layer-rule gradients differ from the exact ones (diff {at[0]:.3g} where the summed terms have "
+                f"magnitude {at[1]:.3g}: {worst:.2g} of it, tolerance {rtol:g})")
 
     def reset(self):
-        self.state.ratios, self.state.pairs = None, {}
-        for t in self._twins.values():
+        self.state.ratios, self.state.pairs, self.state.check = None, {}, False
+        for t in (*self._twins.values(), *self._mags.values()):
             t.grad = None

@@ -18,6 +18,14 @@ Rules (closed forms, no module is re-run):
               the twin goes through the same normalisation, so autograd applies its closed form.
 Under autocast the GEMMs run in the autocast dtype, as autograd's own weight-gradient GEMMs do;
 LayerNorm runs in float32, as autocast runs it.
+
+Magnitudes (the first-step check only, single_backward.py ``SingleBackward.compare``): each rule
+also takes *magnitude twins*; when given, their gradient is the sum of the ABSOLUTE per-sample
+terms of the part gradient, ``M = sum_j |r_j| |J_j^T delta_j|`` elementwise: the same GEMM / sum on
+absolute values (linear: ``(|r| |delta|)^T |x|``; layer_norm: ``|r|`` against ``[|delta xhat|, |delta|]``;
+scale: ``sum_j |r_j| sum |delta_j u_j|``; cosine: the linear one in normalised coordinates, carried
+back through ``|J|^T`` of the normalisation, ``abs_normalize``). Rounding error of a sum scales with
+``M``, not with the (possibly cancelling) result.
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ def pair_weights(ratio: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
 
 class _Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, twin_w, twin_b, pair):
+    def forward(ctx, x, weight, bias, twin_w, twin_b, pair, mag_w=None, mag_b=None):
         ctx.save_for_backward(x, weight, pair)
         return F.linear(x, weight, bias)
 
@@ -43,6 +51,13 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, pair = ctx.saved_tensors
         need_x, need_w, need_b, need_tw, need_tb = ctx.needs_input_grad[:5]
+        mw = mb = None
+        if ctx.needs_input_grad[6] or ctx.needs_input_grad[7]:
+            weighted = (grad * pair[1]).abs()
+            if ctx.needs_input_grad[6]:
+                mw = weighted.reshape(-1, grad.shape[-1]).t().mm(x.abs().reshape(-1, x.shape[-1]))
+            if ctx.needs_input_grad[7]:
+                mb = weighted.reshape(-1, grad.shape[-1]).sum(0)
         gx = gw = gb = pw = pb = None
         if need_x:
             gx = grad.matmul(weight)
@@ -61,25 +76,49 @@ class _Linear(torch.autograd.Function):
             if both_d is None:
                 both_d = (grad * pair).reshape(2, -1, n_out)
             gb, pb = both_d.sum(1).unbind(0)
-        return gx, gw, gb, pw, pb, None
+        return gx, gw, gb, pw, pb, None, mw, mb
 
 
-def linear(x, weight, bias, twin_w, twin_b, pair):
+def linear(x, weight, bias, twin_w, twin_b, pair, mag_w=None, mag_b=None):
     """F.linear(x, weight, bias) whose backward also fills twin_w.grad / twin_b.grad with the part
-    gradient (``pair``: ``pair_weights`` for x's layout). Under autocast the operands are cast as
-    autocast casts them (recorded by autograd)."""
+    gradient (``pair``: ``pair_weights`` for x's layout) and mag_w.grad / mag_b.grad, when given,
+    with its magnitude (module docstring). Under autocast the operands are cast as autocast casts
+    them (recorded by autograd)."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
     with torch.autocast(dev, enabled=False):
-        return _Linear.apply(x, weight, bias, twin_w, twin_b, pair)
+        return _Linear.apply(x, weight, bias, twin_w, twin_b, pair, mag_w, mag_b)
+
+
+class _AbsNormalize(torch.autograd.Function):
+    """F.normalize(w, dim=-1) whose backward applies |J|^T (J: the normalisation's Jacobian, per
+    row ``(I - n n^T) / |w|``): carries a magnitude back to w's coordinates as an upper bound of
+    the absolute terms, ``(v - 2 n^2 v + |n| <|n|, v>) / |w|`` per row (n = w / |w|)."""
+
+    @staticmethod
+    def forward(ctx, w):
+        norm = w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        n = w / norm
+        ctx.save_for_backward(n, norm)
+        return n
+
+    @staticmethod
+    def backward(ctx, v):
+        n, norm = ctx.saved_tensors
+        return (v - 2 * n * n * v + n.abs() * (n.abs() * v).sum(-1, keepdim=True)) / norm
+
+
+def abs_normalize(mag_w):
+    """The magnitude twin of a normalised weight (None stays None)."""
+    return None if mag_w is None else _AbsNormalize.apply(mag_w)
 
 
 class _LayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, twin_w, twin_b, pair, shape, eps):
+    def forward(ctx, x, weight, bias, twin_w, twin_b, pair, shape, eps, mag_w=None, mag_b=None):
         out, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
         ctx.save_for_backward(x, weight, bias, mean, rstd, pair)
         ctx.shape = shape
@@ -98,23 +137,28 @@ class _LayerNorm(torch.autograd.Function):
         both = weights.mm(rows)                                                            # [2, 2D]
         gw, gb, pw, pb = both[0, :d], both[0, d:], both[1, :d], both[1, d:]
         keep = ctx.needs_input_grad
+        mw = mb = None
+        if keep[8] or keep[9]:
+            magnitude = weights[1].abs().unsqueeze(0).mm(rows.abs())[0]                     # [2D]
+            mw, mb = (magnitude[:d] if keep[8] else None), (magnitude[d:] if keep[9] else None)
         return (gx, gw if keep[1] else None, gb if keep[2] else None, pw if keep[3] else None,
-                pb if keep[4] else None, None, None, None)
+                pb if keep[4] else None, None, None, None, mw, mb)
 
 
-def layer_norm(x, weight, bias, twin_w, twin_b, pair, eps, upcast=False):
-    """F.layer_norm over the last dim (float32 under autocast or with ``upcast``), twin part grads."""
+def layer_norm(x, weight, bias, twin_w, twin_b, pair, eps, upcast=False, mag_w=None, mag_b=None):
+    """F.layer_norm over the last dim (float32 under autocast or with ``upcast``), twin part grads
+    (and magnitude-twin grads when given)."""
     dev = x.device.type
     if upcast or (torch.is_autocast_enabled(dev) and x.dtype in (torch.float16, torch.bfloat16)):
         x = x.float()
     with torch.autocast(dev, enabled=False):
         return _LayerNorm.apply(x, weight.to(x.dtype), bias.to(x.dtype), twin_w, twin_b, pair,
-                                [x.shape[-1]], eps)
+                                [x.shape[-1]], eps, mag_w, mag_b)
 
 
 class _Scale(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, s, u, twin_s, ratio, dim):
+    def forward(ctx, s, u, twin_s, ratio, dim, mag_s=None):
         ctx.save_for_backward(s, u, ratio)
         ctx.dim = dim
         return s * u
@@ -127,10 +171,14 @@ class _Scale(torch.autograd.Function):
         per_sample = (grad * u).sum(dims) if dims else grad * u     # [B]: d l_j / d s (s has one element)
         gs = per_sample.sum().reshape(s.shape).to(s.dtype)
         ps = per_sample.dot(ratio.to(per_sample.dtype)).reshape(s.shape).to(s.dtype)
-        return gs if ctx.needs_input_grad[0] else None, gu, ps, None, None
+        ms = None
+        if ctx.needs_input_grad[5]:
+            terms = (grad * u).abs().sum(dims) if dims else (grad * u).abs()
+            ms = terms.dot(ratio.to(terms.dtype).abs()).reshape(s.shape).to(s.dtype)
+        return gs if ctx.needs_input_grad[0] else None, gu, ps, None, None, ms
 
 
-def scale(s, u, twin_s, ratio, dim):
+def scale(s, u, twin_s, ratio, dim, mag_s=None):
     """s * u (s one element, broadcast over u, batch at ``dim`` of u); twin_s.grad gets the part
-    gradient."""
-    return _Scale.apply(s, u, twin_s, ratio, dim)
+    gradient (mag_s.grad, when given, its magnitude)."""
+    return _Scale.apply(s, u, twin_s, ratio, dim, mag_s)
