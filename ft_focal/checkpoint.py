@@ -143,14 +143,25 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` (from `trainable_state`) into the model. KeyError, one line naming the tensors,
+    when the state holds a tensor the model lacks or lacks a TRAINABLE tensor of the model: a
+    missing one would silently keep its initial value and the run would not continue the saved one."""
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
-    missing = [name for name in state if name not in own]
-    if missing:
-        raise KeyError(f"checkpoint has tensors the model does not: {missing[:3]}")
+    unexpected = [name for name in state if name not in own]
+    if unexpected:
+        raise KeyError(f"checkpoint has tensors the model does not: {_names(unexpected)}")
+    absent = [name for name, p in model.named_parameters() if p.requires_grad and name not in state]
+    if absent:
+        raise KeyError(f"checkpoint lacks trainable tensors of the model: {_names(absent)}")
     with torch.no_grad():
         for name, value in state.items():
             own[name].copy_(value.to(own[name].device, own[name].dtype))
+
+
+def _names(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from ft_focal import checkpoint as ckpt
@@ -85,3 +86,72 @@ def test_rotation_never_deletes_checkpoints_no_newer_verified_one_supersedes(tmp
     assert len(report) == 2
     assert report[0].endswith("step_00000006: checksum mismatch in model.safetensors")
     assert report[1].endswith("step_00000007: checksum mismatch in trainer.json (its model.safetensors is intact)")
+
+
+# ------------------------------------------------ restore into a DIFFERENT state, compare each part
+
+
+def _sse_sam_run(seed: int, steps: int, epoch: int):
+    """A model + SSE-SAM (SGD momentum) + LR schedule + GradScaler, `steps` updates in, at `epoch`."""
+    from ft_focal.optim import SSESAM
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    opt = SSESAM(list(model.parameters()), torch.optim.SGD, class_counts=[50, 10, 5], tail_threshold=20,
+                 lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.9 ** s)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** (8 + seed), growth_interval=7)
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    opt.set_epoch(epoch, 10)
+    for _ in range(steps):
+        opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y, reduction="none"), targets=y)
+        sched.step()
+    opt.skipped_steps = 2 + seed
+    scaler._lazy_init_scale_growth_tracker(torch.device("cpu"))
+    scaler._growth_tracker.fill_(3 + seed)
+    return model, opt, sched, scaler
+
+
+def test_load_restores_each_part_into_a_run_in_a_different_state(tmp_path):
+    """Saved after 3 updates in SSE-SAM's second stage; loaded into a run 1 update in, first stage,
+    another loss scale and RNG: every part must come from the file (a missing load_state_dict leaves
+    the second run's own value, which differs from the saved one in each comparison below)."""
+    model, opt, sched, scaler = _sse_sam_run(seed=0, steps=3, epoch=8)
+    torch.manual_seed(123)
+    path = ckpt.save_checkpoint(tmp_path, 3, model, opt, sched, {"step": 3}, scaler=scaler)
+    draw = torch.rand(4)
+    model2, opt2, sched2, scaler2 = _sse_sam_run(seed=1, steps=1, epoch=0)
+    saved_opt, other_opt = opt.state_dict(), opt2.state_dict()
+    momentum = [s["momentum_buffer"] for s in saved_opt["base_optimizer"]["state"].values()]
+    other_momentum = [s["momentum_buffer"] for s in other_opt["base_optimizer"]["state"].values()]
+    assert not any(torch.equal(a, b) for a, b in zip(momentum, other_momentum))   # the states differ before
+    assert sched2.last_epoch != sched.last_epoch and scaler2.get_scale() != scaler.get_scale()
+    assert opt2.switched != opt.switched and opt2.skipped_steps != opt.skipped_steps
+
+    ckpt.load_checkpoint(path, model2, opt2, sched2, scaler=scaler2)
+
+    for (name, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert torch.equal(a, b), name
+    loaded = [s["momentum_buffer"] for s in opt2.state_dict()["base_optimizer"]["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(momentum, loaded))                      # momentum
+    assert sched2.last_epoch == sched.last_epoch == 3                                     # scheduler step
+    assert sched2.get_last_lr() == sched.get_last_lr() and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert scaler2.get_scale() == scaler.get_scale()                                      # GradScaler
+    assert int(scaler2._growth_tracker) == int(scaler._growth_tracker) == 3
+    assert torch.equal(torch.rand(4), draw)                                               # RNG
+    assert opt2.switched and (opt2.epoch, opt2.num_epochs) == (8, 10)                     # SAM-family wrapper
+    assert opt2.skipped_steps == 2 and opt2.pass_counts == opt.pass_counts
+
+
+def test_load_refuses_a_checkpoint_without_a_trainable_tensor_of_the_model(tmp_path):
+    model, opt, sched = make()
+    path = ckpt.save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1})
+    bigger = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    bigger[0].bias.requires_grad_(False)
+    opt2 = torch.optim.SGD([p for p in bigger.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0)
+    with pytest.raises(KeyError) as info:
+        ckpt.load_checkpoint(path, bigger, opt2, sched2)
+    message = str(info.value)
+    assert "lacks trainable tensors" in message and "2.weight, 2.bias" in message and "\n" not in message
+    assert "0.bias" not in message   # frozen tensors are not stored, and not asked for
