@@ -22,6 +22,7 @@ from typing import Any, Optional
 import yaml
 
 from ft_focal import zeroshot
+from ft_focal.evaluation import robustness_report
 from ft_focal.losses import LOSSES
 from ft_focal.optim.registry import METHODS, RECIPE_KEYS
 from ft_focal.provenance import dataset_info
@@ -255,6 +256,7 @@ def render_card(recipe: Any, metrics: dict, eval_result: Optional[dict], info: d
         add(f"ImageNet-C: **mCE {corruption['mCE']:.2f}%**" + (f", relative mCE {rel:.2f}%" if rel is not None else "")
             + f" (normalised by the {corruption.get('baseline', 'alexnet')} errors, 15 benchmark corruptions x "
               "5 severities).")
+    lines += robustness_report.card_lines(eval_result)  # eval.json of `ft-focal eval --suite`, when run
     add("")
 
     # ---- training
