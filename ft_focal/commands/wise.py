@@ -1,4 +1,4 @@
-"""`ft-focal wise RUN_DIR [--alphas 0:1:0.1 | 0,0.5,1] [--alpha A] [--suite 'SUITE.yaml k=v' ...] [--export DIR]`.
+"""`ft-focal wise RUN_DIR [key=value ...] [--alphas 0:1:0.1 | 0,0.5,1] [--alpha A] [--suite 'SUITE.yaml k=v' ...] [--export DIR]`.
 
 WiSE-FT: evaluate the interpolations of a run's initial and fine-tuned model (ft_focal/evaluation/wise.py)
 on validation, test and every suite, choose alpha on validation (or take --alpha), write RUN_DIR/wise/
@@ -27,6 +27,7 @@ def _run(argv: Optional[list[str]]) -> int:
     parser = argparse.ArgumentParser(prog="ft-focal wise", description="WiSE-FT: interpolate the initial and the "
                                      "fine-tuned model of a run, by shot group, in and out of distribution.")
     parser.add_argument("run_dir", help="a training run's output_dir (with final/ and initial_head.safetensors)")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides key=value (e.g. data.root=/data/imagenet)")
     parser.add_argument("--alphas", default="0:1:0.1", help="START:STOP:STEP (stop included) or a,b,c (default 0:1:0.1)")
     parser.add_argument("--alpha", type=float, help="use this alpha instead of choosing on validation")
     parser.add_argument("--suite", action="append", default=[], metavar="'SUITE.yaml [key=value ...]'",
@@ -38,7 +39,7 @@ def _run(argv: Optional[list[str]]) -> int:
         parse_alphas(str(args.alpha))  # the same range check
     suites = load_suite_args(args.suite)
     accelerator = make_accelerator()
-    out = run_wise(args.run_dir, alphas, args.alpha, suites, accelerator, args.export)
+    out = run_wise(args.run_dir, alphas, args.alpha, suites, accelerator, args.export, args.overrides)
     if accelerator.is_main_process:
         from pathlib import Path
 

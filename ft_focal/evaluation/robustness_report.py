@@ -46,7 +46,8 @@ def robustness_section(robustness: dict, directory: Optional[Path] = None, prefi
              "(group accuracy = mean per-class accuracy over the group's classes present in the set). "
              "Drop = ID - OOD accuracy (points). Effective robustness = OOD accuracy minus the accuracy the "
              "suite's logit-space fit predicts from the ID accuracy (Taori et al. 2020; docs/metrics.md); "
-             "'—' where the suite gives no fit. ImageNet-C: accuracy over the 15 benchmark corruptions.", ""]
+             "'—' where the suite gives no fit. ImageNet-C: accuracy pooled over the suite's benchmark "
+             "corruptions and severities.", ""]
     lines += robustness_table(robustness)
     fits = {row["fit"]["source"] for row in robustness.get("shifts", []) if row.get("fit")}
     if fits:

@@ -93,8 +93,10 @@ class _Evaluator:
 
 
 def run_wise(run_dir: str | Path, alphas: Sequence[float], alpha: Optional[float] = None,
-             suites: Sequence[dict] = (), accelerator: Any = None, export_dir: Optional[str] = None) -> dict:
-    """The sweep (module docstring); returns the content of wise.json."""
+             suites: Sequence[dict] = (), accelerator: Any = None, export_dir: Optional[str] = None,
+             overrides: Optional[list[str]] = None) -> dict:
+    """The sweep (module docstring); returns the content of wise.json. `overrides`: recipe key=value
+    (e.g. data.root), as for `ft-focal eval`."""
     from ft_focal.data.build import build_datasets
     from ft_focal.export import resolve_model_dir
     from ft_focal.saved import load_model_dir
@@ -102,7 +104,7 @@ def run_wise(run_dir: str | Path, alphas: Sequence[float], alpha: Optional[float
     root = _run_root(Path(run_dir))
     source = resolve_model_dir(root)
     head0, meta = load_initial_state(root)
-    saved = load_model_dir(source)
+    saved = load_model_dir(source, overrides)
     recipe, method = saved.recipe, saved.recipe.tuning.method
     if meta.get("tuning") not in (None, method):
         raise UserError(f"{root / INITIAL}: written for tuning '{meta.get('tuning')}', the model is '{method}'")
