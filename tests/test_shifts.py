@@ -265,3 +265,37 @@ def test_effective_robustness_is_ood_minus_the_logit_fit():
                         "medium": 0.5, "few": 0.2}, {"intercept": None, "slope": None, "source": None})
     assert row["effective_robustness"] is None  # no fit: the plain drop only
     assert row["drop"]["overall"] == pytest.approx(0.2) and row["drop"]["few"] is None
+
+
+class _ImagesOfIndex(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 7
+
+    def __getitem__(self, i: int):
+        return torch.full((3, 2, 2), float(i)), i % 3
+
+
+def _outputs_on_two_processes(out_dir: str) -> None:
+    from accelerate import Accelerator
+
+    from ft_focal.evaluation.shift_eval import model_outputs
+
+    acc = Accelerator(cpu=True)
+    out = model_outputs(lambda x: torch.stack([x.mean(dim=(1, 2, 3)), -x.sum(dim=(1, 2, 3))], 1), _ImagesOfIndex(),
+                        batch_size=2, accelerator=acc)
+    torch.save(out, f"{out_dir}/rank{acc.process_index}.pt")
+
+
+def test_model_outputs_of_two_processes_are_every_sample_once_in_order(tmp_path):
+    from accelerate import debug_launcher
+
+    from ft_focal.evaluation.shift_eval import model_outputs
+
+    def fn(x):
+        return torch.stack([x.mean(dim=(1, 2, 3)), -x.sum(dim=(1, 2, 3))], 1)
+
+    single = model_outputs(fn, _ImagesOfIndex(), batch_size=2)
+    assert single[:, 0].tolist() == [float(i) for i in range(7)]
+    debug_launcher(_outputs_on_two_processes, args=(str(tmp_path),), num_processes=2)
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt", weights_only=True), single)

@@ -85,9 +85,8 @@ def model_outputs(fn: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, 
     """fn(images [B, 3, H, W] on the device) -> [B, ...] for every sample, [N, ...] on the CPU in dataset order.
 
     Process r computes the samples i % world == r; the shards are gathered and interleaved back
-    (ft_focal/evaluate.py `_gather_shards`), so every process gets the full result.
+    (as ft_focal/evaluate.py `predict`), so every process gets the full result.
     """
-    from ft_focal.evaluate import _gather_shards
     from ft_focal.sampling import eval_batches
 
     rank = accelerator.process_index if accelerator is not None else 0
@@ -100,8 +99,24 @@ def model_outputs(fn: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, 
     with autocast:
         for images, _ in loader:
             parts.append(fn(images.to(device)).float().cpu())
-    local = torch.cat(parts) if parts else torch.zeros(0)
-    return _gather_shards(local, accelerator, len(dataset))
+    if not parts:  # this process's shard is empty (fewer samples than processes): shape from one sample
+        with autocast:
+            parts.append(fn(_collate([dataset[0]])[0].to(device)).float().cpu()[:0])
+    return _gather_in_order(torch.cat(parts), accelerator, len(dataset))
+
+
+def _gather_in_order(local: torch.Tensor, accelerator: Any, total: int) -> torch.Tensor:
+    """All-gather shards [n_r, ...] (padded to equal length for the collective) and interleave to [total, ...]."""
+    from ft_focal.sampling import unshard
+
+    if accelerator is None or accelerator.num_processes == 1:
+        return local
+    world = accelerator.num_processes
+    longest = len(range(0, total, world))
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    gathered = accelerator.gather(padded.to(accelerator.device)).cpu()
+    return unshard(list(gathered.reshape(world, longest, *local.shape[1:])), [total])
 
 
 def score_shift(prepared: PreparedSet, scores: torch.Tensor, clean_error: Optional[float] = None) -> dict:
