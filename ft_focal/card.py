@@ -22,6 +22,7 @@ from typing import Any, Optional
 import yaml
 
 from ft_focal import zeroshot
+from ft_focal.evaluation import robustness_report
 from ft_focal.losses import LOSSES
 from ft_focal.metrics import describe_mce, mce_name
 from ft_focal.optim.registry import METHODS, RECIPE_KEYS
@@ -258,6 +259,7 @@ def render_card(recipe: Any, metrics: dict, eval_result: Optional[dict], info: d
         add(f"ImageNet-C: **{describe_mce(corruption, '%')}** (normalised by the {corruption.get('baseline', 'alexnet')} "
             f"errors; {corruption.get('mCE_corruptions', len(corruption.get('CE') or {}))} of the 15 benchmark "
             "corruptions x 5 severities).")
+    lines += robustness_report.card_lines(eval_result)  # eval.json of `ft-focal eval --suite`, when run
     add("")
 
     # ---- training

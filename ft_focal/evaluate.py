@@ -152,8 +152,10 @@ def evaluate_saved(
     imagenet_c: Optional[str] = None,
     baseline: Optional[str] = None,
     accelerator: Any = None,
+    suites: Optional[list] = None,
 ) -> dict:
-    """Evaluate a saved model folder on its recipe's test split (and optionally a -C set)."""
+    """Evaluate a saved model folder on its recipe's test split (and optionally a -C set, and
+    robustness suites: `result["robustness"]`, ft_focal/evaluation/shift_eval.py)."""
     from ft_focal.data.build import build_datasets
     from ft_focal.saved import load_model_dir
 
@@ -161,6 +163,11 @@ def evaluate_saved(
     recipe = saved.recipe
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     model = saved.model.to(device)
+    prepared = None
+    if suites:  # every suite's folders and class lists checked before the first image is read
+        from ft_focal.evaluation.shift_eval import prepare_suites
+
+        prepared = prepare_suites(suites, saved)
     bundle = build_datasets(recipe.data, saved.preprocess, recipe.seed)
     split = split or recipe.eval.test_split
     use_five_crop = recipe.eval.five_crop if five_crop is None else five_crop
@@ -183,6 +190,10 @@ def evaluate_saved(
         result["test"] = result[split]
     if imagenet_c:
         result["corruption"] = evaluate_corruption_set(saved, model, imagenet_c, result[split]["overall"], baseline, accelerator)
+    if prepared:
+        from ft_focal.evaluation.shift_eval import evaluate_suites
+
+        result["robustness"] = evaluate_suites(model, prepared, result[split], accelerator)
     return result
 
 

@@ -159,6 +159,10 @@ class Trainer:
         from ft_focal.models.head_init import init_head_for_run  # class means need the model on its device
 
         init_head_for_run(self.model, recipe, bundle, acc)
+        if acc.is_main_process:  # alpha = 0 of `ft-focal wise` (ft_focal/evaluation/wise.py)
+            from ft_focal.evaluation.wise import save_initial_state
+
+            save_initial_state(self.out, self.model, recipe)
         self.optimizer = build_optimizer_from(recipe, self.model, self.wrapped, self.class_counts, acc)
         if cfg.compile:   # after the optimizer: its one-backward path swaps layer classes first
             self.wrapped = compile_model(self.wrapped)

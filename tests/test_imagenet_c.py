@@ -352,7 +352,8 @@ def test_shipped_suites_load():
     for f in sorted((REPO / "eval").glob("*.yaml")):
         suite = load_eval_suite(f)
         names[suite["name"]] = suite
-    assert set(names) == {"imagenet_lt", "inat2018", "places_lt", "imagenet_c"}
+    assert set(names) == {"imagenet_lt", "inat2018", "places_lt", "imagenet_c", "imagenet_v2", "imagenet_r",
+                          "imagenet_a", "imagenet_sketch", "objectnet", "digits_blur"}
     c = names["imagenet_c"]
     assert c["corruptions"] == list(BENCHMARK_CORRUPTIONS) and len(c["extra_corruptions"]) == 4
     assert c["severities"] == [1, 2, 3, 4, 5]

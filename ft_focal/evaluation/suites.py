@@ -21,6 +21,7 @@ from ft_focal.data.imagenet_c import class_to_label_from_classnames
 from ft_focal.data.transforms import EVAL_INTERPOLATIONS, FIVE_CROP_RESIZE, build_eval_transform
 from ft_focal.errors import UserError
 from ft_focal.evaluation.corruption import ALL_SEVERITIES, evaluate_corruptions, summarize_corruptions
+from ft_focal.evaluation.shifts import SHIFT_KINDS, check_shift_suite, shift_schemas
 from ft_focal.metrics import ALEXNET_CLEAN_ERROR, BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS
 from ft_focal.overrides import apply_overrides, closest, read_yaml
 
@@ -45,7 +46,7 @@ _PREPROCESSING = {
 }
 _COMMON = {
     "name": _Key((str,), None),
-    "kind": _Key((str,), _REQUIRED, ("long_tail", "imagenet_c")),
+    "kind": _Key((str,), _REQUIRED),  # checked against _SCHEMAS before validation
     "description": _Key((str,), ""),
     "batch_size": _Key((int,), 256),
     "num_workers": _Key((int,), 4),
@@ -79,6 +80,9 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
         "clean_suite": _Key((str, type(None)), None, path=True),
     },
 }
+# The natural distribution shifts (ImageNet-V2 / -R / -A / -Sketch, ObjectNet, any set): evaluation/shifts.py
+_SCHEMAS.update(shift_schemas({**_COMMON, "preprocessing": {**_PREPROCESSING, "resize": _Key((int, type(None)), 224)}},
+                              _Key, _REQUIRED))
 
 
 def _tname(types: tuple) -> str:
@@ -178,6 +182,8 @@ def _check_suite(suite: dict, where: str) -> None:
             raise UserError(f"{where}: key 'preprocessing.{k}' must be >= 1, got {pre[k]}")
     if suite["batch_size"] < 1 or suite["num_workers"] < 0:
         raise UserError(f"{where}: keys 'batch_size' must be >= 1 and 'num_workers' >= 0")
+    if suite["kind"] in SHIFT_KINDS:
+        return check_shift_suite(suite, where)
     if suite["kind"] == "long_tail":
         if suite["shots"]["few"] > suite["shots"]["many"]:
             raise UserError(f"{where}: key 'shots.few' ({suite['shots']['few']}) exceeds 'shots.many' ({suite['shots']['many']})")
