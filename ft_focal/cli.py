@@ -1,4 +1,4 @@
-"""`ft-focal train|eval|corrupt|check-data|export|push|report|sharpness` — thin dispatch.
+"""`ft-focal train|eval|corrupt|check-data|export|push|report|sharpness|sweep` — thin dispatch.
 
 Each subcommand is one module of ft_focal/commands/ (`main(argv) -> exit code`), imported only
 when it runs. What they share (one-line errors, exit code 2, token redaction, logging) is
@@ -28,6 +28,7 @@ commands:
   push RUN_OR_EXPORT_DIR REPO_ID [--private]       upload to the Hugging Face Hub
   report RUN_DIR [RUN_DIR ...]                     Markdown report / comparison of runs
   sharpness MODEL_DIR [--groups many,medium,few]   Hessian eigenvalues / trace by shot group
+  sweep SWEEP.yaml [key=value ...] [--storage URL] hyperparameter search (Optuna): sweep.md, best.yaml
 """
 
 
@@ -48,6 +49,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "push": _lazy("ft_focal.commands.push"),
     "report": _lazy("ft_focal.commands.report"),
     "sharpness": _lazy("ft_focal.commands.sharpness"),
+    "sweep": _lazy("ft_focal.commands.sweep"),
 }
 
 
