@@ -1,4 +1,4 @@
-"""`ft-focal train|eval|corrupt|check-data|export|push|report|sharpness|wise` — thin dispatch.
+"""`ft-focal train|eval|corrupt|check-data|export|push|report|sharpness|wise|sweep` — thin dispatch.
 
 Each subcommand is one module of ft_focal/commands/ (`main(argv) -> exit code`), imported only
 when it runs. What they share (one-line errors, exit code 2, token redaction, logging) is
@@ -30,6 +30,7 @@ commands:
   report RUN_DIR [RUN_DIR ...]                     Markdown report / comparison of runs
   sharpness MODEL_DIR [--groups many,medium,few]   Hessian eigenvalues / trace by shot group
   wise RUN_DIR [--alphas 0:1:0.1] [--suite ...]    WiSE-FT: interpolate initial and fine-tuned model
+  sweep SWEEP.yaml [key=value ...] [--storage URL] hyperparameter search (Optuna): sweep.md, best.yaml
 
 Flags and key=value recipe overrides may come in any order.
 """
@@ -53,6 +54,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "report": _lazy("ft_focal.commands.report"),
     "sharpness": _lazy("ft_focal.commands.sharpness"),
     "wise": _lazy("ft_focal.commands.wise"),
+    "sweep": _lazy("ft_focal.commands.sweep"),
 }
 
 

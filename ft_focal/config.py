@@ -87,6 +87,11 @@ class DataConfig:
     label_order: "given" | "alphabetical" (iNaturalist: remap labels to sorted class names).
     imbalance_factor / imbalance_profile ("exp" | "step"): long-tailed subsampling of a balanced
         training set (CIFAR-LT convention); null = use the data as given.
+    val_fraction: for data without a validation split (iNat, CIFAR-LT): hold out this fraction of
+        each class of the training split (after long-tailed subsampling; at least one image of every
+        class with two or more) as the validation split. Drawn with `split_seed` (0 when null), never
+        the run seed, so every run and every sweep trial sees the same split. null = no hold-out;
+        set on data that has a validation split, it is an error.
     """
 
     dataset: str = "digits_lt"
@@ -105,7 +110,7 @@ class DataConfig:
     label_key: str = "label"
     imbalance_factor: Optional[float] = None
     imbalance_profile: str = "exp"
-    val_fraction: float = 0.1
+    val_fraction: Optional[float] = None
     image_size: int = 224
     test_resize: int = 224
     train_crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
@@ -371,6 +376,9 @@ def validate(recipe: Recipe) -> None:
         raise UserError(f"recipe key 'optim.lr' must be > 0, got {recipe.optim.lr}")
     if recipe.hub.push and not recipe.hub.repo_id:
         raise UserError("recipe key 'hub.repo_id' is required when 'hub.push' is true")
+    fraction = recipe.data.val_fraction
+    if fraction is not None and not 0.0 < fraction < 1.0:
+        raise UserError(f"recipe key 'data.val_fraction' must be between 0 and 1 (exclusive), got {fraction}")
     if recipe.data.dataset == "split_file":
         missing = [k for k in ("root", "train_list", "test_list") if getattr(recipe.data, k) is None]
         if missing:

@@ -45,7 +45,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -68,6 +68,7 @@ from ft_focal.malloc import keep_freed_memory
 from ft_focal.preflight import check_paths
 from ft_focal.runcontrol import Preempted, StopSignals, flat_recipe
 from ft_focal.sampling import ResumableBatchSampler, SeededDataset, prefetch_to_device, steps_per_epoch
+from ft_focal.sweeps.pruning import validation_hook_from_env
 from ft_focal.trainlog import TrainLog, percent
 from ft_focal.trainstate import BEST, OPERATIONAL_KEYS, SkipStreak, TrainState, recipe_digest, save_best  # noqa: F401
 from ft_focal.zeroshot import is_zero_shot, mark_zero_shot, refuse_checkpoints
@@ -83,8 +84,13 @@ class Trainer:
     write_artifacts. `bundle`: prebuilt datasets (tests, the dry run); None = read the recipe's data.
     `restart`: move existing checkpoints aside and start from update 0."""
 
-    def __init__(self, recipe: Recipe, bundle: Any = None, restart: bool = False) -> None:
+    def __init__(self, recipe: Recipe, bundle: Any = None, restart: bool = False,
+                 on_validation: Optional[Callable] = None) -> None:
         self.recipe, self.cfg, self.bundle, self.restart = recipe, recipe.train, bundle, restart
+        # Called on every process after each epoch-end validation as on_validation(trainer, epoch, val);
+        # it may stop the run by raising. A sweep trial's pruning callback comes from the environment
+        # (ft_focal/sweeps/pruning.py); None outside a sweep.
+        self.on_validation = on_validation or validation_hook_from_env()
         self.out = Path(recipe.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.state = TrainState(recipe_sha256=recipe_digest(recipe))
@@ -348,6 +354,8 @@ class Trainer:
             s.best, s.best_epoch = score, epoch
             if acc.is_main_process:
                 s.best_sha256 = save_best(self.out, self.model)
+        if self.on_validation is not None:
+            self.on_validation(self, epoch, val)
 
     def save(self) -> None:
         """A checkpoint of the current update (atomic; every process writes its RNG state)."""

@@ -24,6 +24,8 @@ def build_datasets(data_cfg, preprocess: dict, seed: int = 0) -> DataBundle:
     split_seed = seed if split_seed is None else int(split_seed)
     kind = data_cfg.dataset
     if kind == "synthetic":
+        if getattr(data_cfg, "val_fraction", None) is not None:
+            raise UserError("data.val_fraction: synthetic data has its own validation split; remove data.val_fraction")
         return synthetic_bundle(data_cfg.synthetic_num_classes, preprocess, data_cfg.synthetic_train_size,
                                 data_cfg.synthetic_eval_size, split_seed,
                                 imbalance_factor=data_cfg.imbalance_factor or 100, data_cfg=data_cfg)

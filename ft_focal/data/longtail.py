@@ -72,3 +72,25 @@ def subsample_longtail(labels: Sequence[int], counts: Sequence[int], seed: int) 
         log.warning("long-tailed subsampling: %d class(es) have fewer images than the profile asks "
                     "(e.g. class %d: %d < %d); they keep all their images", len(short), c, have, want)
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
+def stratified_holdout(labels: Sequence[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held_out) indices: `fraction` of each class held out as a validation split.
+
+    A class of n >= 2 images gives max(1, round(fraction * n)) of them, at most n - 1 (every class
+    keeps a training image and appears in the validation split); a class of one image gives none.
+    Each class is shuffled with its own generator seeded by (seed, class), so the split of a class
+    does not depend on the other classes. Both index arrays are sorted.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    held = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) < 2:
+            continue
+        take = min(len(members) - 1, max(1, int(round(fraction * len(members)))))
+        order = np.random.default_rng([int(seed), int(label)]).permutation(len(members))
+        held.append(members[order[:take]])
+    held_out = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    kept = np.setdiff1d(np.arange(len(labels)), held_out)
+    return kept, held_out

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from ft_focal.data.datasets import ArrayDataset, DataBundle, FileListDataset, HFImageDataset, LabelledImages, finish_bundle
-from ft_focal.data.longtail import longtail_counts, subsample_longtail
+from ft_focal.data.longtail import longtail_counts, stratified_holdout, subsample_longtail
 from ft_focal.data.splits import WNID_RE, ClassNames, alphabetical_permutation, parse_classnames, parse_split_list, resolve_path
 from ft_focal.errors import UserError
 
@@ -327,6 +327,8 @@ def finish(raw: RawData, cfg, preprocess: dict, seed: int) -> DataBundle:
         info.update(imbalance_factor=cfg.imbalance_factor, imbalance_profile=cfg.imbalance_profile)
         log.info("long-tailed subsampling of the training split: %d images (IF %s, %s)",
                  len(raw.train), cfg.imbalance_factor, cfg.imbalance_profile)
+    if getattr(cfg, "val_fraction", None) is not None:
+        hold_out_validation(raw, cfg, info)
     info["label_order"] = cfg.label_order
     if cfg.label_order == "alphabetical":
         if all(n.startswith("class_") for n in raw.classnames):
@@ -338,6 +340,22 @@ def finish(raw: RawData, cfg, preprocess: dict, seed: int) -> DataBundle:
     elif cfg.label_order != "given":
         raise UserError(f"data.label_order: {cfg.label_order!r} is not one of given, alphabetical")
     return finish_bundle(raw.train, raw.val, raw.test, raw.classnames, raw.wnids, preprocess, cfg, info)
+
+
+def hold_out_validation(raw: RawData, cfg, info: dict) -> None:
+    """data.val_fraction: a class-stratified validation split taken from the training split, drawn
+    with `data.split_seed` (0 when null: never the run seed, so every run sees the same split)."""
+    if raw.val is not None:
+        raise UserError(f"data.val_fraction ({cfg.val_fraction}) is set but the data already has a validation "
+                        "split; remove data.val_fraction")
+    seed = 0 if cfg.split_seed is None else int(cfg.split_seed)
+    kept, held_out = stratified_holdout(raw.train.labels, cfg.val_fraction, seed)
+    raw.train, raw.val = raw.train.subset(kept), raw.train.subset(held_out)
+    info["val_fraction"] = cfg.val_fraction
+    info["sources"] = dict(info.get("sources") or {}, val=f"{len(held_out)} images held out of the training split "
+                           f"(data.val_fraction {cfg.val_fraction}, class-stratified, seed {seed})")
+    log.info("validation split: %d images held out of the training split (data.val_fraction %s, seed %d)",
+             len(held_out), cfg.val_fraction, seed)
 
 
 # data.dataset -> the reader of its raw splits (synthetic data has none: ft_focal/data/build.py)
