@@ -299,3 +299,26 @@ def test_model_outputs_of_two_processes_are_every_sample_once_in_order(tmp_path)
     debug_launcher(_outputs_on_two_processes, args=(str(tmp_path),), num_processes=2)
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt", weights_only=True), single)
+
+
+def test_imagenet_c_in_a_robustness_run_scores_subsets_and_shot_groups_over_the_benchmark(tmp_path):
+    """An imagenet_c suite through --suite: error per (corruption, severity); groups over benchmark corruptions only."""
+    from ft_focal.evaluation.shift_eval import prepare_suites
+
+    for corruption in ("fog", "spatter"):
+        for label in ("0", "1"):
+            _image(tmp_path / corruption / "2" / label / "a.png")
+            _image(tmp_path / corruption / "2" / label / "b.png")
+    model = SimpleNamespace(wnids=None, classnames=["zero", "one"], class_counts=[500, 5],
+                            preprocess={"mean": [0.5] * 3, "std": [0.5] * 3}, transform=None)
+    suite = load_eval_suite(EVAL / "imagenet_c.yaml", [f"root={tmp_path}", "corruptions=[fog]",
+                                                       "extra_corruptions=[spatter]", "severities=[2]",
+                                                       "classnames=null"])
+    item, = prepare_suites([suite], model)
+    assert item.shift.subset_names == [("fog", 2), ("spatter", 2)]
+    assert item.shift.labels.tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+    preds = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])  # fog: 3 of 4 right; spatter: 2 of 4
+    res = score_shift(item, preds)
+    assert res["errors"] == {"fog": [0.25], "spatter": [0.5]}
+    assert res["overall"] == 0.75 and res["many"] == 1.0 and res["few"] == 0.5  # fog only
+    assert "mCE" not in res  # one severity: no CE

@@ -188,3 +188,21 @@ def test_no_validation_split_needs_a_given_alpha(tmp_path_factory, monkeypatch):
         run_wise(run, [0.0, 1.0])
     out = run_wise(run, [0.0, 1.0], alpha=0.5)
     assert out["chosen_alpha"] == 0.5 and [r["alpha"] for r in out["rows"]] == [0.0, 0.5, 1.0]
+
+
+def test_a_head_only_run_computes_the_features_once_for_all_alphas(tmp_path_factory, monkeypatch):
+    from ft_focal.evaluation import wise_sweep
+
+    calls = []
+    real = wise_sweep._Evaluator._predict
+
+    def counting(self, module, dataset):
+        calls.append(type(module).__name__)
+        return real(self, module, dataset)
+
+    monkeypatch.setattr(wise_sweep._Evaluator, "_predict", counting)
+    run, _ = _trained("head", tmp_path_factory)
+    out = wise_sweep.run_wise(run, [0.0, 0.25, 0.5, 0.75, 1.0])
+    assert len(out["rows"]) == 5
+    assert len(calls) == 2  # val and test, once each, through the backbone only
+    assert "ImageClassifier" not in calls
