@@ -394,3 +394,19 @@ def test_readme_python_snippet(block, workspace, monkeypatch):
     monkeypatch.chdir(workspace.root)
     # A fresh namespace: the snippet must import what it uses.
     exec(compile(code, block.where, "exec"), {"__name__": "__readme__"})
+
+
+def test_files_the_readmes_cite_exist():
+    """`docs/algorithms.md`, `tests/test_timm.py`, ...: a cited repository file exists (a README once
+    cited ALGORITHMS.md, which is not in the repository)."""
+    import re
+
+    top = {p.name for p in REPO.iterdir() if p.is_dir()}
+    missing = []
+    for file in README_FILES:
+        for cited in re.findall(r"[A-Za-z0-9_./-]+\.(?:md|py|yaml)\b", (REPO / file).read_text()):
+            in_repo = cited.split("/")[0] in top and "/" in cited
+            shouted = "/" not in cited and cited.split(".")[0].isupper() and cited != "README.md"
+            if (in_repo or shouted) and not (REPO / cited).exists():
+                missing.append(f"{file}: {cited}")
+    assert not missing, missing
