@@ -275,6 +275,8 @@ def run_accelerate(env: dict, words: list[str], ws: Workspace, monkeypatch) -> N
     done = subprocess.run([str(accelerate), *words[1:]], cwd=ws.root, env=full_env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    if "ft_focal.train" in words:  # INFO lines come from the main process only, once each
+        assert done.stderr.count(" INFO data: ") == 1, done.stderr[-3000:]
 
 
 RUNNERS: dict[str, Callable] = {"ft-focal": run_ft_focal, "accelerate": run_accelerate}
