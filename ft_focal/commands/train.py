@@ -20,14 +20,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     return run_guarded(lambda: _run(argv))
 
 
-def _run(argv: Optional[list[str]]) -> int:
+def build_parser() -> CommandParser:
+    """The parser of `ft-focal train` and `[accelerate launch] python -m ft_focal.train`."""
     parser = CommandParser(prog="ft-focal train", description="Fine-tune a model from a recipe.")
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny backbone of the same family + synthetic images: build everything, 2 updates, 1 eval")
     parser.add_argument("--zero-shot", action="store_true", help="no training: evaluate the initial (text or "
                         "class-mean) head; writes to <output_dir>_zero_shot")
-    args = parser.parse_command(argv)
+    return parser
+
+
+def _run(argv: Optional[list[str]]) -> int:
+    args = build_parser().parse_command(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.zero_shot:
         from ft_focal.zeroshot import zero_shot_recipe
