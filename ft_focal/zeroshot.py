@@ -4,7 +4,7 @@ The run builds everything as a training run does (data, model with its initialis
 optimizer), takes no update, and evaluates the initial model through the same selection-free
 report: `final/`, metrics.json (with "zero_shot": true and "updates": 0), report.md, and the
 model card of `ft-focal export` say that the model is untrained. With `model.head_init: text`
-this is CLIP's zero-shot classifier in the cosine-head form (ALGORITHMS.md); with `class_mean`
+this is CLIP's zero-shot classifier in the cosine-head form (docs/algorithms.md); with `class_mean`
 it is the nearest-class-mean baseline of the frozen features.
 """
 

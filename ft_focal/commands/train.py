@@ -22,7 +22,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     return run_guarded(lambda: _run(argv))
 
 
-def _run(argv: Optional[list[str]]) -> int:
+def build_parser() -> CommandParser:
+    """The parser of `ft-focal train` and `[accelerate launch] python -m ft_focal.train`."""
     parser = CommandParser(prog="ft-focal train", description="Fine-tune a model from a recipe.")
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("--dry-run", action="store_true",
@@ -31,7 +32,11 @@ def _run(argv: Optional[list[str]]) -> int:
                         "class-mean) head; writes to <output_dir>_zero_shot")
     parser.add_argument("--restart", action="store_true", help="start from update 0: move the output_dir's "
                         "checkpoints (and best model) aside into output_dir/previous_<time>/ instead of resuming")
-    args = parser.parse_command(argv)
+    return parser
+
+
+def _run(argv: Optional[list[str]]) -> int:
+    args = build_parser().parse_command(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.zero_shot:
         from ft_focal.zeroshot import zero_shot_recipe

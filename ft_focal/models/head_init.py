@@ -2,7 +2,7 @@
 
 - `text_head_weights`: the text initialisation with one template or an ensemble of templates.
   Each template gives unit class embeddings [C, D] (the backbone's text encoder already maps them
-  into the feature space, ALGORITHMS.md "CLIP fine-tuning protocol"); an ensemble averages the
+  into the feature space, docs/algorithms.md "CLIP fine-tuning protocol"); an ensemble averages the
   unit embeddings of all templates per class and re-normalises (CLIP's prompt ensembling).
 - `class_mean_weights` / `init_head_from_class_means`: w_c = normalize(mean_{j: y_j = c}
   normalize(f_j)), the features f_j [D] taken from the backbone at initialisation (PEFT modules
