@@ -33,14 +33,22 @@ TIMM = ["vit_base_patch16_clip_224.openai", "vit_base_patch16_224.augreg_in21k",
 FAMILIES = [("timm", name) for name in TIMM] + [(family, None) for family in ("open_clip", "hf_clip", "hf_vit")]
 
 
-def tiny(family: str, name: str | None, method: str, seed: int) -> torch.nn.Module:
-    """The recipe's architecture at dry-run size, cosine head, every trainable tensor random."""
+def tiny(family: str, name: str | None, method: str, seed: int, class_mean: bool = True) -> torch.nn.Module:
+    """The recipe's architecture at dry-run size, random init, adapters away from zero; a cosine
+    head initialised with class-mean features as the timm recipes do (`class_mean`): at random
+    init the features of all images are alike, so the logits nearly tie and the gradient sums
+    cancel - what switched the DINOv2 dry run's fast path off."""
     cfg = tiny_variant(ModelConfig(family=family, name=name or tiny_model_config(family)["name"], head="cosine",
                                    head_init="random"))
     torch.manual_seed(seed)
-    model = build_classifier(cfg, TuningConfig(method=method, lora_rank=4), len(COUNTS),
-                             [f"c{i}" for i in range(len(COUNTS))])
-    return adapters_away_from_zero_(model)
+    model = adapters_away_from_zero_(build_classifier(cfg, TuningConfig(method=method, lora_rank=4), len(COUNTS),
+                                                      [f"c{i}" for i in range(len(COUNTS))]))
+    if class_mean:
+        with torch.no_grad():
+            features = model.features(torch.randn(6 * len(COUNTS), 3, 32, 32,
+                                                  generator=torch.Generator().manual_seed(50 + seed)))
+            model.head.weight.copy_(torch.stack([features[c::len(COUNTS)].mean(0) for c in range(len(COUNTS))]))
+    return model
 
 
 def steps(model: torch.nn.Module, bf16: bool, seed: int, labels: list[int], count: int = 2) -> tuple:
@@ -72,6 +80,7 @@ CASES = [pytest.param(family, name, method, seed, bf16, id=f"{name or family}-{m
 
 @pytest.mark.parametrize("family,name,method,seed,bf16", CASES)
 def test_rounding_never_switches_the_one_backward_path_off(family, name, method, seed, bf16, caplog):
+    """(On today's main the DINOv2 cases in float32 switch off: max diff / max |result| ~ 3e-2.)"""
     with caplog.at_level(logging.WARNING, logger="ft_focal"):
         opt, passes = steps(tiny(family, name, method, seed), bf16, seed, BATCH)
     assert opt.one_backward.disabled is None and opt.one_backward.validated, caplog.text
@@ -133,11 +142,16 @@ WRONG = {
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("wrong", list(WRONG))
-def test_a_wrong_rule_is_caught_by_the_first_step_check(wrong, bf16, monkeypatch, caplog):
-    """On open_clip AdaptFormer with a cosine head (linear rules with biases, the scale rule, the
-    cosine rule); the wrong-dimension rule needs a batch as long as the token sequence (17)."""
+@pytest.mark.parametrize("family,name,class_mean", [("open_clip", None, False),
+                                                    ("timm", "vit_base_patch14_dinov2", False)], ids=["open_clip", "dinov2"])
+def test_a_wrong_rule_is_caught_by_the_first_step_check(family, name, class_mean, wrong, bf16, monkeypatch, caplog):
+    """AdaptFormer with a random cosine head (linear rules with biases, the scale rule, the cosine
+    rule); the wrong-dimension rule needs a batch as long as the token sequence (17). (With a
+    class-mean head at random init every part gradient is below the rounding of the back-propagation
+    itself - the logits tie - and no check can tell a rule from rounding there; nor need it: the
+    update is that small.)"""
     labels = [i % len(COUNTS) for i in range(17)] if wrong == "sum_over_the_wrong_dimension" else BATCH
-    model = tiny("open_clip", None, "adaptformer", 0)
+    model = tiny(family, name, "adaptformer", 0, class_mean=class_mean)
     WRONG[wrong](monkeypatch)
     with caplog.at_level(logging.WARNING, logger="ft_focal"):
         opt, passes = steps(model, bf16, 0, labels)

@@ -307,7 +307,7 @@ class SingleBackward:
 
         For every element i of every parameter tensor P:
 
-            |rule_i - exact_i| <= rtol * (M_i + 0.1 * max_{k in P} M_k)
+            |rule_i - exact_i| <= rtol * (M_i + max(0.1 * max_{k in P} M_k, 1e-3 * max_{all k} M_k))
 
         where ``M`` is the magnitude of the terms the part gradient sums (``magnitudes``:
         ``M = sum_j |r_j| |J_j^T delta_j|``, the same GEMM / sum on absolute values; ``|exact|``
@@ -315,7 +315,8 @@ class SingleBackward:
         float32 / float64, 3e-2 when a rule or a gradient ran in float16 / bfloat16. The rounding
         error of a sum is bounded by ~eps times the sum of its absolute terms; the second term
         covers the rounding of the output gradients delta themselves (the exact path back-propagates
-        the part weighting separately), which scales with the tensor's largest terms. A wrong rule
+        the part weighting separately), which scales with the tensor's largest terms and, for a
+        tensor whose terms are all tiny, with the network's largest ones. A wrong rule
         (a misweighted or missing sample, r and 1 - r exchanged, a dropped term) differs by a
         share of the terms themselves.
         """
@@ -328,7 +329,11 @@ class SingleBackward:
             c = torch.zeros_like(e) if c is None else c.to(e.dtype)
             m = e.abs() if m is None else m.to(e.dtype)
             half = half or e.dtype in (torch.float16, torch.bfloat16)
-            rows.append(((e - c).abs(), m + (0.1 * float(m.max()) + 1e-30)))
+            rows.append(((e - c).abs(), m))
+        if not rows:
+            return None
+        network = 1e-3 * max(float(m.max()) for _, m in rows)
+        rows = [(d, m + (max(0.1 * float(m.max()), network) + 1e-30)) for d, m in rows]
         rtol = rtol if rtol is not None else (3e-2 if half else 1e-4)
         worst, at = 0.0, None
         for d, allowed in rows:
