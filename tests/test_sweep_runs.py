@@ -95,6 +95,14 @@ def run_processes(recipe: Path) -> list[int]:
     return pids
 
 
+def stop_all(*workers: subprocess.Popen) -> None:
+    """A failed test leaves no worker behind (its runs die with it)."""
+    for worker in workers:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+
+
 def kill_when_checkpointed(worker: subprocess.Popen, run_dir: Path) -> None:
     """SIGKILL the worker once its trial's run wrote a checkpoint (mid-trial), then check the run died with it."""
     wait_for(lambda: any((run_dir / "checkpoints").glob("step_*[0-9]")), 600, f"a checkpoint in {run_dir}")
@@ -107,7 +115,10 @@ def test_two_workers_share_one_sqlite_study_and_best_yaml_reproduces(tmp_path):
     batch = {"train.batch_size": {"type": "categorical", "choices": [32, 16, 4096]}}
     path = write_sweep(tmp_path, "two", batch, trials=3)
     workers = [start_worker(path), start_worker(path)]
-    outs = [finish(w) for w in workers]
+    try:
+        outs = [finish(w) for w in workers]
+    finally:
+        stop_all(*workers)
     study = load(path)
     done = finished(study)
     assert len(done) == 3, [(t.number, t.state, t.params) for t in study.get_trials()]
@@ -220,15 +231,22 @@ def test_postgres_second_worker_takes_over_a_dead_workers_trial(tmp_path, postgr
     b = start_worker(path, "--storage", postgres_url, FT_FOCAL_SWEEP_HOST="machine-b")
 
     def trial_of_a():
-        for t in load(path, postgres_url).get_trials(states=(TrialState.RUNNING,)):
+        try:
+            running = load(path, postgres_url).get_trials(states=(TrialState.RUNNING,))
+        except KeyError:  # the workers have not created the study yet
+            return None
+        for t in running:
             if (t.user_attrs.get("worker") or {}).get("host") == "machine-a" and t.user_attrs.get("folder"):
                 return t
         return None
 
-    a_trial = wait_for(trial_of_a, 600, "worker A to start a trial")
-    run = Path(a_trial.user_attrs["folder"]) / "seed_0"
-    kill_when_checkpointed(a, run)
-    out = finish(b)
+    try:
+        a_trial = wait_for(trial_of_a, 600, "worker A to start a trial")
+        run = Path(a_trial.user_attrs["folder"]) / "seed_0"
+        kill_when_checkpointed(a, run)
+        out = finish(b)
+    finally:
+        stop_all(a, b)
     study = load(path, postgres_url)
     done = finished(study)
     assert sorted(t.params["model.head_init"] for t in done) == ["class_mean", "random"], out[-3000:]
