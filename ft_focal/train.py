@@ -87,9 +87,8 @@ class Trainer:
     def __init__(self, recipe: Recipe, bundle: Any = None, restart: bool = False,
                  on_validation: Optional[Callable] = None) -> None:
         self.recipe, self.cfg, self.bundle, self.restart = recipe, recipe.train, bundle, restart
-        # Called on every process after each epoch-end validation as on_validation(trainer, epoch, val);
-        # it may stop the run by raising. A sweep trial's pruning callback comes from the environment
-        # (ft_focal/sweeps/pruning.py); None outside a sweep.
+        # on_validation(trainer, epoch, val) after each epoch-end validation, on every process; it may stop
+        # the run. In a sweep trial: the pruning callback (ft_focal/sweeps/pruning.py), else None.
         self.on_validation = on_validation or validation_hook_from_env()
         self.out = Path(recipe.output_dir)
         self.ckpt_root = self.out / "checkpoints"

@@ -95,6 +95,14 @@ def run_processes(recipe: Path) -> list[int]:
     return pids
 
 
+def stop_all(*workers: subprocess.Popen) -> None:
+    """A failed test leaves no worker behind (its runs die with it)."""
+    for worker in workers:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+
+
 def kill_when_checkpointed(worker: subprocess.Popen, run_dir: Path) -> None:
     """SIGKILL the worker once its trial's run wrote a checkpoint (mid-trial), then check the run died with it."""
     wait_for(lambda: any((run_dir / "checkpoints").glob("step_*[0-9]")), 600, f"a checkpoint in {run_dir}")
@@ -107,7 +115,10 @@ def test_two_workers_share_one_sqlite_study_and_best_yaml_reproduces(tmp_path):
     batch = {"train.batch_size": {"type": "categorical", "choices": [32, 16, 4096]}}
     path = write_sweep(tmp_path, "two", batch, trials=3)
     workers = [start_worker(path), start_worker(path)]
-    outs = [finish(w) for w in workers]
+    try:
+        outs = [finish(w) for w in workers]
+    finally:
+        stop_all(*workers)
     study = load(path)
     done = finished(study)
     assert len(done) == 3, [(t.number, t.state, t.params) for t in study.get_trials()]
@@ -120,7 +131,8 @@ def test_two_workers_share_one_sqlite_study_and_best_yaml_reproduces(tmp_path):
     table = (tmp_path / "two" / "sweep.md").read_text()
     assert table.count("| complete |") == 2 and "failed: " in table
 
-    best = study.best_trial
+    complete = [t for t in done if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: (t.value, -t.number))  # a tie goes to the earlier trial
     best_yaml = tmp_path / "two" / "best.yaml"
     recipe = yaml.safe_load(best_yaml.read_text())
     assert recipe["train"]["batch_size"] == best.params["train.batch_size"] and recipe["seed"] == 0
@@ -145,6 +157,23 @@ def test_pruner_stops_a_worse_trial_early(tmp_path):
     assert marker["epoch"] < 1 and not (run / "metrics.json").exists()  # stopped before its last epoch
     assert (run / "train_log.jsonl").is_file() and "pruned after epoch 0" in out
     assert "pruned (epoch 0)" in (tmp_path / "prune" / "sweep.md").read_text()
+
+
+def test_prune_decision_reaches_every_rank_of_a_two_process_trial(tmp_path):
+    # --launch: each trial is `accelerate launch` of two CPU processes (DDP over gloo); only rank 0 asks
+    # the study, both ranks stop at the same epoch (a rank left behind would wait in a collective).
+    path = write_sweep(tmp_path, "ranks", HEAD_INIT_GRID, fixed={"train.epochs": 2},
+                       pruner={"name": "median", "startup_trials": 1, "warmup_epochs": 0})
+    launch = f"accelerate launch --config_file {REPO / 'recipes/accelerate/cpu_2proc.yaml'}"
+    out = finish(start_worker(path, "--launch", launch, ACCELERATE_USE_CPU="1"), timeout=1200)
+    study = load(path)
+    pruned = [t for t in study.get_trials() if t.state == TrialState.PRUNED]
+    assert len(pruned) == 1 and pruned[0].params["model.head_init"] == "random", out[-2000:]
+    run = Path(pruned[0].user_attrs["folder"]) / "seed_0"
+    assert json.loads((run / "pruned.json").read_text())["epoch"] == 0
+    complete = next(t for t in study.get_trials() if t.state == TrialState.COMPLETE)
+    metrics = json.loads((Path(complete.user_attrs["folder"]) / "seed_0" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
 
 
 def test_killed_worker_rerun_resumes_the_trial_from_its_checkpoint(tmp_path):
@@ -202,15 +231,22 @@ def test_postgres_second_worker_takes_over_a_dead_workers_trial(tmp_path, postgr
     b = start_worker(path, "--storage", postgres_url, FT_FOCAL_SWEEP_HOST="machine-b")
 
     def trial_of_a():
-        for t in load(path, postgres_url).get_trials(states=(TrialState.RUNNING,)):
+        try:
+            running = load(path, postgres_url).get_trials(states=(TrialState.RUNNING,))
+        except KeyError:  # the workers have not created the study yet
+            return None
+        for t in running:
             if (t.user_attrs.get("worker") or {}).get("host") == "machine-a" and t.user_attrs.get("folder"):
                 return t
         return None
 
-    a_trial = wait_for(trial_of_a, 600, "worker A to start a trial")
-    run = Path(a_trial.user_attrs["folder"]) / "seed_0"
-    kill_when_checkpointed(a, run)
-    out = finish(b)
+    try:
+        a_trial = wait_for(trial_of_a, 600, "worker A to start a trial")
+        run = Path(a_trial.user_attrs["folder"]) / "seed_0"
+        kill_when_checkpointed(a, run)
+        out = finish(b)
+    finally:
+        stop_all(a, b)
     study = load(path, postgres_url)
     done = finished(study)
     assert sorted(t.params["model.head_init"] for t in done) == ["class_mean", "random"], out[-3000:]
@@ -220,3 +256,18 @@ def test_postgres_second_worker_takes_over_a_dead_workers_trial(tmp_path, postgr
     assert study.trials[a_trial.number].state == TrialState.FAIL
     assert "resumed from" in (run / "train.out").read_text()
     assert json.loads((run / "metrics.json").read_text())["updates"] == 34
+
+
+def test_timeout_stops_the_running_trial_and_the_next_run_continues_it(tmp_path):
+    path = write_sweep(tmp_path, "clock", {"optim.rho": {"type": "categorical", "choices": [0.05]}}, trials=1)
+    started = time.time()
+    out = finish(start_worker(path, "--timeout", "15"))
+    assert time.time() - started < 15 + 90, out[-2000:]  # start-up + stopping the run, not a whole trial
+    study = load(path)
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]
+    assert "stopped by --timeout" in study.trials[0].user_attrs["interrupted"]
+    assert "| waiting |" in (tmp_path / "clock" / "sweep.md").read_text()
+    finish(start_worker(path))
+    done = finished(load(path))
+    assert len(done) == 1 and done[0].state == TrialState.COMPLETE
+    assert Path(done[0].user_attrs["folder"]).name == "trial_0000"

@@ -40,7 +40,8 @@ class SamplerSpec:
 @dataclass
 class PrunerSpec:
     """`startup_trials` / `warmup_epochs`: median pruner; `min_resource` / `reduction_factor`:
-    successive halving and Hyperband (resources counted in reported epochs)."""
+    successive halving and Hyperband (resources counted in reported epochs). With several seeds the
+    k-th seed's epoch e is step k * epochs + e, so every trial is compared at the same seed and epoch."""
 
     name: str = "median"
     startup_trials: int = 3
