@@ -47,6 +47,24 @@ def mixed_precision_policy(name: str):
     raise ValueError(f"mixed_precision={name!r} is not supported under FSDP2 (use bf16 or no)")
 
 
+def checkpoint_blocks(model: nn.Module) -> int:
+    """Activation checkpointing of every transformer block (``train.activation_checkpointing``): a
+    block keeps only its input and recomputes its activations in backward (same values; one more
+    block forward per backward). The forward is replaced on the instance, so parameter names
+    (checkpoints, final/) do not change. Returns the number of blocks."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+    return len(blocks)
+
+
 def shard_model(model: nn.Module, reshard_after_forward: bool = True, mp_policy=None,
                 blocks: Optional[list] = None) -> nn.Module:
     """Apply ``fully_shard`` to every transformer block, then to the root (in place; returns the

@@ -65,6 +65,14 @@ from ft_focal.errors import UserError, one_line
 from ft_focal.malloc import keep_freed_memory
 from ft_focal.preflight import check_paths
 from ft_focal.sampling import ResumableBatchSampler, SeededDataset, prefetch_to_device, steps_per_epoch
+from ft_focal.training_fsdp import (
+    consolidate,
+    fsdp_enabled,
+    load_checkpoint_for,
+    prepare_model,
+    save_best_for,
+    save_sharded_checkpoint,
+)
 from ft_focal.trainlog import TrainLog
 from ft_focal.trainstate import BEST, OPERATIONAL_KEYS, SkipStreak, TrainState, recipe_digest, save_best  # noqa: F401
 from ft_focal.zeroshot import is_zero_shot, mark_zero_shot, refuse_checkpoints
@@ -94,6 +102,7 @@ class Trainer:
             self.train_epoch(self.state.step // self.n_steps_epoch)
             self.epoch_end()
         self.log.close()
+        consolidate(self)   # FSDP2: one plain model for evaluation and final/
         results = self.select_and_report()
         self.write_artifacts(results)
         return results
@@ -146,10 +155,7 @@ class Trainer:
         # Model, then loss and optimizer over its trainable parameters.
         self.model = build_classifier(recipe.model, recipe.tuning, bundle.num_classes, bundle.classnames)
         self.criterion = build_loss_from(recipe, self.class_counts).to(acc.device)
-        self.wrapped = acc.prepare(self.model)
-        from ft_focal.models.head_init import init_head_for_run  # class means need the model on its device
-
-        init_head_for_run(self.model, recipe, bundle, acc)
+        self.wrapped = prepare_model(self.model, recipe, bundle, acc)   # DDP, or FSDP2 (train.fsdp)
         self.optimizer = build_optimizer_from(recipe, self.model, self.wrapped, self.class_counts, acc)
         if cfg.compile:   # after the optimizer: its one-backward path swaps layer classes first
             self.wrapped = compile_model(self.wrapped)
@@ -178,8 +184,7 @@ class Trainer:
             return
         acc = self.accelerator
         try:
-            restored = ckpt.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, self.rank,
-                                            acc.scaler)
+            restored = load_checkpoint_for(self, resume_from)
         except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused an object
             found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
             what = f"it references {found.group(1)}" if found else one_line(exc, 120)
@@ -328,11 +333,13 @@ class Trainer:
         acc.log({f"val/{k}": v for k, v in _short(val).items() if v is not None}, step=s.step)
         if score is not None and (s.best is None or score > s.best):
             s.best, s.best_epoch = score, epoch
-            if acc.is_main_process:
-                s.best_sha256 = save_best(self.out, self.model)
+            s.best_sha256 = save_best_for(self)
 
     def save(self) -> None:
         """A checkpoint of the current update (atomic; every process writes its RNG state)."""
+        if fsdp_enabled(self.recipe):
+            save_sharded_checkpoint(self)
+            return
         s, acc = self.state, self.accelerator
         s.bad_images = self.bad_images_before + self.bad_consumed
         s.train_seconds = round(self.log.elapsed(), 3)
