@@ -13,8 +13,16 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_resume import (KILL_POINTS, _command_two_processes, _kill_when, _run_to_end,  # noqa: E402
-                         assert_bitwise_equal, final_weights, history_epochs, raw_recipe)
+from test_resume import (  # noqa: E402
+    KILL_POINTS,
+    _command_two_processes,
+    _kill_when,
+    _run_to_end,
+    assert_bitwise_equal,
+    final_weights,
+    history_epochs,
+    raw_recipe,
+)
 
 from ft_focal import checkpoint as ckpt  # noqa: E402
 
