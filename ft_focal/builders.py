@@ -111,7 +111,7 @@ def build_optimizer_from(recipe: Recipe, model: torch.nn.Module, wrapped: torch.
     if cfg.name == "ccsam":
         method["classifier_params"] = list(model.head.parameters())
     runtime: dict[str, Any] = {"model": model, "sync_perturbation": cfg.sync_perturbation}
-    if accelerator.num_processes > 1:
+    if accelerator.num_processes > 1 and not recipe.train.fsdp:   # FSDP2: the optimizer sees DTensors
         runtime["no_sync"] = lambda: accelerator.no_sync(wrapped)
     if accelerator.scaler is not None:  # fp16: accelerator.backward scales the loss itself
         runtime.update(scaler=accelerator.scaler, backward=accelerator.backward, backward_applies_scaler=True)

@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer.json")
+# a sharded (train.fsdp) checkpoint: torch.distributed.checkpoint's files (ft_focal/training_fsdp.py)
+REQUIRED_SHARDED = (".metadata", "optimizer_wrapper.pt", "scheduler.pt", "trainer.json")
 _NAME = re.compile(r"^step_(\d+)(?:\.(\d+))?$")  # step_00000120 or step_00000120.1 (same step, later)
 
 
@@ -184,7 +186,8 @@ def verify(path: Path) -> Optional[str]:
         return "MANIFEST.json is unreadable"
     if not isinstance(expected, dict):
         return "MANIFEST.json is not a mapping of file names to sha256"
-    absent = [name for name in REQUIRED if name not in expected]
+    required = REQUIRED_SHARDED if ".metadata" in expected else REQUIRED
+    absent = [name for name in required if name not in expected]
     if absent:
         return f"MANIFEST.json does not list {absent[0]}"
     for name, digest in expected.items():

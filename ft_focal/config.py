@@ -182,6 +182,11 @@ class TrainConfig:
         (ViT-B/16, bf16, batch 128): the step runs 1.6x faster compiled, after ~1-2 min warm-up.
     log_with: Accelerate trackers to log to (tensorboard, wandb, trackio, ...; each an optional
         package). Empty = none; train_log.jsonl in output_dir is always written.
+    fsdp: shard the model with FSDP2 (torch fully_shard per transformer block, then the root) on
+        every process, CPU or GPU; every method runs exactly (ft_focal/training_fsdp.py).
+        fsdp_reshard_after_forward: free the gathered weights after each forward (less memory,
+        one more all-gather per backward). activation_checkpointing: recompute each block's
+        activations in backward (docs/design.md, "Sharded training").
     max_bad_steps: this many consecutive skipped (non-finite) updates stop the run with a
         checkpoint. With a fused base optimizer (optim.fused) skips are counted on the device and the
         streak is checked at log steps, checkpoints and epoch ends, not after every update.
@@ -205,6 +210,9 @@ class TrainConfig:
     compile: bool = False
     threads: Optional[int] = None
     log_with: list = field(default_factory=list)
+    fsdp: bool = False
+    fsdp_reshard_after_forward: bool = True
+    activation_checkpointing: bool = False
 
 
 @dataclass

@@ -23,7 +23,7 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ft_focal import checkpoint as ckpt
 from ft_focal.config import Recipe
@@ -87,11 +87,12 @@ class StopSignals:
         self._previous.clear()
 
 
-def load_for_resume(path: Path, model: Any, optimizer: Any, scheduler: Any, rank: int, scaler: Any) -> dict:
-    """`ckpt.load_checkpoint`, with one line for a checkpoint that does not fit the recipe or
-    holds more than tensors (refused by torch.load(weights_only=True))."""
+def load_for_resume(path: Path, load: Callable[[], dict]) -> dict:
+    """`load()` (the checkpoint at `path` into the run: plain or FSDP2-sharded), with one line for a
+    checkpoint that does not fit the recipe or holds more than tensors (refused by
+    torch.load(weights_only=True))."""
     try:
-        return ckpt.load_checkpoint(path, model, optimizer, scheduler, rank, scaler)
+        return load()
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         what = f"it references {found.group(1)}" if found else one_line(exc, 120)

@@ -69,6 +69,14 @@ from ft_focal.preflight import check_paths
 from ft_focal.runcontrol import Preempted, StopSignals, flat_recipe
 from ft_focal.sampling import ResumableBatchSampler, SeededDataset, prefetch_to_device, steps_per_epoch
 from ft_focal.sweeps.pruning import validation_hook_from_env
+from ft_focal.training_fsdp import (
+    consolidate,
+    fsdp_enabled,
+    load_checkpoint_for,
+    prepare_model,
+    save_best_for,
+    save_sharded_checkpoint,
+)
 from ft_focal.trainlog import TrainLog, percent
 from ft_focal.trainstate import BEST, OPERATIONAL_KEYS, SkipStreak, TrainState, recipe_digest, save_best  # noqa: F401
 from ft_focal.zeroshot import is_zero_shot, mark_zero_shot, refuse_checkpoints
@@ -108,6 +116,7 @@ class Trainer:
         finally:
             self.signals.restore()
         self.log.close()
+        consolidate(self)   # FSDP2: one plain model for evaluation and final/
         results = self.select_and_report()
         self.write_artifacts(results)
         return results
@@ -160,14 +169,8 @@ class Trainer:
         # Model, then loss and optimizer over its trainable parameters.
         self.model = build_classifier(recipe.model, recipe.tuning, bundle.num_classes, bundle.classnames)
         self.criterion = build_loss_from(recipe, self.class_counts).to(acc.device)
-        self.wrapped = acc.prepare(self.model)
-        from ft_focal.models.head_init import init_head_for_run  # class means need the model on its device
-
-        init_head_for_run(self.model, recipe, bundle, acc)
-        if acc.is_main_process:  # alpha = 0 of `ft-focal wise` (ft_focal/evaluation/wise.py)
-            from ft_focal.evaluation.wise import save_initial_state
-
-            save_initial_state(self.out, self.model, recipe)
+        # DDP, or FSDP2 (train.fsdp); the head is initialised (and saved for `ft-focal wise`) before sharding
+        self.wrapped = prepare_model(self.model, recipe, bundle, acc, after_head_init=self._save_initial_state)
         self.optimizer = build_optimizer_from(recipe, self.model, self.wrapped, self.class_counts, acc)
         if cfg.compile:   # after the optimizer: its one-backward path swaps layer classes first
             self.wrapped = compile_model(self.wrapped)
@@ -181,6 +184,14 @@ class Trainer:
         self.val_set = bundle.eval_dataset("val") if has_val else None
 
     # ------------------------------------------------------------------ resume
+    def _save_initial_state(self, model: torch.nn.Module) -> None:
+        """alpha = 0 of `ft-focal wise` (ft_focal/evaluation/wise.py): the initial head (and backbone
+        where it cannot be rebuilt), written once by the main process."""
+        if self.accelerator.is_main_process:
+            from ft_focal.evaluation.wise import save_initial_state
+
+            save_initial_state(self.out, model, self.recipe)
+
     def resume(self) -> None:
         """Restore the newest checkpoint that verifies, if any.
 
@@ -197,8 +208,7 @@ class Trainer:
         resume_from = ckpt.latest_good(self.ckpt_root)
         if resume_from is None:
             return runcontrol.refuse_unverifiable(self.ckpt_root)
-        restored = runcontrol.load_for_resume(resume_from, self.model, self.optimizer, self.scheduler, self.rank,
-                                              acc.scaler)
+        restored = runcontrol.load_for_resume(resume_from, lambda: load_checkpoint_for(self, resume_from))
         digest = self.state.recipe_sha256
         if restored.get("recipe_sha256") not in (None, digest):
             runcontrol.warn_recipe_differs(resume_from, restored.get("recipe"), self.recipe,
@@ -351,13 +361,15 @@ class Trainer:
         acc.log({f"val/{k}": v for k, v in _short(val).items() if v is not None}, step=s.step)
         if score is not None and (s.best is None or score > s.best):
             s.best, s.best_epoch = score, epoch
-            if acc.is_main_process:
-                s.best_sha256 = save_best(self.out, self.model)
+            s.best_sha256 = save_best_for(self)
         if self.on_validation is not None:
             self.on_validation(self, epoch, val)
 
     def save(self) -> None:
         """A checkpoint of the current update (atomic; every process writes its RNG state)."""
+        if fsdp_enabled(self.recipe):
+            save_sharded_checkpoint(self)
+            return
         s, acc = self.state, self.accelerator
         bad_files = self.bundle.train.bad_indices() if hasattr(self.bundle.train, "bad_indices") else []
         s.bad_images, s.bad_image_indices = self.bad_images_before + len(bad_files), bad_files

@@ -98,3 +98,13 @@ def test_lightning_automatic_optimization_refused():
 
     with pytest.raises(ValueError, match="automatic_optimization = False"):
         fit(Auto(mlp()), steps=1)
+
+
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])
+def test_sharded_lightning_strategies_are_refused_in_one_line(strategy):
+    from ft_focal.integrations.lightning import refuse_sharded_strategy
+
+    fake = type(strategy, (), {})()
+    with pytest.raises(ValueError, match=rf"{strategy}.*train\.fsdp: true"):
+        refuse_sharded_strategy(fake)
+    refuse_sharded_strategy(type("DDPStrategy", (), {})())   # DDP passes

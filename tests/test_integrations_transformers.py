@@ -329,3 +329,12 @@ def test_trainer_ddp_two_processes_equals_own_step_on_global_batch(tmp_path, met
         opt.step(lambda: torch.nn.functional.cross_entropy(model(pixel_values=x).logits, y, reduction="none"),
                  targets=y)
         assert max_diff(model.parameters(), p0) <= 1e-9
+
+
+def test_trainer_fsdp_refused_in_one_line_pointing_at_train_fsdp(tmp_path):
+    """On a CPU, Accelerate's FSDP plugin silently runs DDP: refused instead of untested. (One process:
+    TrainingArguments refuses fsdp= itself, so the option is set as a distributed launch would.)"""
+    args = make_args(tmp_path)
+    args.fsdp = ["full_shard"]
+    with pytest.raises(ValueError, match=r"does not support fsdp=.*train\.fsdp: true"):
+        SharpnessTrainer(model=tiny_vit(), args=args, train_dataset=ImageSet(), optim="focal_sam", class_counts=COUNTS)

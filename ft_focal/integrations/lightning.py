@@ -48,6 +48,17 @@ from ft_focal.optim import SINGLE_BACKWARD_METHODS, SharpnessOptimizer, build_op
 __all__ = ["SharpnessLightningMixin", "build_lightning_optimizer", "sharpness_step"]
 
 
+def refuse_sharded_strategy(strategy: Any) -> None:
+    """One-line refusal of Lightning's FSDP and DeepSpeed strategies: neither runs on these CPU test
+    machines with real sharding (Lightning's FSDP needs CUDA), so the SAM family's exactness under
+    them is untested; the toolkit's own Trainer shards with FSDP2 and is tested (train.fsdp)."""
+    kind = type(strategy).__name__
+    if "FSDP" in kind or "DeepSpeed" in kind:
+        raise ValueError(f"ft_focal optimizers do not support Lightning's {kind}: its sharding is untested with "
+                         "the SAM family here; use strategy='ddp', or the ft_focal Trainer's FSDP2 path "
+                         "(train.fsdp: true; see the README, 'FSDP2')")
+
+
 def build_lightning_optimizer(module: Any, name: str, class_counts: Sequence[int] | None = None,
                               params: Iterable[torch.nn.Parameter] | Iterable[dict] | None = None,
                               **cfg: Any) -> SharpnessOptimizer:
@@ -62,6 +73,7 @@ def build_lightning_optimizer(module: Any, name: str, class_counts: Sequence[int
         raise ValueError("ft_focal optimizers need Lightning manual optimization: set "
                          "self.automatic_optimization = False in the LightningModule's __init__")
     trainer = module.trainer
+    refuse_sharded_strategy(trainer.strategy)
     runtime: dict[str, Any] = {"model": module, "backward": module.manual_backward}
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if scaler is not None:   # precision="16-mixed": manual_backward scales the loss with this scaler

@@ -36,8 +36,10 @@ How it fits the Trainer's loop (written against transformers 5.x ``Trainer._run_
 - Resume: the Trainer saves ``optimizer.state_dict()``, which is the ft_focal optimizer's (base
   optimizer state plus wrapper state: skipped steps, pass counts, epoch, fp16 growth counter, ...);
   the fp16 scale itself is in the Trainer's ``scaler.pt``.
-- Not supported: DeepSpeed (refused; its engine owns the step) and FSDP (pass ``sharded=True`` in
-  ``optim_kwargs``; untested here).
+- Not supported, refused in one line: DeepSpeed (its engine owns the optimizer step) and the
+  Trainer's ``fsdp=`` (Accelerate's FSDP plugin: on a CPU it silently falls back to DDP, so its
+  sharding cannot be tested here). The ft_focal Trainer's FSDP2 path (``train.fsdp: true``) is
+  tested exact on real DTensor shards.
 """
 from __future__ import annotations
 
@@ -55,6 +57,11 @@ from ft_focal.integrations.skips import DEFAULT_MAX_BAD_STEPS, SkipGuard
 from ft_focal.optim import OPTIMIZERS, SINGLE_BACKWARD_METHODS, SharpnessOptimizer, build_optimizer
 
 __all__ = ["SharpnessTrainer", "SharpnessTrainerMixin"]
+
+_FSDP_REFUSAL = ("SharpnessTrainer does not support fsdp=: Accelerate's FSDP plugin is untested with the SAM "
+                 "family (on a CPU it silently runs DDP); use DDP, or the ft_focal Trainer's FSDP2 path "
+                 "(train.fsdp: true)")
+
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +146,9 @@ class SharpnessTrainerMixin:
                  label_key: str = "labels", max_bad_steps: int = DEFAULT_MAX_BAD_STEPS, **kwargs: Any) -> None:
         if optim not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optim!r}; valid: {', '.join(OPTIMIZERS)}")
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if getattr(training_args, "fsdp", None):   # before Trainer.__init__ builds Accelerate's plugin
+            raise ValueError(_FSDP_REFUSAL)
         self.sharpness_method = optim
         self.sharpness_kwargs = dict(optim_kwargs or {})
         self.class_counts = list(class_counts) if class_counts is not None else None
@@ -152,8 +162,10 @@ class SharpnessTrainerMixin:
         self._window_updates = self._window_skipped = 0   # since the previous log record
         super().__init__(*args, **kwargs)
         if getattr(self, "is_deepspeed_enabled", False):
-            raise ValueError("SharpnessTrainer does not support DeepSpeed: its engine applies the optimizer "
-                             "step itself; use DDP or FSDP (optim_kwargs sharded=True)")
+            raise ValueError("SharpnessTrainer does not support DeepSpeed: its engine applies the optimizer step "
+                             "itself; use DDP, or the ft_focal Trainer's FSDP2 path (train.fsdp: true)")
+        if getattr(self, "is_fsdp_enabled", False):
+            raise ValueError(_FSDP_REFUSAL)
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:

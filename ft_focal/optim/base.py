@@ -69,6 +69,7 @@ import torch
 import torch.distributed as dist
 
 from . import numerics as nm
+from ._sharding import as_param_grad, is_sharded, local_weights, shard_group
 from .passes import PassesMixin, Weighting  # noqa: F401 (Weighting: used by CC-SAM)
 from .single_backward import SingleBackward
 
@@ -85,11 +86,14 @@ class StepState:
     sizes: list                    # B_i per micro-batch (None: unknown until the closure runs)
     batch_size: float | None       # sum of B_i: the denominator of every weighted loss
     params: list                   # trainable parameters, the order of every gradient list
+    weights: list                  # their detached local values (FSDP2: this rank's shard views)
     device: torch.device
     world: int                     # processes
     manual_sync: bool              # passes run under no_sync; the optimizer averages gradients
     can_skip: bool                 # a pass may skip a micro-batch (False under plain DDP)
     single_backward: bool          # the one-backward strategy is active this step
+    norm_world: int                # > 1: norms sum their squares over the ranks of norm_group
+    norm_group: object             # process group of the shards (None: the default group)
     inv_scale: dict                # device -> 1 / loss scale (float32 0-d)
     found: dict = field(default_factory=dict)      # device -> non-finite counter
     loss_sum: torch.Tensor | None = None           # sum of the per-sample losses at w
@@ -242,14 +246,14 @@ class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
             found = nm.any_found(st.found, st.device, st.world)
             skip = (found > 0).float() if on_device else bool(found > 0)   # the step's one host read
         finally:
-            nm.restore_(st.params, st.backup)
+            nm.restore_(st.weights, st.backup)
             self._zero_param_grads()
             if self.one_backward is not None:
                 self.one_backward.reset()
         self.last_skipped = skip
         if on_device or not skip:
             for p, g in zip(st.params, final):
-                p.grad = g
+                p.grad = g if g is None else as_param_grad(p, g)
             if on_device:
                 self._base_step_unless(skip)
             else:
@@ -313,15 +317,20 @@ class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
         params = self._trainable()
         self._zero_param_grads()
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        manual = world > 1 and self.no_sync is not None and not self.sharded
-        if world > 1 and self.sharded and self.no_sync is not None:
+        group = shard_group(params)
+        sharded = self.sharded or group is not None
+        if group is not None:
+            world = dist.get_world_size(group)
+        manual = world > 1 and self.no_sync is not None and not sharded
+        if world > 1 and sharded and self.no_sync is not None:
             self._warn_once("sharded-no-sync", "sharded=True: gradients are shards reduced by FSDP / ZeRO "
                             "in every backward; no_sync is ignored (under DeepSpeed ZeRO-2/3 it is a no-op)")
         device = params[0].device if params else torch.device("cpu")
         st = StepState(micro_batches=list(zip(closures, targets)), sizes=sizes,
                        batch_size=float(sum(sizes)) if None not in sizes else None, params=params,
-                       device=device, world=world, manual_sync=manual, can_skip=not (world > 1 and not manual),
-                       single_backward=self._plan_single_backward(params),
+                       weights=local_weights(params), device=device, world=world, manual_sync=manual,
+                       can_skip=not (world > 1 and not manual), single_backward=self._plan_single_backward(params),
+                       norm_world=world if sharded else 1, norm_group=group,
                        inv_scale=nm.inverse_scale(self.scaler, device))
         if st.inv_scale and self._pending_growth is not None:
             self.scaler._growth_tracker.fill_(self._pending_growth)
@@ -348,6 +357,12 @@ class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
     def _plan_single_backward(self, params) -> bool:
         sb = self.one_backward
         if sb is None or sb.disabled is not None:
+            return False
+        if any(is_sharded(p) for p in params):
+            sb.disabled = ("FSDP2 shards the parameters: the layer rules would see the gathered weights and "
+                           "their part gradients would bypass FSDP's reduce-scatter")
+            self._warn_once("sb-fsdp", "single_backward switched off: %s; using the exact two-backward path "
+                            "(same update, one more backward)", sb.disabled)
             return False
         reason = sb.plan(params)
         if reason is not None:

@@ -91,16 +91,15 @@ class CCSAM(SharpnessOptimizer):
         for g in grads:
             g_w = add(g_w, g)
         k = sum(p.numel() for p in st.params)
-        sharded = st.world if self.sharded else 1
-        w_norm = float(nm.global_norm([p.detach() for p in st.params], st.device, sharded))
+        w_norm = float(self._norm(st, st.weights))
         acc = [None] * n
         for c, g in zip(classes, grads):
             g = self._sync_perturbation_grads(st, g)
-            gn = float(nm.global_norm(g, st.device, sharded))
+            gn = float(self._norm(st, g))
             rho_c = self.rho * math.sqrt(w_norm / (2 * gn + 1e-12)) * k ** -0.25 * self._shots(c) ** -0.25
-            nm.perturb_(st.params, g, math.sqrt(k) * rho_c / (gn + 1e-12), st.backup)
+            nm.perturb_(st.weights, g, math.sqrt(k) * rho_c / (gn + 1e-12), st.backup)
             (g_adv,) = self._grad_pass(st, [self._masks(st, c, self.flat_ratio)], perturbed=True)
-            nm.restore_(st.params, st.backup)
+            nm.restore_(st.weights, st.backup)
             acc = add(acc, g_adv)
         return add(acc, g_w, alpha=1.0 - self.flat_ratio)
 
@@ -119,14 +118,25 @@ class CCSAM(SharpnessOptimizer):
             for j in idx:   # each classifier tensor with its own norms
                 if g[j] is None:
                     continue
-                gn, pn = float(g[j].norm()), float(st.params[j].detach().norm())
+                gn, pn = self._tensor_norms(st, g[j], st.weights[j])
                 rho_cp = self.rho * math.sqrt(pn / (2 * gn + 1e-12)) * self._shots(c) ** -0.25 * k ** -0.25
                 only = [g[i] if i == j else None for i in range(len(g))]
-                nm.perturb_(st.params, only, rho_cp * math.sqrt(k) / (gn + 1e-12), st.backup)
+                nm.perturb_(st.weights, only, rho_cp * math.sqrt(k) / (gn + 1e-12), st.backup)
             (g_adv,) = self._grad_pass(st, [self._masks(st, c, self.flat_ratio)], perturbed=True)
-            nm.restore_(st.params, st.backup)
+            nm.restore_(st.weights, st.backup)
             acc = add(acc, g_adv)
         return add(g_w, acc)
+
+    @staticmethod
+    def _norm(st, tensors):
+        """Global L2 norm (FSDP2 / sharded: summed over the shards of every rank)."""
+        return nm.global_norm(tensors, st.device, st.norm_world, st.norm_group)
+
+    def _tensor_norms(self, st, g, w):
+        """(||g||, ||w||) of one classifier tensor; a sharded tensor's norms are all-reduced."""
+        if st.norm_world == 1:
+            return float(g.norm()), float(w.norm())
+        return float(self._norm(st, [g])), float(self._norm(st, [w]))
 
     def _shots(self, c):
         """max(n_c - 1, 1): the formula's (n_c - 1) guarded against n_c <= 1."""

@@ -44,15 +44,16 @@ def _groups(tensors):
     return groups
 
 
-def global_norm(tensors: list, device: torch.device, sharded_world: int = 1) -> torch.Tensor:
+def global_norm(tensors: list, device: torch.device, sharded_world: int = 1, group=None) -> torch.Tensor:
     """L2 norm over all given tensors (float64 0-d tensor on ``device``); with ``sharded_world > 1``
-    the squares are summed over ranks (FSDP / ZeRO gradients are shards)."""
+    the squares are summed over the ranks of ``group`` (default: all) - FSDP / ZeRO tensors are
+    shards, so the norm is sqrt(all_reduce(sum of local squares))."""
     sq = torch.zeros((), dtype=torch.float64, device=device)
     for lst in _groups(tensors).values():
         norms = torch.stack(torch._foreach_norm(lst)).to(device=device, dtype=torch.float64)
         sq = sq + norms.pow(2).sum()
     if sharded_world > 1:
-        dist.all_reduce(sq)
+        dist.all_reduce(sq, group=group)
     return sq.sqrt()
 
 
@@ -142,7 +143,7 @@ def restore_(params: list, backup: dict) -> None:
 
 
 def sam_direction(grads: list, params: list, device, adaptive: bool = False, eta: float = 0.0,
-                  sharded_world: int = 1):
+                  sharded_world: int = 1, group=None):
     """(direction, scale) of the SAM ascent step eps = rho * scale * direction, without rho:
     SAM: g / (||g|| + 1e-12); ASAM (davda54/sam form, T = |w| + eta): T^2 g / (||T g|| + 1e-12).
     The scale is a 0-d device tensor (no host read); a zero gradient gives a zero step."""
@@ -150,12 +151,12 @@ def sam_direction(grads: list, params: list, device, adaptive: bool = False, eta
         idx = [j for j, g in enumerate(grads) if g is not None]
         t = torch._foreach_add(torch._foreach_abs([params[j].detach() for j in idx]), eta)
         tg = torch._foreach_mul([grads[j] for j in idx], t)
-        norm = global_norm(tg, device, sharded_world)
+        norm = global_norm(tg, device, sharded_world, group)
         direction = [None] * len(grads)
         for j, d in zip(idx, torch._foreach_mul(tg, t)):
             direction[j] = d
     else:
-        norm, direction = global_norm(grads, device, sharded_world), grads
+        norm, direction = global_norm(grads, device, sharded_world, group), grads
     return direction, 1.0 / (norm + 1e-12)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import numerics as nm
+from ._sharding import local_grad
 
 
 @dataclass
@@ -87,6 +88,7 @@ class PassesMixin:
             if g is None:
                 continue
             p.grad = None
+            g = local_grad(g)   # FSDP2: this rank's shard of the reduce-scattered gradient
             if g._is_view():   # e.g. DDP gradient_as_bucket_view: the bucket is reused
                 g = g.clone()
             buf[j] = g if buf[j] is None else buf[j].add_(g)
@@ -133,15 +135,14 @@ class PassesMixin:
         return self._one_backward_pass(st, rest, part, total)
 
     def _sync_perturbation_grads(self, st, grads):
-        return nm.all_reduce_mean(grads, st.params, st.world) if st.manual_sync and self.sync_perturbation else grads
+        return nm.all_reduce_mean(grads, st.weights, st.world) if st.manual_sync and self.sync_perturbation else grads
 
     def _perturb_sam(self, st, g, rho, adaptive=False, eta=0.0):
         """SAM ascent w <- w + rho g / (||g|| + 1e-12) (ASAM: see numerics.sam_direction)."""
         if rho == 0:
             return
-        direction, scale = nm.sam_direction(g, st.params, st.device, adaptive, eta,
-                                            st.world if self.sharded else 1)
-        nm.perturb_(st.params, direction, scale * rho, st.backup)
+        direction, scale = nm.sam_direction(g, st.weights, st.device, adaptive, eta, st.norm_world, st.norm_group)
+        nm.perturb_(st.weights, direction, scale * rho, st.backup)
 
     # ------------------------------------------------------------------ one backward
     def _one_backward_pass(self, st, rest, part, total):
@@ -195,7 +196,7 @@ class PassesMixin:
         st.passes["backward"] += backwards
         g_total, g_part = self._finish(st, [g_total, g_part])
         if st.world > 1 and not st.manual_sync:
-            g_part = nm.all_reduce_mean(g_part, st.params, st.world)   # DDP averaged g_total only
+            g_part = nm.all_reduce_mean(g_part, st.weights, st.world)   # DDP averaged g_total only
         return [nm.add(g_total, g_part, alpha=-1.0), g_part]
 
     def _recompute(self, st, i, rng):

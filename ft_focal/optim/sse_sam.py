@@ -63,5 +63,5 @@ class SSESAM(SharpnessOptimizer):
         self._perturb_sam(st, g, rho)
         del g
         (g_adv,) = self._grad_pass(st, [weights], perturbed=True)
-        nm.restore_(st.params, st.backup)
+        nm.restore_(st.weights, st.backup)
         return g_adv
