@@ -40,7 +40,7 @@ def _one_line_error(capsys) -> str:
 def test_train_dry_run_takes_overrides_after_the_flag(monkeypatch):
     """The README's own command: `--dry-run` before the overrides."""
     seen = []
-    monkeypatch.setattr("ft_focal.commands.dry_run.dry_run", lambda recipe: seen.append(recipe))
+    monkeypatch.setattr("ft_focal.commands.dry_run.dry_run", lambda recipe, *args, **kwargs: seen.append(recipe))
     assert main(["train", IMAGENET, "--dry-run", "data.root=/data/imagenet", "model.pretrained=/x.safetensors"]) == 0
     assert seen[0].data.root == "/data/imagenet" and seen[0].model.pretrained == "/x.safetensors"
     seen.clear()  # and the flag last, an override first, the recipe in between
@@ -50,7 +50,7 @@ def test_train_dry_run_takes_overrides_after_the_flag(monkeypatch):
 
 def test_train_zero_shot_takes_overrides_after_the_flag(monkeypatch):
     seen = []
-    monkeypatch.setattr("ft_focal.train.train", lambda recipe, **kwargs: seen.append(recipe))
+    monkeypatch.setattr("ft_focal.train.train", lambda recipe, *args, **kwargs: seen.append(recipe))
     assert main(["train", IMAGENET, "--zero-shot", "data.root=/data/imagenet", "optim.rho=0.1"]) == 0
     assert seen[0].data.root == "/data/imagenet" and seen[0].train.epochs == 0
     assert seen[0].output_dir.endswith("_zero_shot")
@@ -58,7 +58,7 @@ def test_train_zero_shot_takes_overrides_after_the_flag(monkeypatch):
 
 def test_a_later_override_of_the_same_key_wins(monkeypatch):
     seen = []
-    monkeypatch.setattr("ft_focal.commands.dry_run.dry_run", lambda recipe: seen.append(recipe))
+    monkeypatch.setattr("ft_focal.commands.dry_run.dry_run", lambda recipe, *args, **kwargs: seen.append(recipe))
     assert main(["train", IMAGENET, "optim.rho=0.1", "--dry-run", "optim.rho=0.2"]) == 0
     assert seen[0].optim.rho == 0.2
 

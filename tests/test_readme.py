@@ -11,7 +11,8 @@ HOW TO REGISTER A NEW README BLOCK (the one table to edit is the REGISTRY below)
                   (e.g. eval on the demo run needs "demo"); they are run on demand, once;
       tiny_model  swap the recipe's ViT-B/16 for the tiny open_clip model of the same family
                   (the weights placeholder then points at that tiny model's file);
-      slow        the part takes over a minute: `pytest -m slow` runs it.
+      slow        the part takes over a minute: `pytest -m slow` runs it;
+      variables   values for the shell variables the command uses (`--storage "$SWEEP_DB"`).
     The program (first word after any `VAR=value`) picks the runner in RUNNERS: `ft-focal`
     (in-process `ft_focal.cli.main`) or `accelerate` (a real `accelerate launch` subprocess).
     A new program (say `torchrun`) needs a runner there too. A new `ft-focal` subcommand
@@ -20,8 +21,8 @@ HOW TO REGISTER A NEW README BLOCK (the one table to edit is the REGISTRY below)
     the placeholder paths it uses (mapped to fixtures) and the providers it needs.
   * A placeholder path (an absolute `/data/...` path): add it to PLACEHOLDERS with the fixture
     it stands for (tests/readme_support.py builds them). Relative outputs (`runs/...`,
-    `exports/...`) need nothing: every command runs in a scratch folder with `recipes/` and
-    `eval/` linked in.
+    `exports/...`) need nothing: every command runs in a scratch folder with the
+    repository's folders (`recipes/`, `eval/`, ...) linked in.
 A block or command that is not in the registry, or a registry entry the README no longer has,
 fails `test_every_readme_block_is_registered` / `test_every_registry_entry_is_in_a_readme`.
 """
@@ -65,11 +66,14 @@ class Plan:
     tiny_model: bool = False
     slow: bool = False
     check: Optional[Callable[[Path], None]] = None  # more than exit code 0: what must exist afterwards
+    variables: tuple[tuple[str, str], ...] = ()  # values of the shell variables ($NAME) the command uses
 
 
 def runs(*append: str, needs: tuple[str, ...] = (), provides: Optional[str] = None, tiny_model: bool = False,
-         slow: bool = False, check: Optional[Callable[[Path], None]] = None) -> Plan:
-    return Plan(None, tuple(append), tuple(needs), provides, tiny_model, slow, check)
+         slow: bool = False, check: Optional[Callable[[Path], None]] = None,
+         variables: Optional[dict[str, str]] = None) -> Plan:
+    return Plan(None, tuple(append), tuple(needs), provides, tiny_model, slow, check,
+                tuple((variables or {}).items()))
 
 
 def skipped(reason: str) -> Plan:
@@ -295,6 +299,9 @@ def run_registered(command: str, ws: Workspace, monkeypatch) -> None:
     plan = SHELL[command]
     for name in plan.needs:
         ensure(name, ws, monkeypatch)
+    for name, value in plan.variables:
+        command = command.replace("${" + name + "}", value).replace("$" + name, value)
+    assert "$" not in command, f"a shell variable without a value (give it in runs(variables=...)): {command}"
     env, words = split_env(command)
     words = _localize(words, ws, plan.tiny_model) + list(plan.append)
     assert words[0] in RUNNERS, f"no runner for '{words[0]}' (add one to RUNNERS)"
