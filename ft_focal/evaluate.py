@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ft_focal.errors import UserError
 from ft_focal.metrics import expected_calibration_error, long_tail_accuracy
+from ft_focal.runcontrol import ignore_stop_signals
 from ft_focal.sampling import eval_batches, unshard
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def predict(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         collate_fn=_collate_keep_bad,
+        worker_init_fn=ignore_stop_signals,   # SIGTERM / SIGUSR1: the training loop stops at its next safe point
     )
     was_training = model.training
     model.eval()

@@ -103,6 +103,15 @@ def load_for_resume(path: Path, load: Callable[[], dict]) -> dict:
                         f"fit this recipe or holds more than tensors: use another output_dir or remove it") from None
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: workers ignore SIGTERM / SIGUSR1 (SLURM signals every process of
+    a job step), so the main process can finish its update and write the checkpoint; it ends them."""
+    for name in STOP_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None:
+            signal.signal(number, signal.SIG_IGN)
+
+
 def refuse_unverifiable(ckpt_root: Path) -> None:
     """Stop when `ckpt_root` holds checkpoints and none verifies: log one line per checkpoint
     (what is wrong, whether its weights are intact), then raise one UserError saying how to go on."""

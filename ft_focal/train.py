@@ -276,7 +276,7 @@ class Trainer:
         # or a resumed run (one more iterator) would continue with other dropout masks.
         loader_rng = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + epoch)
         batches = iter(DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.recipe.data.num_workers,
-                                  collate_fn=self.bundle.collate_fn,
+                                  collate_fn=self.bundle.collate_fn, worker_init_fn=runcontrol.ignore_stop_signals,
                                   pin_memory=self.accelerator.device.type == "cuda", generator=loader_rng))
         for _ in range(first, last):
             yield [next(batches) for _ in range(cfg.grad_accum_steps)]

@@ -181,19 +181,25 @@ def test_sigusr1_writes_a_checkpoint_and_the_rerun_is_bitwise_exact(reference_ru
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_real_process_checkpoints_exits_75_and_the_rerun_is_bitwise_exact(tmp_path):
-    recipe = _write_recipe(tmp_path, tmp_path / "unused", 0)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sigterm_to_a_real_process_checkpoints_exits_75_and_the_rerun_is_bitwise_exact(tmp_path, workers):
+    """workers=1: the signal goes to the whole process group, DataLoader worker included, as SLURM
+    sends it to every process of a job step."""
+    recipe = _write_recipe(tmp_path, tmp_path / "unused", workers)
     reference = tmp_path / "reference"
     _run_to_end(recipe, reference)
     out = tmp_path / "terminated"
     proc = subprocess.Popen(_command(recipe, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, start_new_session=True)
     try:
         deadline = time.time() + 300
         while proc.poll() is None and time.time() < deadline and not _steps_on_disk(out):
             time.sleep(0.01)
         assert proc.poll() is None, "the run finished before the signal"
-        proc.send_signal(signal.SIGTERM)
+        if workers:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
