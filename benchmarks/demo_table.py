@@ -3,6 +3,7 @@
     python benchmarks/demo_table.py                         # 9 runs, ~1-2 min CPU each, sequential
     python benchmarks/demo_table.py --seeds 0 --recipes digits_lt_focal_sam   # one run
     python benchmarks/demo_table.py --out benchmarks/results/demo_table_DATE.md
+    python benchmarks/demo_table.py --from-log run.log   # the table from the lines a run printed
 
 Each run is `ft-focal train recipes/demo/<recipe>.yaml seed=S output_dir=<tmp> train.threads=1` in a
 subprocess (a fresh output directory, so nothing resumes). The table gives overall / many / medium
@@ -19,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -50,6 +52,21 @@ def run_one(recipe: str, seed: int, workdir: Path) -> dict:
             **{g: round(100 * test[g], 2) for g in GROUPS}}
 
 
+LINE = re.compile(r"^(\S+) seed (\d+): ([\d.]+) / ([\d.]+) / ([\d.]+) / ([\d.]+)  \(([\d.]+) s\)$")
+
+
+def rows_from_log(text: str) -> list[dict]:
+    """The rows a run printed (one line per finished run), e.g. of a run stopped before the end."""
+    rows = []
+    for line in text.splitlines():
+        found = LINE.match(line.strip())
+        if found:
+            recipe, seed, *values, wall = found.groups()
+            rows.append({"recipe": recipe, "seed": int(seed), "wall_s": float(wall),
+                         **{g: float(v) for g, v in zip(GROUPS, values)}})
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: one line per recipe and seed, then the mean over seeds of each recipe."""
     lines = ["| recipe | seed | overall | many | medium | few |", "|---|---|---|---|---|---|"]
@@ -70,12 +87,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--out", default=None, help="results file (default: benchmarks/results/"
                         "demo_table_<date>.md); a .json with the same stem holds the raw rows")
+    parser.add_argument("--from-log", default=None, help="build the table from the lines a run printed "
+                        "(its stdout) instead of training; the header says so")
     args = parser.parse_args(argv)
     today = datetime.date.today().isoformat()
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"demo_table_{today}.md"
-    rows = []
+    rows = rows_from_log(Path(args.from_log).read_text()) if args.from_log else []
     with tempfile.TemporaryDirectory(prefix="demo_table_") as tmp:
-        for recipe in args.recipes.split(","):
+        for recipe in [] if args.from_log else args.recipes.split(","):
             for seed in map(int, args.seeds.split(",")):
                 row = run_one(recipe, seed, Path(tmp))
                 print(f"{recipe} seed {seed}: " + " / ".join(f"{row[g]:.2f}" for g in GROUPS)
@@ -87,7 +106,9 @@ def main(argv: list[str] | None = None) -> None:
               f"Written by `python benchmarks/demo_table.py` (train.threads=1, CPU, {platform.machine()}, "
               f"torch {torch.__version__}). Groups: many > 100, medium 20..100, few < 20 training images "
               f"(per-class accuracies averaged within the group, docs/metrics.md).\n"
-              f"Wall seconds per run (shared machine; not a benchmark): "
+              + (f"Rows read from the printed lines of a run (--from-log): {len(rows)} finished runs.\n"
+                 if args.from_log else "")
+              + "Wall seconds per run (shared machine; not a benchmark): "
               + ", ".join(f"{r['recipe']}/{r['seed']} {r['wall_s']}" for r in rows) + "\n\n")
     body = table(rows)
     out.parent.mkdir(parents=True, exist_ok=True)

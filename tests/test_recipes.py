@@ -374,3 +374,16 @@ def test_preflight_accepts_builtin_class_names(tmp_path):
     recipe = load_recipe(RECIPES_DIR / "imagenet_lt" / "clip_vit_b16_adaptformer_focal_sam.yaml",
                          [f"data.root={tmp_path}", "model.pretrained=null"])
     assert missing_paths(recipe) == []
+
+
+# The shot-group thresholds of each dataset's paper protocol (docs/metrics.md lists their sources).
+SHOT_THRESHOLDS = {"cifar10_lt": (1000, 200)}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=ids(RECIPES))
+def test_shot_group_thresholds_follow_the_papers_protocol_and_the_header_says_so(path):
+    recipe = load_recipe(str(path))
+    ds = dataset_of(path)
+    assert (recipe.eval.many_threshold, recipe.eval.few_threshold) == SHOT_THRESHOLDS.get(ds, (100, 20))
+    if ds != "demo":
+        assert "Shot groups" in header_of(path)

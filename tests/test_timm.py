@@ -249,6 +249,24 @@ def test_tiny_variant_keeps_the_timm_architecture_when_it_can():
     assert tiny_variant(ModelConfig(family="timm", name="resnet18")).name == "vit_tiny_patch16_224"
 
 
+def test_tiny_variant_swap_is_logged_and_the_dry_run_plan_records_it(caplog):
+    from ft_focal.commands.dry_run import format_plan
+
+    with caplog.at_level(logging.WARNING, logger="ft_focal"):
+        assert tiny_variant(ModelConfig(family="timm", name="resnet18")).name == "vit_tiny_patch16_224"
+    swap = [r.getMessage() for r in caplog.records if "instead" in r.getMessage()]
+    assert len(swap) == 1 and "'resnet18'" in swap[0] and "vit_tiny_patch16_224" in swap[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ft_focal"):
+        tiny_variant(ModelConfig(family="timm", name=EVA))
+    assert not caplog.records   # no swap, no line
+    plan = {"recipe": "r", "dry_run_updates": 2, "dry_run_pass_counts": {}, "family": "timm", "model": "resnet18",
+            "weights": None, "tuning": "head", "parameters": None, "optimizer": "erm", "classes": 3,
+            "train_images": None, "updates_per_epoch": None, "missing_paths": [],
+            "dry_run_model": "vit_tiny_patch16_224", "dry_run_model_swapped": True}
+    assert "vit_tiny_patch16_224 ran INSTEAD of a tiny resnet18" in format_plan(plan)
+
+
 # ------------------------------------------------------------------------- one backward
 
 

@@ -61,6 +61,10 @@ def dry_run(recipe: Recipe, output_dir: Optional[str] = None, train_size: int = 
         "dry_run_updates": results["updates"],
         "dry_run_pass_counts": results["pass_counts"],
         "compile": recipe.train.compile,
+        # the tiny stand-in that ran; for timm a model that does not take the tiny sizes is
+        # replaced by a plain tiny ViT (ft_focal/models/backbones/timm.py), recorded here
+        "dry_run_model": tiny.model.name,
+        "dry_run_model_swapped": recipe.model.family == "timm" and tiny.model.name != recipe.model.name,
     }
     print(format_plan(plan))
     return plan
@@ -92,6 +96,9 @@ def format_plan(plan: dict) -> str:
         f"  train images: {plan['train_images'] if plan['train_images'] is not None else _unknown(plan)}"
         f", updates per epoch {plan['updates_per_epoch'] if plan['updates_per_epoch'] is not None else 'unknown'}",
     ]
+    if plan.get("dry_run_model_swapped"):
+        lines.append(f"  stand-in:     {plan['dry_run_model']} ran INSTEAD of a tiny {plan['model']} (it does not "
+                     "build at tiny sizes): the dry run did not exercise this architecture")
     if plan.get("compile"):
         lines.append("  train.compile: the real run compiles the model (inductor); the dry run ran it eagerly")
     if plan["missing_paths"]:

@@ -13,11 +13,12 @@ class SSESAM(SharpnessOptimizer):
 
     Stage 1 (``epoch < switch_fraction * num_epochs``): update with
     ``grad L_head(w + eps_h) + grad L_tail(w + eps_t)``, each ``eps = rho_g g / (||g|| + 1e-12)`` from
-    its own group's gradient at w with its own radius. Cost 3F + 4B (the official code re-runs the
-    forward at w before the tail gradient: 4F + 4B; the gradients are the same).
+    its own group's gradient at w with its own radius. Cost 3F + 4B on the exact path, 3F + 3B with
+    ``single_backward`` (the official code re-runs the forward at w before the tail gradient: 4F + 4B;
+    the gradients are the same).
     Stage 2 (from the switch on): the head radius is 0, i.e. ImbSAM without the x2:
-    ``grad L_head(w) + grad L_tail(w + eps_t)`` at 2F + 3B (the official code keeps recomputing the
-    zero-radius pass: 4F + 4B). A zero radius or an empty group never costs a pass.
+    ``grad L_head(w) + grad L_tail(w + eps_t)`` at 2F + 3B, 2F + 2B with ``single_backward`` (the
+    official code keeps recomputing the zero-radius pass: 4F + 4B). A zero radius or an empty group never costs a pass.
 
     Call ``set_epoch(epoch, num_epochs)`` at the start of every epoch (0-based; the official code
     switches when its epoch counter reaches ``switch_fraction * num_epochs``). Without it the

@@ -1,0 +1,97 @@
+"""Mutation testing (mutmut 3) of the numerical core, one module at a time. Not in CI: too slow.
+
+    python tools/mutation.py metrics            # ft_focal/metrics.py against its tests
+    python tools/mutation.py losses optim checkpoint builders
+    python tools/mutation.py --list             # the modules and the tests each one runs
+
+Each module is mutated in a scratch copy of the repository (ft_focal/, tests/, pyproject.toml with
+a [tool.mutmut] section for that module added), so the working tree is never touched. mutmut forks
+one child per mutant and, after one stats run, runs only the tests that executed the mutated
+function (per-function test selection). The tests given below are the ones that exercise the module;
+the full suite would be the same score at many times the cost. Output: one line per module
+(killed / survived / timeout / no tests, score = killed / mutants that ran) and the surviving
+mutants' names, and the complete `mutmut results` in benchmarks/results/mutation_<module>_<date>.txt.
+Read a survivor with `mutmut show NAME` inside the printed scratch directory.
+docs/design.md ("Mutation testing") says when to run it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODULES = {   # name -> (paths to mutate, tests that exercise them)
+    "metrics": (["ft_focal/metrics.py"], ["tests/test_metrics.py", "tests/test_boundaries.py"]),
+    "losses": (["ft_focal/losses.py"], ["tests/test_losses.py", "tests/test_recipe_wiring.py"]),
+    "optim": (["ft_focal/optim/"], ["tests/test_optim_methods.py", "tests/test_optim_mechanics.py",
+                                    "tests/test_optim_single_backward.py", "tests/test_boundaries.py",
+                                    "tests/test_registry.py"]),
+    "checkpoint": (["ft_focal/checkpoint.py"], ["tests/test_checkpoint.py", "tests/test_resume.py"]),
+    "builders": (["ft_focal/builders.py"], ["tests/test_recipe_wiring.py", "tests/test_train.py"]),
+}
+
+
+def run_module(name: str, keep: bool) -> dict:
+    paths, tests = MODULES[name]
+    scratch = Path(tempfile.mkdtemp(prefix=f"mutation_{name}_"))
+    for part in ("ft_focal", "tests", "recipes", "eval"):
+        shutil.copytree(REPO / part, scratch / part, ignore=shutil.ignore_patterns("__pycache__"))
+    config = (REPO / "pyproject.toml").read_text()
+    config += ("\n[tool.mutmut]\n"
+               f"source_paths = {paths!r}\n"
+               # the rest of the package too: mutmut's copy must not import the installed one
+               "also_copy = ['ft_focal/', 'recipes/', 'eval/']\n"
+               f"pytest_add_cli_args_test_selection = {tests!r}\n"
+               "pytest_add_cli_args = ['-p', 'no:cacheprovider', '-x']\n").replace("'", '"')
+    (scratch / "pyproject.toml").write_text(config)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.pop("PYTHONPATH", None)   # mutmut puts its mutants/ copy first itself
+    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "1"], cwd=scratch, env=env)
+    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=scratch, env=env,
+                         capture_output=True, text=True).stdout
+    counts: dict = {}
+    survivors = []
+    for line in out.splitlines():
+        found = re.match(r"\s*(\S+): (.+)$", line)
+        if found:
+            counts[found.group(2)] = counts.get(found.group(2), 0) + 1
+            if found.group(2) == "survived":
+                survivors.append(found.group(1))
+    ran = counts.get("killed", 0) + counts.get("survived", 0) + counts.get("timeout", 0)
+    score = (counts.get("killed", 0) + counts.get("timeout", 0)) / ran if ran else float("nan")
+    today = datetime.date.today().isoformat()
+    results = REPO / "benchmarks" / "results" / f"mutation_{name}_{today}.txt"
+    results.write_text(f"mutmut over {paths} with {tests}, {today}\n{counts}\nscore {score:.3f}\n\n{out}")
+    print(f"{name}: {counts} score {score:.3f}; survivors: {' '.join(survivors) or 'none'}")
+    print(f"  details: {results}; scratch copy: {scratch}")
+    if not keep:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", help=f"any of {', '.join(MODULES)}")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch copy (to `mutmut show` survivors)")
+    args = parser.parse_args()
+    if args.list or not args.modules:
+        for name, (paths, tests) in MODULES.items():
+            print(f"{name}: {' '.join(paths)}  <- {' '.join(tests)}")
+        return
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        raise SystemExit(f"unknown module(s) {unknown}; valid: {', '.join(MODULES)}")
+    for name in args.modules:
+        run_module(name, args.keep)
+
+
+if __name__ == "__main__":
+    main()
