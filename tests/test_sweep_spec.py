@@ -18,7 +18,8 @@ from ft_focal.data.datasets import ArrayDataset
 from ft_focal.data.longtail import stratified_holdout
 from ft_focal.data.sources import RawData, finish
 from ft_focal.errors import UserError
-from ft_focal.sweeps.pruning import PRUNED_EXIT_CODE, PRUNED_MARKER, TRIAL_ENV, objective_value, validation_hook_from_env
+from ft_focal.sweeps.objective import objective_value
+from ft_focal.sweeps.pruning import PRUNED_EXIT_CODE, PRUNED_MARKER, TRIAL_ENV, validation_hook_from_env
 from ft_focal.sweeps.spec import load_sweep
 from ft_focal.sweeps.study import CRASHED, DUPLICATE_OF, StudyBudget, counts_toward_budget, find_duplicate
 

@@ -18,24 +18,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ft_focal.sweeps.objective import objective_value
+
 logger = logging.getLogger(__name__)
 
 TRIAL_ENV = "FT_FOCAL_SWEEP_TRIAL"
 PRUNED_EXIT_CODE = 75
 PRUNED_MARKER = "pruned.json"
-
-OBJECTIVES = ("overall", "many", "medium", "few", "group_mean")
-
-
-def objective_value(val: dict, objective: str) -> Optional[float]:
-    """The sweep objective of a validation result (fractions in [0, 1]); `group_mean` is the mean of
-    many / medium / few accuracy (docs/metrics.md). None when a group it needs is empty."""
-    if objective == "group_mean":
-        groups = [val.get(k) for k in ("many", "medium", "few")]
-        return None if any(g is None for g in groups) else float(sum(groups) / 3.0)
-    value = val.get(objective)
-    return None if value is None else float(value)
-
 
 def validation_hook_from_env() -> Optional[Callable]:
     """The pruning callback of a sweep trial (`Trainer.on_validation`), or None outside a sweep."""

@@ -27,7 +27,8 @@ import optuna
 
 from ft_focal.config import save_recipe
 from ft_focal.errors import UserError, one_line
-from ft_focal.sweeps.pruning import PRUNED_MARKER, TRIAL_ENV, objective_value
+from ft_focal.sweeps.objective import objective_value
+from ft_focal.sweeps.pruning import PRUNED_MARKER, TRIAL_ENV
 from ft_focal.sweeps.spec import ParamSpec, SweepSpec
 from ft_focal.sweeps.study import CRASHED, DUPLICATE_OF, INTERRUPTED, WORKER, find_duplicate, original_number, this_worker
 

@@ -21,7 +21,7 @@ from typing import Any, Optional
 from ft_focal.config import SECTIONS, Recipe, recipe_from_dict
 from ft_focal.errors import UserError
 from ft_focal.overrides import closest, parse_override, read_yaml
-from ft_focal.sweeps.pruning import OBJECTIVES
+from ft_focal.sweeps.objective import OBJECTIVES
 
 PARAM_TYPES = ("float", "log_float", "int", "categorical")
 SAMPLERS = ("grid", "random", "tpe")
