@@ -52,3 +52,19 @@ def test_fp16_policy_is_refused():
     assert mixed_precision_policy("bf16").reduce_dtype == torch.float32
     with pytest.raises(ValueError, match="fp16"):
         mixed_precision_policy("fp16")
+
+
+def test_memory_benchmark_projection_counts_parameters_on_the_meta_device():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    import memory_fsdp as bench
+
+    p = bench.count_params("ViT-L-14")
+    assert 303e6 < p["total"] - p["head"] < 305e6 and p["tokens"] == 257 and p["layers"] == 24
+    full1, full8 = (bench.per_rank_static(p, "full", n, fsdp=True) for n in (1, 8))
+    assert bench.per_rank_static(p, "full", 8, fsdp=False) == 4 * 5 * p["total"]   # DDP: 5 fp32 copies
+    assert full8 < full1 / 4                                                          # sharded by N
+    assert bench.max_batch(bench.per_rank_static(p, "full", 1, False), bench.per_sample_activations(p, False), 24) < \
+        bench.max_batch(bench.per_rank_static(p, "full", 8, True), bench.per_sample_activations(p, True), 24)
