@@ -9,8 +9,8 @@ ignore an FSDP plugin, so nothing here goes through ``accelerator.prepare(model)
   torch.distributed.checkpoint (one ``__<rank>_0.distcp`` file per rank and ``.metadata``, all in
   the checkpoint folder, so MANIFEST.json covers every shard); the SAM-family wrapper's counters,
   the LR schedule, the trainer state and every rank's RNG are written as in ft_focal/checkpoint.py.
-  DCP reshards on load, so a run resumes on another number of processes (the data order then
-  differs from the uninterrupted run: a warning says so).
+  DCP reshards on load, so a run may resume on another number of processes (untested here; the
+  data order then differs from the uninterrupted run and a warning says so).
 - After the loop the model is consolidated (every shard gathered into a plain copy on each rank),
   so evaluation, ``best_model.safetensors`` and ``final/`` are the same files as without FSDP.
 """
@@ -69,6 +69,9 @@ def prepare_model(model: torch.nn.Module, recipe: Any, bundle: Any, accelerator:
     from ft_focal.fsdp import assert_sharded, mixed_precision_policy, shard_model
 
     check_fsdp_recipe(recipe)
+    if not torch.distributed.is_initialized():
+        raise UserError("recipe key 'train.fsdp': needs a distributed launch (accelerate launch or torchrun with 2 or "
+                        "more processes); one process has nothing to shard: set train.fsdp: false")
     model.to(accelerator.device)
     init_head_for_run(model, recipe, bundle, accelerator)
     if after_head_init is not None:

@@ -54,7 +54,11 @@ Common options:
     gradient always. Without ``no_sync`` the model's own DDP hooks average every backward; methods
     that back-propagate one forward twice (all but ERM/SAM unless single_backward) then need
     ``no_sync``. ``sharded=True`` (FSDP / ZeRO: gradients are shards) makes every global norm
-    ``sqrt(all_reduce(sum of local squares))``; ``no_sync`` is then ignored.
+    ``sqrt(all_reduce(sum of local squares))``; ``no_sync`` is then ignored. FSDP2 parameters
+    (DTensors from ``fully_shard``) are detected: the math then runs on each rank's local shard
+    (perturbation, restore, split gradients, ASAM, CC-SAM norms) with the norms all-reduced over
+    the shards' group, and the one-backward path is switched off with one log line
+    (``_sharding.py``; docs/design.md, "Sharded training").
 
 With Accelerate call ``step`` on the optimizer itself (``accelerated_optimizer.optimizer``), not on
 the ``AcceleratedOptimizer`` wrapper (it forwards no ``targets`` and, under fp16, would run its own
