@@ -187,7 +187,8 @@ def test_killed_worker_rerun_resumes_the_trial_from_its_checkpoint(tmp_path):
     assert all(t.state == TrialState.COMPLETE for t in done)
     retry = next(t for t in done if t.system_attrs.get("failed_trial") == 0)
     assert Path(retry.user_attrs["folder"]).name == "trial_0000"
-    assert "resumed from" in (run / "train.out").read_text()
+    log = (run / "train.out").read_text()
+    assert "resumed from" in log and "the recipe differs" not in log  # the retry resumes the same recipe
     assert json.loads((run / "metrics.json").read_text())["updates"] == 34
 
 
@@ -254,7 +255,8 @@ def test_postgres_second_worker_takes_over_a_dead_workers_trial(tmp_path, postgr
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["worker"]["host"] == "machine-b"
     assert Path(retry.user_attrs["folder"]) == Path(a_trial.user_attrs["folder"])
     assert study.trials[a_trial.number].state == TrialState.FAIL
-    assert "resumed from" in (run / "train.out").read_text()
+    log = (run / "train.out").read_text()
+    assert "resumed from" in log and "the recipe differs" not in log  # the retry resumes the same recipe
     assert json.loads((run / "metrics.json").read_text())["updates"] == 34
 
 

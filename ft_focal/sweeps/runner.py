@@ -102,7 +102,8 @@ class TrialRunner:
     def _run_seed(self, trial: optuna.Trial, params: dict, seed: int, index: int, run_dir: Path, start: float) -> dict:
         spec = self.spec
         try:
-            recipe = spec.trial_recipe(params, seed, str(run_dir), f"{spec.name}_trial{trial.number}_seed{seed}")
+            # named after the folder, not the trial number: a retry resumes the same recipe
+            recipe = spec.trial_recipe(params, seed, str(run_dir), f"{spec.name}_{run_dir.parent.name}_seed{seed}")
         except UserError as exc:
             raise self._crash(trial, str(exc)) from None
         save_recipe(recipe, run_dir / "recipe.yaml")
