@@ -110,3 +110,21 @@ def test_all_15_alexnet_means_match_the_published_ones():
         mean = 100 * sum(table[name]) / 5
         # +-0.05: the published means are rounded to 0.1 (jpeg's mean of the table is 60.65)
         assert abs(mean - published) <= 0.05 + 1e-9, (name, mean, published)
+
+
+def test_shot_groups_refuses_few_above_many_naming_both():
+    """Mutation testing (tools/mutation.py metrics) found this message unchecked."""
+    with pytest.raises(ValueError, match=r"few threshold \(200\) must not exceed many threshold \(100\)"):
+        shot_groups([5, 50], many=100, few=200)
+
+
+@pytest.mark.parametrize("clean", [0.0, 1.0])
+def test_clean_error_accepts_the_ends_of_0_1_and_refuses_beyond(clean):
+    """docs/metrics.md: clean errors are fractions in [0, 1], both ends included (mutation testing
+    found the ends unchecked)."""
+    from ft_focal.metrics import mean_corruption_error
+
+    errors = {c: [0.5] * 5 for c in BENCHMARK_CORRUPTIONS}
+    mean_corruption_error(errors, clean_error=clean)
+    with pytest.raises(ValueError, match=r"clean_error must be a fraction in \[0, 1\]"):
+        mean_corruption_error(errors, clean_error={0.0: -0.01, 1.0: 1.5}[clean])

@@ -18,9 +18,11 @@ became `<=` changes the step.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import math
+import shutil
 import tempfile
 import types
 from pathlib import Path
@@ -65,6 +67,7 @@ def built(rel: str) -> Trainer:
     path = ROOT / "recipes" / rel
     recipe = load_recipe(str(path))
     out = tempfile.mkdtemp(prefix="wiring_")
+    atexit.register(shutil.rmtree, out, True)   # the run writes its resolved recipe there
     tiny = dataclasses.replace(recipe, output_dir=out, model=tiny_variant(recipe.model),
                                data=dataclasses.replace(recipe.data, num_workers=0),
                                train=dataclasses.replace(recipe.train, threads=None, mixed_precision="no",

@@ -28,7 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = {   # name -> (paths to mutate, tests that exercise them)
-    "metrics": (["ft_focal/metrics.py"], ["tests/test_metrics.py", "tests/test_boundaries.py"]),
+    "metrics": (["ft_focal/metrics.py"], ["tests/test_metrics.py", "tests/test_boundaries.py",
+                                          "tests/test_imagenet_c.py"]),
     "losses": (["ft_focal/losses.py"], ["tests/test_losses.py", "tests/test_recipe_wiring.py"]),
     "optim": (["ft_focal/optim/"], ["tests/test_optim_methods.py", "tests/test_optim_mechanics.py",
                                     "tests/test_optim_single_backward.py", "tests/test_boundaries.py",
