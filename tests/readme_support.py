@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -116,7 +117,8 @@ def make_tiny_hf_vit(folder: Path) -> Path:
 
 @dataclass
 class Workspace:
-    """A scratch folder standing in for a clone: `recipes/` and `eval/` link to the repository's,
+    """A scratch folder standing in for a clone: `recipes/` and `sweeps/` link to the repository's,
+    `eval/` is a copy,
     the README's relative outputs (`runs/...`, `exports/...`) land here, and the placeholders of
     absolute paths map to fixtures built on first use."""
 
@@ -132,8 +134,11 @@ class Workspace:
 
 
 def make_workspace(root: Path) -> Workspace:
-    for name in ("recipes", "eval"):
+    for name in ("recipes", "sweeps"):
         (root / name).symlink_to(REPO / name, target_is_directory=True)
+    # copied, not linked: a suite file's relative root (`../runs/demo/...`) is resolved against the
+    # file's real folder, which must be the workspace's
+    shutil.copytree(REPO / "eval", root / "eval")
     return Workspace(root, builders={
         "imagenet_lt": make_imagenet_lt_root,
         "open_clip_weights": lambda p: make_tiny_open_clip_weights(p / "open_clip_model.safetensors"),
