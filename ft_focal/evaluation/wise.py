@@ -26,10 +26,10 @@ from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ft_focal.errors import UserError
+from ft_focal.files import save_safetensors
 
 INITIAL = "initial_head.safetensors"
 HEAD_PREFIX = "head."
@@ -66,7 +66,7 @@ def save_initial_state(out_dir: str | os.PathLike, model: nn.Module, recipe: Any
             meta["backbone"] = "pretrained"
             meta["backbone_sha256"] = backbone_digest(model.backbone)
     tmp = out / (INITIAL + ".tmp")
-    save_file(tensors, str(tmp), metadata={"ft_focal_wise": json.dumps(meta)})
+    save_safetensors(tensors, tmp, metadata={"ft_focal_wise": json.dumps(meta)})  # the other outputs' mode
     os.replace(tmp, out / INITIAL)
     return out / INITIAL
 
