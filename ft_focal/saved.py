@@ -9,16 +9,18 @@
 
 Everything needed to rebuild the classifier without the original pretrained weights file:
 the architecture comes from the recipe with random init, then the saved tensors are loaded.
+`write_run_artifacts` writes what a finished training run leaves next to its `final/`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -28,6 +30,8 @@ from safetensors.torch import save_model as st_save_model
 from ft_focal.config import Recipe, load_recipe, save_recipe
 from ft_focal.errors import UserError
 from ft_focal.files import with_output_permissions, write_json
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 
@@ -168,3 +172,32 @@ def trained_head_init(model_dir: Path, default: str) -> str:
     except (ValueError, yaml.YAMLError, KeyError, TypeError, AttributeError):
         pass  # unreadable: the card falls back to the folder's recipe
     return default
+
+
+def write_run_artifacts(out: Path, results: dict, model: torch.nn.Module, recipe: Recipe, bundle: Any,
+                        class_counts: list[int], preprocess: Any, accelerator: Any) -> None:
+    """The end of a training run (ft_focal/train.py): on the main process `out/final/` (safetensors
+    + what reloads it), `metrics.json` (in `out/` and `final/`) and `report.md`; then, on every
+    process, the end of training, and the Hub push when `hub.push` is set."""
+    if accelerator.is_main_process:
+        from ft_focal.trainlog import percent
+
+        final = save_model_dir(out / "final", model, recipe, bundle.classnames, class_counts, preprocess,
+                               getattr(bundle, "wnids", None))
+        write_json(out / "metrics.json", results)
+        write_json(final / "metrics.json", results)
+        try:
+            from ft_focal.report import write_run_report
+
+            write_run_report(out, results)
+        except Exception as exc:  # a plotting problem must not lose a finished run
+            logger.warning("could not write the report: %s", exc)
+        test = results["test"] or {}
+        logger.info("test: overall %s many %s medium %s few %s (%s)", *(percent(test.get(k)) for k in
+                    ("overall", "many", "medium", "few")), results["selected"])
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if recipe.hub.push and accelerator.is_main_process:
+        from ft_focal.hub import push_run
+
+        push_run(out, recipe.hub.repo_id, private=recipe.hub.private, revision=recipe.hub.revision)

@@ -6,7 +6,7 @@ or `accelerate launch -m ft_focal.train RECIPE.yaml [key=value ...]`.
 `resume` (the newest checkpoint that verifies), then per epoch `train_epoch` (the updates, periodic
 checkpoints, logs: ft_focal/trainlog.py) and `epoch_end` (validation, best model, the epoch's
 checkpoint), then `select_and_report` (best weights on validation, test report) and
-`write_artifacts` (`final/`, metrics.json, report.md, optional push). What it builds from the
+`write_artifacts` (`final/`, metrics.json, report.md, optional push: ft_focal/saved.py). What it builds from the
 recipe lives in ft_focal/builders.py.
 
 Hot path: batches come from pinned memory with non-blocking copies, one update ahead
@@ -77,7 +77,7 @@ from ft_focal.training_fsdp import (
     save_best_for,
     save_sharded_checkpoint,
 )
-from ft_focal.trainlog import TrainLog, percent
+from ft_focal.trainlog import TrainLog, validation_summary
 from ft_focal.trainstate import BEST, OPERATIONAL_KEYS, SkipStreak, TrainState, recipe_digest, save_best  # noqa: F401
 from ft_focal.zeroshot import is_zero_shot, mark_zero_shot, refuse_checkpoints
 
@@ -356,9 +356,9 @@ class Trainer:
         val = evaluate_split(self.model, self.val_set, self.class_counts, recipe.eval, self.cfg.eval_batch_size,
                              acc, recipe.data.num_workers, self.bundle.collate_fn)
         score = val[recipe.eval.select_metric]
-        s.history.append({"epoch": epoch, "step": s.step, "val": _short(val)})
-        self.log.write_validation(s.step, epoch, _short(val))
-        acc.log({f"val/{k}": v for k, v in _short(val).items() if v is not None}, step=s.step)
+        s.history.append({"epoch": epoch, "step": s.step, "val": validation_summary(val)})
+        self.log.write_validation(s.step, epoch, validation_summary(val))
+        acc.log({f"val/{k}": v for k, v in validation_summary(val).items() if v is not None}, step=s.step)
         if score is not None and (s.best is None or score > s.best):
             s.best, s.best_epoch = score, epoch
             s.best_sha256 = save_best_for(self)
@@ -420,30 +420,11 @@ class Trainer:
         return mark_zero_shot(results, results["head_init"]) if self.total_steps == 0 else results
 
     def write_artifacts(self, results: dict) -> None:
-        """final/ (safetensors + what reloads it), metrics.json, report.md; then the optional push."""
-        from ft_focal.saved import save_model_dir, write_json
+        """final/, metrics.json, report.md, then the optional push (ft_focal/saved.py)."""
+        from ft_focal.saved import write_run_artifacts
 
-        acc, out, recipe = self.accelerator, self.out, self.recipe
-        if acc.is_main_process:
-            final = save_model_dir(out / "final", self.model, recipe, self.bundle.classnames, self.class_counts,
-                                   self.preprocess, getattr(self.bundle, "wnids", None))
-            write_json(out / "metrics.json", results)
-            write_json(final / "metrics.json", results)
-            try:
-                from ft_focal.report import write_run_report
-
-                write_run_report(out, results)
-            except Exception as exc:  # a plotting problem must not lose a finished run
-                logger.warning("could not write the report: %s", exc)
-            test = results["test"] or {}
-            logger.info("test: overall %s many %s medium %s few %s (%s)", *(percent(test.get(k)) for k in
-                        ("overall", "many", "medium", "few")), results["selected"])
-        acc.wait_for_everyone()
-        acc.end_training()
-        if recipe.hub.push and acc.is_main_process:
-            from ft_focal.hub import push_run
-
-            push_run(out, recipe.hub.repo_id, private=recipe.hub.private, revision=recipe.hub.revision)
+        write_run_artifacts(self.out, results, self.model, self.recipe, self.bundle, self.class_counts,
+                            self.preprocess, self.accelerator)
 
 
 def train(recipe: Recipe, bundle: Any = None, restart: bool = False) -> dict:
@@ -461,10 +442,6 @@ def train(recipe: Recipe, bundle: Any = None, restart: bool = False) -> dict:
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2], previous[3]
-
-
-def _short(result: dict) -> dict:
-    return {k: result.get(k) for k in ("overall", "many", "medium", "few", "ece")}
 
 
 if __name__ == "__main__":  # `accelerate launch -m ft_focal.train RECIPE`: the `ft-focal train` command

@@ -57,6 +57,12 @@ def _truncate_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def validation_summary(result: dict) -> dict:
+    """The keys of a split's evaluation (ft_focal/evaluate.py) that the log and the run history keep:
+    accuracies in [0, 1] overall and by shot group, and ECE."""
+    return {k: result.get(k) for k in ("overall", "many", "medium", "few", "ece")}
+
+
 def percent(value: Optional[float]) -> str:
     """An accuracy (a fraction) as people read it in every command's output: `78.33%`, or `n/a`."""
     return "n/a" if value is None else f"{100 * value:.2f}%"

@@ -25,3 +25,42 @@ def _fresh_accelerate_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres_url():
+    """A PostgreSQL server of its own in a temporary directory (initdb / pg_ctl run as the
+    `postgres` user when the tests run as root, which PostgreSQL refuses); used by the sweep tests
+    and the README's cluster sweep."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    if shutil.which("initdb") is None:
+        if os.environ.get("CI"):
+            pytest.fail("initdb is not installed: CI must test the sweep on PostgreSQL")
+        pytest.skip("PostgreSQL (initdb) is not installed")
+    pytest.importorskip("psycopg")
+    root = Path(tempfile.mkdtemp(prefix="ft_focal_pg_", dir="/tmp"))
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(root, "postgres")
+    data, port = root / "data", _free_port()
+    subprocess.run(as_user + ["initdb", "-D", str(data), "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
+    options = f"-p {port} -k {root} -c listen_addresses=''"
+    subprocess.run(as_user + ["pg_ctl", "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"],
+                   check=True, capture_output=True, timeout=120)
+    try:
+        yield f"postgresql+psycopg://postgres@/postgres?host={root}&port={port}"
+    finally:
+        subprocess.run(as_user + ["pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

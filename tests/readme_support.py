@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -116,7 +117,8 @@ def make_tiny_hf_vit(folder: Path) -> Path:
 
 @dataclass
 class Workspace:
-    """A scratch folder standing in for a clone: its folders (`recipes/`, `eval/`, ...) link to the repository's,
+    """A scratch folder standing in for a clone: `recipes/` and `sweeps/` link to the repository's,
+    `eval/` is a copy,
     the README's relative outputs (`runs/...`, `exports/...`) land here, and the placeholders of
     absolute paths map to fixtures built on first use."""
 
@@ -131,14 +133,12 @@ class Workspace:
         return self.built[name]
 
 
-# Folders of a checkout that hold a user's outputs, never linked into the workspace.
-OUTPUT_FOLDERS = ("runs", "exports", "comparison")
-
-
 def make_workspace(root: Path) -> Workspace:
-    for folder in sorted(REPO.iterdir()):  # recipes/, eval/, sweeps/, ...: what a command names by path
-        if folder.is_dir() and not folder.name.startswith(".") and folder.name not in OUTPUT_FOLDERS:
-            (root / folder.name).symlink_to(folder, target_is_directory=True)
+    for name in ("recipes", "sweeps"):
+        (root / name).symlink_to(REPO / name, target_is_directory=True)
+    # copied, not linked: a suite file's relative root (`../runs/demo/...`) is resolved against the
+    # file's real folder, which must be the workspace's
+    shutil.copytree(REPO / "eval", root / "eval")
     return Workspace(root, builders={
         "imagenet_lt": make_imagenet_lt_root,
         "open_clip_weights": lambda p: make_tiny_open_clip_weights(p / "open_clip_model.safetensors"),

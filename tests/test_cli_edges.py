@@ -65,7 +65,8 @@ def test_a_later_override_of_the_same_key_wins(monkeypatch):
 
 def test_unknown_flag_is_one_line_in_every_command(capsys):
     for command in (["train", DEMO], ["eval", "x"], ["corrupt", DEMO, "--out", "x"], ["check-data", DEMO],
-                    ["export", "a", "b"], ["push", "a", "me/b"], ["report", "a"], ["sharpness", "x"]):
+                    ["export", "a", "b"], ["push", "a", "me/b"], ["report", "a"], ["sharpness", "x"],
+                    ["wise", "x"], ["sweep", "x.yaml"]):
         assert main([*command, "--bogus", "data.root=/d"]) == 2, command
         err = _one_line_error(capsys)
         assert "--bogus" in err and f"ft-focal {command[0]}" in err
@@ -121,6 +122,53 @@ def test_sharpness_flags_then_overrides(run, tmp_path):
 def test_check_data_flag_then_overrides(capsys):
     assert main(["check-data", "--workers", "1", DEMO, "data.num_workers=0"]) == 0
     assert "all images readable" in capsys.readouterr().out
+
+
+def test_wise_flags_then_overrides(monkeypatch, capsys):
+    """`ft-focal wise RUN --alphas 0,1 k=v --suite X k=v`: overrides after and between the flags."""
+    seen = {}
+
+    def fake_run_wise(run_dir, alphas, alpha, suites, accelerator, export, overrides):
+        seen.update(run_dir=run_dir, alphas=alphas, suites=suites, overrides=overrides)
+        return {"chosen_alpha": 0.0, "chosen_by": "validation", "run": run_dir}
+
+    monkeypatch.setattr("ft_focal.evaluation.wise_sweep.run_wise", fake_run_wise)
+    monkeypatch.setattr("ft_focal.evaluation.wise_report.wise_table", lambda out: [])
+    suite = str(REPO / "eval/digits_blur.yaml")
+    assert main(["wise", "some/run", "--alphas", "0,1", "data.num_workers=0", "--suite", suite,
+                 "data.root=/d"]) == 0
+    assert seen["run_dir"] == "some/run" and list(seen["alphas"]) == [0.0, 1.0] and len(seen["suites"]) == 1
+    assert seen["overrides"] == ["data.num_workers=0", "data.root=/d"]
+    assert "chosen alpha 0" in capsys.readouterr().out
+    assert main(["wise", "some/run", "--bogus", "data.root=/d"]) == 2
+    err = _one_line_error(capsys)
+    assert "--bogus" in err and "ft-focal wise" in err
+
+
+def test_sweep_flags_then_overrides(monkeypatch, tmp_path, capsys):
+    """`ft-focal sweep SWEEP.yaml --no-wait trials=2 --timeout 5 train.epochs=1`: every override reaches the spec."""
+    from types import SimpleNamespace
+
+    seen = {}
+
+    def fake_load_sweep(path, overrides):
+        seen.update(path=path, overrides=overrides)
+        return SimpleNamespace(name="s", trials=2, output_dir=str(tmp_path))
+
+    def fake_run_worker(spec, storage, launch, gpu, timeout, wait_for_others):
+        seen.update(timeout=timeout, wait=wait_for_others)
+        return "study"
+
+    monkeypatch.setattr("ft_focal.sweeps.spec.load_sweep", fake_load_sweep)
+    monkeypatch.setattr("ft_focal.sweeps.study.default_storage_url", lambda spec: "sqlite:///x.db")
+    monkeypatch.setattr("ft_focal.sweeps.worker.run_worker", fake_run_worker)
+    monkeypatch.setattr("ft_focal.sweeps.report.write_sweep_report", lambda spec, study, seconds: tmp_path / "s.md")
+    sweep = str(REPO / "sweeps/demo_focal_sam.yaml")
+    assert main(["sweep", "--no-wait", sweep, "trials=2", "--timeout", "5", "train.epochs=1"]) == 0
+    assert seen == {"path": sweep, "overrides": ["trials=2", "train.epochs=1"], "timeout": 5.0, "wait": False}
+    assert main(["sweep", sweep, "--bogus", "trials=2"]) == 2
+    err = _one_line_error(capsys)
+    assert "--bogus" in err and "ft-focal sweep" in err
 
 
 def test_python_m_ft_focal_train_uses_the_same_parser(tmp_path):

@@ -11,18 +11,19 @@ HOW TO REGISTER A NEW README BLOCK (the one table to edit is the REGISTRY below)
                   (e.g. eval on the demo run needs "demo"); they are run on demand, once;
       tiny_model  swap the recipe's ViT-B/16 for the tiny open_clip model of the same family
                   (the weights placeholder then points at that tiny model's file);
-      slow        the part takes over a minute: `pytest -m slow` runs it;
-      variables   values for the shell variables the command uses (`--storage "$SWEEP_DB"`).
+      slow        the part takes over a minute: `pytest -m slow` runs it.
     The program (first word after any `VAR=value`) picks the runner in RUNNERS: `ft-focal`
     (in-process `ft_focal.cli.main`) or `accelerate` (a real `accelerate launch` subprocess).
     A new program (say `torchrun`) needs a runner there too. A new `ft-focal` subcommand
     (`ft-focal sweep ...`, `ft-focal wise ...`) runs through the same runner: add its lines.
+    `env={"SWEEP_DB": "postgres_url"}`: `$SWEEP_DB` in the command takes the value of that pytest
+    fixture (a real PostgreSQL server for the README's cluster sweep).
   * A Python snippet: add an entry to PYTHON keyed by a string only that snippet contains, with
     the placeholder paths it uses (mapped to fixtures) and the providers it needs.
   * A placeholder path (an absolute `/data/...` path): add it to PLACEHOLDERS with the fixture
     it stands for (tests/readme_support.py builds them). Relative outputs (`runs/...`,
-    `exports/...`) need nothing: every command runs in a scratch folder with the
-    repository's folders (`recipes/`, `eval/`, ...) linked in.
+    `exports/...`) need nothing: every command runs in a scratch folder with `recipes/`,
+    `sweeps/` and (a copy of) `eval/` in it.
 A block or command that is not in the registry, or a registry entry the README no longer has,
 fails `test_every_readme_block_is_registered` / `test_every_registry_entry_is_in_a_readme`.
 """
@@ -66,14 +67,13 @@ class Plan:
     tiny_model: bool = False
     slow: bool = False
     check: Optional[Callable[[Path], None]] = None  # more than exit code 0: what must exist afterwards
-    variables: tuple[tuple[str, str], ...] = ()  # values of the shell variables ($NAME) the command uses
+    env: tuple[tuple[str, str], ...] = ()  # ("$VAR" in the command, the pytest fixture whose value it takes)
 
 
 def runs(*append: str, needs: tuple[str, ...] = (), provides: Optional[str] = None, tiny_model: bool = False,
          slow: bool = False, check: Optional[Callable[[Path], None]] = None,
-         variables: Optional[dict[str, str]] = None) -> Plan:
-    return Plan(None, tuple(append), tuple(needs), provides, tiny_model, slow, check,
-                tuple((variables or {}).items()))
+         env: Optional[dict[str, str]] = None) -> Plan:
+    return Plan(None, tuple(append), tuple(needs), provides, tiny_model, slow, check, tuple((env or {}).items()))
 
 
 def skipped(reason: str) -> Plan:
@@ -98,6 +98,13 @@ def _two_processes(run: str) -> Callable[[Path], None]:
         assert json.loads((root / run / "metrics.json").read_text())["world_size"] == 2
     return check
 
+
+def _robustness_evaluated(root: Path) -> None:
+    result = json.loads((root / DEMO_RUN / "final" / "eval.json").read_text())
+    assert len(result["robustness"]) == 2, result["robustness"]  # the blur shift and the -C suite
+
+
+SWEEP_SMALL = ("trials=2", "train.epochs=1", "train.eval_every_epochs=1", "pruner.name=none")
 
 PIP = skipped("pip: installs the package; this test runs from the checkout")
 GPU = "GPU-only: a bf16 CUDA launch config (the recipe and its overrides are still parsed)"
@@ -144,6 +151,34 @@ SHELL: dict[str, Plan] = {
     "ACCELERATE_USE_CPU=1 accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml -m ft_focal.train "
     "recipes/demo/digits_lt_focal_sam.yaml output_dir=runs/demo_2proc":
         runs("train.epochs=2", slow=True, check=_two_processes("runs/demo_2proc")),
+    # README.md, Robustness (on the demo run)
+    "ft-focal corrupt recipes/demo/digits_lt_focal_sam.yaml --out runs/demo/digits_c --corruptions "
+    "gaussian_noise,gaussian_blur --severities 3 --workers 2":
+        runs("--limit", "50", provides="digits_c_blur", check=_files("runs/demo/digits_c/gaussian_blur/3")),
+    'ft-focal eval runs/demo/digits_lt_focal_sam/final --suite eval/digits_blur.yaml --suite "eval/imagenet_c.yaml '
+    "root=runs/demo/digits_c corruptions=[gaussian_noise] extra_corruptions=[gaussian_blur] severities=[3] "
+    'classnames=null preprocessing.resize=32 preprocessing.crop=32 num_workers=0"':
+        runs(needs=("demo", "digits_c_blur"), check=_robustness_evaluated),
+    "ft-focal wise runs/demo/digits_lt_focal_sam --alphas 0:1:0.1 --suite eval/digits_blur.yaml --export "
+    "runs/demo/digits_lt_focal_sam_wise_export":
+        runs(needs=("demo",), check=_files(f"{DEMO_RUN}/wise/wise.md", f"{DEMO_RUN}/wise/final",
+                                           "runs/demo/digits_lt_focal_sam_wise_export/README.md")),
+    # README.md, Sweeps (2 trials of 1 epoch instead of 12 of 6)
+    "ft-focal sweep sweeps/demo_focal_sam.yaml":
+        runs(*SWEEP_SMALL, slow=True, provides="demo_sweep",
+             check=_files("runs/sweeps/demo_focal_sam/sweep.md", "runs/sweeps/demo_focal_sam/best.yaml")),
+    "ft-focal train runs/sweeps/demo_focal_sam/best.yaml":
+        runs("train.epochs=1", needs=("demo_sweep",), slow=True,
+             check=_files("runs/sweeps/demo_focal_sam/best_run/final/model.safetensors")),
+    'ft-focal sweep sweeps/demo_focal_sam.yaml --storage "$SWEEP_DB"':
+        runs(*SWEEP_SMALL, "output_dir=runs/sweeps/demo_focal_sam_postgres", slow=True,
+             env={"SWEEP_DB": "postgres_url"}, check=_files("runs/sweeps/demo_focal_sam_postgres/best.yaml")),
+    # README.md, FSDP2
+    "ACCELERATE_USE_CPU=1 accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml -m ft_focal.train "
+    "recipes/demo/digits_lt_focal_sam.yaml train.fsdp=true output_dir=runs/demo_fsdp2":
+        runs("train.epochs=2", slow=True, provides="demo_fsdp2", check=_two_processes("runs/demo_fsdp2")),
+    "ft-focal eval runs/demo_fsdp2/final":
+        runs(needs=("demo_fsdp2",), slow=True, check=_files("runs/demo_fsdp2/final/eval.json")),
 }
 
 
@@ -294,15 +329,15 @@ def run_accelerate(env: dict, words: list[str], ws: Workspace, monkeypatch) -> N
 RUNNERS: dict[str, Callable] = {"ft-focal": run_ft_focal, "accelerate": run_accelerate}
 
 
-def run_registered(command: str, ws: Workspace, monkeypatch) -> None:
+def run_registered(command: str, ws: Workspace, monkeypatch, request=None) -> None:
     """Run one README command (its `needs` first) in the workspace; each provider runs once."""
     plan = SHELL[command]
     for name in plan.needs:
         ensure(name, ws, monkeypatch)
-    for name, value in plan.variables:
-        command = command.replace("${" + name + "}", value).replace("$" + name, value)
-    assert "$" not in command, f"a shell variable without a value (give it in runs(variables=...)): {command}"
     env, words = split_env(command)
+    for variable, fixture in plan.env:
+        assert request is not None, f"{command}: a command that needs a fixture cannot be a provider"
+        words = [word.replace(f"${variable}", str(request.getfixturevalue(fixture))) for word in words]
     words = _localize(words, ws, plan.tiny_model) + list(plan.append)
     assert words[0] in RUNNERS, f"no runner for '{words[0]}' (add one to RUNNERS)"
     monkeypatch.chdir(ws.root)
@@ -337,7 +372,7 @@ def _render_imagenet_c(ws: Workspace, monkeypatch) -> Path:
 
 
 @pytest.mark.parametrize("command", _shell_params())
-def test_readme_command(command, workspace, monkeypatch):
+def test_readme_command(command, workspace, monkeypatch, request):
     assert command in SHELL, "unregistered (see test_every_readme_block_is_registered)"
     plan = SHELL[command]
     if plan.skip_reason is not None:
@@ -345,7 +380,7 @@ def test_readme_command(command, workspace, monkeypatch):
         pytest.skip(plan.skip_reason)
     if plan.provides is not None and plan.provides in workspace.done:
         return  # ran already as another command's prerequisite (with its check)
-    run_registered(command, workspace, monkeypatch)
+    run_registered(command, workspace, monkeypatch, request)
     if plan.provides is not None:
         workspace.done[plan.provides] = command
 
@@ -422,7 +457,8 @@ def test_files_the_readmes_cite_exist():
     for file in README_FILES:
         for cited in re.findall(r"[A-Za-z0-9_./-]+\.(?:md|py|yaml)\b", (REPO / file).read_text()):
             in_repo = cited.split("/")[0] in top and "/" in cited
-            shouted = "/" not in cited and cited.split(".")[0].isupper() and cited != "README.md"
+            stem = cited.split(".")[0]  # one capital letter (`A.yaml`) is a placeholder, not a document
+            shouted = "/" not in cited and len(stem) > 1 and stem.isupper() and cited != "README.md"
             if (in_repo or shouted) and not (REPO / cited).exists():
                 missing.append(f"{file}: {cited}")
     assert not missing, missing

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -190,37 +187,6 @@ def test_killed_worker_rerun_resumes_the_trial_from_its_checkpoint(tmp_path):
     log = (run / "train.out").read_text()
     assert "resumed from" in log and "the recipe differs" not in log  # the retry resumes the same recipe
     assert json.loads((run / "metrics.json").read_text())["updates"] == 34
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def postgres_url():
-    """A PostgreSQL server of its own in a temporary directory (initdb / pg_ctl run as the
-    `postgres` user when the tests run as root, which PostgreSQL refuses)."""
-    if shutil.which("initdb") is None:
-        if os.environ.get("CI"):
-            pytest.fail("initdb is not installed: CI must test the sweep on PostgreSQL")
-        pytest.skip("PostgreSQL (initdb) is not installed")
-    pytest.importorskip("psycopg")
-    root = Path(tempfile.mkdtemp(prefix="ft_focal_pg_", dir="/tmp"))
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_user:
-        shutil.chown(root, "postgres")
-    data, port = root / "data", _free_port()
-    subprocess.run(as_user + ["initdb", "-D", str(data), "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
-    options = f"-p {port} -k {root} -c listen_addresses=''"
-    subprocess.run(as_user + ["pg_ctl", "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"],
-                   check=True, capture_output=True, timeout=120)
-    try:
-        yield f"postgresql+psycopg://postgres@/postgres?host={root}&port={port}"
-    finally:
-        subprocess.run(as_user + ["pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_postgres_second_worker_takes_over_a_dead_workers_trial(tmp_path, postgres_url):

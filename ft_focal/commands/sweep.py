@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Optional
 
+from ft_focal.commands.args import CommandParser
 from ft_focal.commands.guard import list_flag, run_guarded
 from ft_focal.errors import UserError
 
@@ -27,11 +28,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     return run_guarded(lambda: _run(argv))
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ft-focal sweep", description="Hyperparameter sweep of a recipe (Optuna).")
+def _parser() -> CommandParser:
+    parser = CommandParser(prog="ft-focal sweep", description="Hyperparameter sweep of a recipe (Optuna); key=value "
+                           "overrides set sweep keys (trials=4, pruner.name=none) or fixed recipe keys (train.epochs=2).")
     parser.add_argument("sweep", help="sweep YAML file (e.g. sweeps/demo_focal_sam.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value: sweep keys (trials=4, pruner.name=none) or fixed "
-                        "recipe keys (train.epochs=2)")
     parser.add_argument("--storage", help="Optuna storage URL shared by all workers (default: sqlite:///<output_dir>/"
                         "study.db), e.g. postgresql+psycopg://user:password@host/db")
     parser.add_argument("--launch", help="command prefix of each trial's run, e.g. \"accelerate launch --config_file "
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(argv: Optional[list[str]]) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_command(argv)
     from ft_focal.sweeps.spec import load_sweep
 
     spec = load_sweep(args.sweep, args.overrides)

@@ -7,10 +7,10 @@ on validation, test and every suite, choose alpha on validation (or take --alpha
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional
 
+from ft_focal.commands.args import CommandParser
 from ft_focal.commands.guard import run_guarded
 
 
@@ -24,16 +24,15 @@ def _run(argv: Optional[list[str]]) -> int:
     from ft_focal.evaluation.wise import parse_alphas
     from ft_focal.evaluation.wise_sweep import run_wise
 
-    parser = argparse.ArgumentParser(prog="ft-focal wise", description="WiSE-FT: interpolate the initial and the "
-                                     "fine-tuned model of a run, by shot group, in and out of distribution.")
+    parser = CommandParser(prog="ft-focal wise", description="WiSE-FT: interpolate the initial and the "
+                           "fine-tuned model of a run, by shot group, in and out of distribution.")
     parser.add_argument("run_dir", help="a training run's output_dir (with final/ and initial_head.safetensors)")
-    parser.add_argument("overrides", nargs="*", help="recipe overrides key=value (e.g. data.root=/data/imagenet)")
     parser.add_argument("--alphas", default="0:1:0.1", help="START:STOP:STEP (stop included) or a,b,c (default 0:1:0.1)")
     parser.add_argument("--alpha", type=float, help="use this alpha instead of choosing on validation")
     parser.add_argument("--suite", action="append", default=[], metavar="'SUITE.yaml [key=value ...]'",
                         help="robustness suite to evaluate every alpha on (repeatable)")
     parser.add_argument("--export", metavar="EXPORT_DIR", help="also export the chosen model (as `ft-focal export`)")
-    args = parser.parse_args(argv)
+    args = parser.parse_command(argv)
     alphas = parse_alphas(args.alphas)
     if args.alpha is not None:
         parse_alphas(str(args.alpha))  # the same range check

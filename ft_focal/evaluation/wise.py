@@ -66,7 +66,7 @@ def save_initial_state(out_dir: str | os.PathLike, model: nn.Module, recipe: Any
             meta["backbone"] = "pretrained"
             meta["backbone_sha256"] = backbone_digest(model.backbone)
     tmp = out / (INITIAL + ".tmp")
-    save_safetensors(tensors, tmp, metadata={"ft_focal_wise": json.dumps(meta)})
+    save_safetensors(tensors, tmp, metadata={"ft_focal_wise": json.dumps(meta)})  # the other outputs' mode
     os.replace(tmp, out / INITIAL)
     return out / INITIAL
 
