@@ -22,22 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from ft_focal.errors import UserError
 from ft_focal.metrics import expected_calibration_error, long_tail_accuracy
 from ft_focal.runcontrol import ignore_stop_signals
-from ft_focal.sampling import eval_batches, unshard
+from ft_focal.sampling import eval_batches, gather_in_order
 
 logger = logging.getLogger(__name__)
-
-
-def _gather_shards(local: torch.Tensor, accelerator: Any, total: int) -> torch.Tensor:
-    """All-gather per-process shards of shape [n_r, ...] and interleave them to [total, ...]."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return local
-    world = accelerator.num_processes
-    longest = len(range(0, total, world))
-    padded = local.new_zeros((longest, *local.shape[1:]))
-    padded[: local.shape[0]] = local
-    gathered = accelerator.gather(padded.to(accelerator.device)).cpu()
-    parts = list(gathered.reshape(world, longest, *local.shape[1:]))
-    return unshard(parts, [total])
 
 
 def _collate_keep_bad(items: list) -> tuple[Optional[torch.Tensor], torch.Tensor]:
@@ -105,8 +92,8 @@ def predict(
     logits_parts = [torch.zeros(len(lab), num_classes) if p is None else p for p, lab in zip(logits_parts, label_parts)]
     local_logits = torch.cat(logits_parts) if logits_parts else torch.zeros(0, num_classes)
     local_labels = torch.cat(label_parts) if label_parts else torch.zeros(0, dtype=torch.long)
-    logits = _gather_shards(local_logits, accelerator, len(dataset))
-    labels = _gather_shards(local_labels, accelerator, len(dataset))
+    logits = gather_in_order(local_logits, accelerator, len(dataset))
+    labels = gather_in_order(local_labels, accelerator, len(dataset))
     readable = labels >= 0
     return logits[readable], labels[readable]
 

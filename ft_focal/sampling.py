@@ -159,6 +159,19 @@ def unshard(parts: list[torch.Tensor], sizes: Optional[list[int]] = None) -> tor
 _END = object()
 
 
+def gather_in_order(local: torch.Tensor, accelerator: Any, total: int) -> torch.Tensor:
+    """All-gather per-process shards [n_r, ...] of `shard_indices` (padded to equal length for the
+    collective) and interleave them back to dataset order, [total, ...]. One process: `local`."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return local
+    world = accelerator.num_processes
+    longest = len(range(0, total, world))
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    gathered = accelerator.gather(padded.to(accelerator.device)).cpu()
+    return unshard(list(gathered.reshape(world, longest, *local.shape[1:])), [total])
+
+
 def prefetch_to_device(groups: Iterator[list], device: torch.device,
                        tag: Optional[Callable[[], Any]] = None) -> Iterator[tuple[list, Any]]:
     """Yield (group on `device`, tag) for each group of (images, labels) micro-batches, one group ahead.

@@ -102,21 +102,9 @@ def model_outputs(fn: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, 
     if not parts:  # this process's shard is empty (fewer samples than processes): shape from one sample
         with autocast:
             parts.append(fn(_collate([dataset[0]])[0].to(device)).float().cpu()[:0])
-    return _gather_in_order(torch.cat(parts), accelerator, len(dataset))
+    from ft_focal.sampling import gather_in_order
 
-
-def _gather_in_order(local: torch.Tensor, accelerator: Any, total: int) -> torch.Tensor:
-    """All-gather shards [n_r, ...] (padded to equal length for the collective) and interleave to [total, ...]."""
-    from ft_focal.sampling import unshard
-
-    if accelerator is None or accelerator.num_processes == 1:
-        return local
-    world = accelerator.num_processes
-    longest = len(range(0, total, world))
-    padded = local.new_zeros((longest, *local.shape[1:]))
-    padded[: local.shape[0]] = local
-    gathered = accelerator.gather(padded.to(accelerator.device)).cpu()
-    return unshard(list(gathered.reshape(world, longest, *local.shape[1:])), [total])
+    return gather_in_order(torch.cat(parts), accelerator, len(dataset))
 
 
 def score_shift(prepared: PreparedSet, scores: torch.Tensor, clean_error: Optional[float] = None) -> dict:
