@@ -24,9 +24,6 @@ TRIAL_ENV = "FT_FOCAL_SWEEP_TRIAL"
 PRUNED_EXIT_CODE = 75
 PRUNED_MARKER = "pruned.json"
 
-OBJECTIVES = ("overall", "many", "medium", "few", "group_mean")
-
-
 def objective_value(val: dict, objective: str) -> Optional[float]:
     """The sweep objective of a validation result (fractions in [0, 1]); `group_mean` is the mean of
     many / medium / few accuracy (docs/metrics.md). None when a group it needs is empty."""

@@ -21,7 +21,9 @@ from typing import Any, Optional
 from ft_focal.config import SECTIONS, Recipe, recipe_from_dict
 from ft_focal.errors import UserError
 from ft_focal.overrides import closest, parse_override, read_yaml
-from ft_focal.sweeps.pruning import OBJECTIVES
+
+# the validation keys a sweep may rank on (sweeps.pruning.objective_value computes them)
+OBJECTIVES = ("overall", "many", "medium", "few", "group_mean")
 
 PARAM_TYPES = ("float", "log_float", "int", "categorical")
 SAMPLERS = ("grid", "random", "tpe")
