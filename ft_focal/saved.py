@@ -178,7 +178,7 @@ def write_run_artifacts(out: Path, results: dict, model: torch.nn.Module, recipe
                         class_counts: list[int], preprocess: Any, accelerator: Any) -> None:
     """The end of a training run (ft_focal/train.py): on the main process `out/final/` (safetensors
     + what reloads it), `metrics.json` (in `out/` and `final/`) and `report.md`; then, on every
-    process, the end of training, and the Hub push when `hub.push` is set."""
+    process, the end of training (the Hub push is the caller's: ft_focal.hub imports this module)."""
     if accelerator.is_main_process:
         from ft_focal.trainlog import percent
 
@@ -197,7 +197,3 @@ def write_run_artifacts(out: Path, results: dict, model: torch.nn.Module, recipe
                     ("overall", "many", "medium", "few")), results["selected"])
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if recipe.hub.push and accelerator.is_main_process:
-        from ft_focal.hub import push_run
-
-        push_run(out, recipe.hub.repo_id, private=recipe.hub.private, revision=recipe.hub.revision)

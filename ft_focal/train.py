@@ -425,6 +425,11 @@ class Trainer:
 
         write_run_artifacts(self.out, results, self.model, self.recipe, self.bundle, self.class_counts,
                             self.preprocess, self.accelerator)
+        hub = self.recipe.hub
+        if hub.push and self.accelerator.is_main_process:
+            from ft_focal.hub import push_run
+
+            push_run(self.out, hub.repo_id, private=hub.private, revision=hub.revision)
 
 
 def train(recipe: Recipe, bundle: Any = None, restart: bool = False) -> dict:
