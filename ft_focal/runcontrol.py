@@ -20,6 +20,7 @@ import logging
 import os
 import pickle  # only for the exception type raised by torch.load(weights_only=True)
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -204,3 +205,19 @@ def recipe_changes(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, 
             shown = ["(absent)" if v is missing else repr(v) for v in (before, after)]
             changes.append(f"{key}: {shown[0]} -> {shown[1]}")
     return changes
+
+
+def warn_if_run_differs(path: Path, restored: dict, recipe: Any, digest: str, world: int,
+                        operational: tuple[str, ...]) -> None:
+    """Warnings for a resume from `path` by another recipe (key by key) or another process count."""
+    if restored.get("recipe_sha256") not in (None, digest):
+        warn_recipe_differs(path, restored.get("recipe"), recipe, operational)
+    if restored.get("world_size", world) != world:
+        logger.warning("%s was written by %s process(es), this run has %d", path, restored.get("world_size"), world)
+
+
+def restore_file(saved: Path, target: Path) -> None:
+    """Atomically put a checkpoint's copy of a file (e.g. the best model) back in place, if it has one."""
+    if saved.is_file():
+        shutil.copyfile(saved, target.with_name(target.name + ".tmp"))
+        os.replace(target.with_name(target.name + ".tmp"), target)

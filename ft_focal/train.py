@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -210,17 +209,11 @@ class Trainer:
             return runcontrol.refuse_unverifiable(self.ckpt_root)
         restored = runcontrol.load_for_resume(resume_from, lambda: load_checkpoint_for(self, resume_from))
         digest = self.state.recipe_sha256
-        if restored.get("recipe_sha256") not in (None, digest):
-            runcontrol.warn_recipe_differs(resume_from, restored.get("recipe"), self.recipe,
-                                tuple(".".join(key) for key in OPERATIONAL_KEYS))
-        if restored.get("world_size", self.world) != self.world:
-            logger.warning("%s was written by %s process(es), this run has %d", resume_from,
-                           restored.get("world_size"), self.world)
+        runcontrol.warn_if_run_differs(resume_from, restored, self.recipe, digest, self.world,
+                                       tuple(".".join(key) for key in OPERATIONAL_KEYS))
         self.state = dataclasses.replace(TrainState.from_json(restored), recipe_sha256=digest)
-        if acc.is_main_process and (resume_from / BEST).is_file():
-            # The best model as of the checkpoint (a later one may have been written before the crash).
-            shutil.copyfile(resume_from / BEST, self.out / (BEST + ".tmp"))
-            os.replace(self.out / (BEST + ".tmp"), self.out / BEST)
+        if acc.is_main_process:  # the best model as of the checkpoint (a later one may predate the crash)
+            runcontrol.restore_file(resume_from / BEST, self.out / BEST)
         acc.wait_for_everyone()
         logger.info("resumed from %s (update %d of %d)", resume_from, self.state.step, self.total_steps)
 
