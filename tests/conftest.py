@@ -6,6 +6,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("ACCELERATE_USE_CPU", "1")
+# One OpenMP thread from the start, and back to one after every test (below): tests fork
+# (accelerate.debug_launcher), and a child forked after the parent ran an OpenMP team of several
+# threads hangs in its first parallel region (seen in a oneDNN reorder of a Conv2d). The variable
+# also keeps libraries that size the pool themselves when it is unset (Lightning) at one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Tests use tiny models: one intra-op thread is as fast as two and does not thrash when the
 # two cores are shared (pytest plus a DataLoader worker or a second process).
@@ -21,6 +26,7 @@ def _fresh_accelerate_state():
     """Accelerate's state is process-global (every run / dry run builds an Accelerator); forked test
     children and the next test must not inherit a stale one."""
     yield
+    torch.set_num_threads(1)
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
