@@ -85,9 +85,25 @@ def prepare_model(model: torch.nn.Module, recipe: Any, bundle: Any, accelerator:
                     mp_policy=mixed_precision_policy(recipe.train.mixed_precision))
     except ValueError as exc:
         raise UserError(f"recipe key 'train.fsdp': {exc}") from None
-    n = assert_sharded(model)
-    logger.info("FSDP2 over %d process(es): %d trainable tensors sharded", accelerator.num_processes, n)
+    counts = _sharded_counts_of_every_rank(model, assert_sharded)
+    logger.info("FSDP2 over %d process(es): %d trainable tensors sharded, checked on every rank (%s)",
+                accelerator.num_processes, counts[0], ", ".join(map(str, counts)))
     return model
+
+
+def _sharded_counts_of_every_rank(model: torch.nn.Module, assert_sharded: Callable) -> list[int]:
+    """Every rank checks its own parameters are DTensors and the main process hears all answers, since
+    only it logs INFO. A failing rank's reason reaches every rank, so none waits in a later collective."""
+    try:
+        answer: tuple[int, str | None] = (assert_sharded(model), None)
+    except AssertionError as exc:
+        answer = (0, str(exc))
+    answers: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(answers, answer)
+    for rank, (_, problem) in enumerate(answers):
+        if problem:
+            raise AssertionError(f"rank {rank}: {problem}")
+    return [n for n, _ in answers]
 
 
 # --------------------------------------------------------------------------- checkpoints

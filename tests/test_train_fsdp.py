@@ -1,7 +1,8 @@
 """The Trainer under FSDP2 (train.fsdp: true), 2 gloo processes launched by accelerate on the CPU.
 
-The run shards for real: the log line "FSDP2 over 2 process(es): N trainable tensors sharded" is
-written only after every trainable parameter was checked to be a DTensor (ft_focal.fsdp.assert_sharded).
+The run shards for real: the main process logs "FSDP2 over 2 process(es): N trainable tensors sharded,
+checked on every rank (N, N)" only after every rank checked each trainable parameter is a DTensor
+(ft_focal.fsdp.assert_sharded).
 """
 import json
 import re
@@ -36,9 +37,11 @@ def _recipe(tmp_path: Path, fsdp: bool, **train) -> Path:
 
 
 def _sharded_tensors(stderr: str) -> int:
-    found = re.findall(r"FSDP2 over 2 process\(es\): (\d+) trainable tensors sharded", stderr)
-    assert len(found) == 2, "both processes must report their DTensor parameters"
-    return int(found[0])
+    found = re.findall(r"FSDP2 over 2 process\(es\): (\d+) trainable tensors sharded, checked on every rank "
+                       r"\((\d+), (\d+)\)", stderr)
+    assert len(found) == 1, "the main process must report both processes' DTensor parameters"
+    assert len(set(found[0])) == 1, found
+    return int(found[0][0])
 
 
 @pytest.mark.slow
