@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue 13's GPU checks as ONE device run (~8 min on an H200; each part has its own time limit).
+# The GPU checks (step cost, loop vs bare step) as ONE device run (~8 min on an H200; each part has its own time limit).
 # Writes into ${OUT:-benchmarks/results}: the card, the step cost (eager + compiled, fused SGD, both
 # workloads, bare-torch SAM, peak memory), then the loop against its step (eager, SAM and Focal-SAM).
 #
-# Device call (../.library/device/README.md): carry .whl (open_clip_torch, ftfy, wcwidth wheels) and
+# On a GPU machine without network: put the wheels of open_clip_torch, ftfy and wcwidth in .whl/ and
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:. || exit; bash benchmarks/gpu_check.sh
 set -o pipefail

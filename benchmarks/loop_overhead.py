@@ -4,7 +4,7 @@ What is measured: --steps updates of the digits-LT demo recipe (recipes/demo/dig
 tiny open_clip ViT, batch 32, LA loss, SGD + cosine LR) per optimizer (ERM, SAM, Focal-SAM), by two
 loops on the SAME dataset objects (one `build_datasets` bundle), interleaved (toolkit, bare, ...)
 --repeats times after a 2-step warm-up of each:
-  * toolkit: `ft_focal.train.train(recipe, bundle)`: Accelerate, ResumableBatchSampler + SeededDataset
+  * toolkit: `ft_focal.training.trainer.train(recipe, bundle)`: Accelerate, ResumableBatchSampler + SeededDataset
     (per-item RNG fork / reseed), the ft_focal.optim wrapper (non-finite checks, pass counts), LambdaLR,
     tqdm, logging. Time = metrics["train_seconds"] (the update loop; the final val/test evaluation,
     final/ and metrics.json come after it) MINUS what the loop does at its last update besides
@@ -60,9 +60,9 @@ from torch.utils.data import DataLoader  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import ft_focal.checkpoint as ckpt_mod  # noqa: E402
-import ft_focal.evaluate as evaluate_mod  # noqa: E402
-import ft_focal.train as train_mod  # noqa: E402
+import ft_focal.evaluation.evaluate as evaluate_mod  # noqa: E402
+import ft_focal.training.checkpoint as ckpt_mod  # noqa: E402
+import ft_focal.training.trainer as train_mod  # noqa: E402
 from ft_focal.config import Recipe, load_recipe  # noqa: E402
 from ft_focal.data import build_datasets  # noqa: E402
 from ft_focal.models import build_classifier, preprocess_for  # noqa: E402
@@ -75,7 +75,7 @@ VIT_RECIPE = ROOT / "recipes" / "imagenet_lt" / "clip_vit_b16_adaptformer_focal_
 PRESETS = {
     # the demo as it is (CPU default)
     "demo": {"recipe": RECIPE, "overrides": lambda args: []},
-    # issue 13's GPU setup: ViT-B/16 AdaptFormer at 224 px, batch 128, bf16, 1000 synthetic classes
+    # the GPU loop measurement's setup: ViT-B/16 AdaptFormer at 224 px, batch 128, bf16, 1000 synthetic classes
     # (random init: the FLOPs of the OpenAI weights), DataLoader workers as in the recipe
     "vit-b16": {"recipe": VIT_RECIPE, "overrides": lambda args: [
         "data.dataset=synthetic", "data.synthetic_num_classes=1000", "model.pretrained=null",

@@ -2,7 +2,7 @@
 
 Preset vit-b16 (default): recipes/imagenet_lt/clip_vit_b16_adaptformer_focal_sam.yaml with
 data.dataset=synthetic (1000 classes), random init (the FLOPs of the OpenAI weights), bf16, batch
-128, `--workers` DataLoader workers (8), as in issue 13's loop measurement.
+128, `--workers` DataLoader workers (8), as in the README's loop measurement.
   loop ms   = (loop(N) - loop(N/3)) / (N - N/3), loop(n) = train_seconds of an n-update run minus
               the end-of-run validation + checkpoint (loop_overhead.toolkit_run): model build,
               compilation and DataLoader start-up cancel out. `--steps` sets N (default 150).
@@ -84,7 +84,7 @@ def _bare_update(method: str, model: torch.nn.Module, criterion: Any, opt: torch
 
 def step_times(recipe: Any, bundle: Any, method: str, warmup: int, iters: int) -> tuple[float, float]:
     """(toolkit optimizer.step, bare-torch update) median seconds on one batch on the GPU."""
-    from ft_focal.train import Trainer
+    from ft_focal.training.trainer import Trainer
 
     trainer = Trainer(recipe, bundle)
     trainer.setup()

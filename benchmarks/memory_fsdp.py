@@ -85,8 +85,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from ft_focal.fsdp import assert_sharded, shard_model
     from ft_focal.optim import FocalSAM
+    from ft_focal.training.sharding import assert_sharded, shard_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -126,7 +126,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 def activation_bytes(checkpointing: bool) -> int:
     """Bytes autograd saves in one forward of the measured model at BATCH (parameters excluded)."""
-    from ft_focal.fsdp import checkpoint_blocks
+    from ft_focal.training.sharding import checkpoint_blocks
 
     model = _model("full")
     if checkpointing:

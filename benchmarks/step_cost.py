@@ -23,7 +23,7 @@ optimizer, in a fresh random order; the ratio to SAM is taken WITHIN the round (
 apart), and the table gives the median of those paired ratios with a 95 % bootstrap interval,
 beside the median wall time. CPU time of the process is shown too. GFLOP: matmul FLOPs of one step
 (torch.utils.flop_counter, forward + backward + the hook matmuls; elementwise work not counted) -
-load-independent. Memory is allocated as in training: `ft_focal.malloc.keep_freed_memory()` (the
+load-independent. Memory is allocated as in training: `ft_focal.training.malloc.keep_freed_memory()` (the
 training loop applies it on the CPU) keeps freed buffers in the process; with glibc's defaults
 (`--default-malloc`) every step page-faults its activation buffers in again, tens of thousands of
 faults per step, a different number per optimizer. Peak MiB: the peak of memory allocated during one step above the level before
@@ -48,11 +48,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from ft_focal.builders import compile_model  # noqa: E402
 from ft_focal.config import ModelConfig, TuningConfig  # noqa: E402
-from ft_focal.malloc import keep_freed_memory  # noqa: E402
 from ft_focal.models import build_classifier  # noqa: E402
 from ft_focal.optim import ERM, SAM, FocalSAM, ImbSAM  # noqa: E402
+from ft_focal.training.builders import compile_model  # noqa: E402
+from ft_focal.training.malloc import keep_freed_memory  # noqa: E402
 
 COUNTS = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]   # CIFAR-10-LT, imbalance factor 100
 SGD = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -219,7 +219,7 @@ def main(argv: list | None = None) -> None:
     ap.add_argument("--compile", action="store_true",
                     help="compile the model once with inductor (train.compile's setup) for every optimizer")
     ap.add_argument("--default-malloc", action="store_true",
-                    help="glibc's default malloc settings instead of the training loop's (ft_focal.malloc)")
+                    help="glibc's default malloc settings instead of the training loop's (ft_focal.training.malloc)")
     args = ap.parse_args(argv)
     if args.quick:
         args.batch, args.rounds, args.warmup = 8, 3, 1

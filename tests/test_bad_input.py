@@ -236,9 +236,9 @@ def test_errors_through_a_real_process_are_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
+    from ft_focal.artifacts.saved import save_model_dir
     from ft_focal.config import recipe_from_dict
     from ft_focal.models import build_classifier, preprocess_for
-    from ft_focal.saved import save_model_dir
 
     recipe = recipe_from_dict({"model": MODEL, "tuning": {"method": "head"},
                                "data": {"dataset": "synthetic", "synthetic_num_classes": 3, "synthetic_eval_size": 6,

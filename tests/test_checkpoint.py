@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ft_focal import checkpoint as ckpt
+from ft_focal.training import checkpoint as ckpt
 
 
 def make():

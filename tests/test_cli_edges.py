@@ -50,7 +50,7 @@ def test_train_dry_run_takes_overrides_after_the_flag(monkeypatch):
 
 def test_train_zero_shot_takes_overrides_after_the_flag(monkeypatch):
     seen = []
-    monkeypatch.setattr("ft_focal.train.train", lambda recipe, *args, **kwargs: seen.append(recipe))
+    monkeypatch.setattr("ft_focal.training.trainer.train", lambda recipe, *args, **kwargs: seen.append(recipe))
     assert main(["train", IMAGENET, "--zero-shot", "data.root=/data/imagenet", "optim.rho=0.1"]) == 0
     assert seen[0].data.root == "/data/imagenet" and seen[0].train.epochs == 0
     assert seen[0].output_dir.endswith("_zero_shot")
@@ -93,7 +93,7 @@ def test_flag_values_shaped_like_overrides_stay_flag_values(monkeypatch):
         seen.update(kwargs, source=source, repo_id=repo_id)
         return "https://hub/x"
 
-    monkeypatch.setattr("ft_focal.hub.push_run", fake_push)
+    monkeypatch.setattr("ft_focal.artifacts.hub.push_run", fake_push)
     assert main(["push", "--private", "--message", "lr=0.1", "some/run", "me/model"]) == 0
     assert seen["commit_message"] == "lr=0.1" and seen["private"] and seen["repo_id"] == "me/model"
 
@@ -237,7 +237,7 @@ def test_push_refuses_a_bad_repo_id_before_any_token_lookup(run, monkeypatch, ca
     def no_api():
         raise AssertionError("the Hub API was reached")
 
-    monkeypatch.setattr("ft_focal.hub._hf_api", no_api)
+    monkeypatch.setattr("ft_focal.artifacts.hub._hf_api", no_api)
     for bad in ("../../etc/passwd", "a/b/c", "me/--x", "me/"):
         assert main(["push", str(run), bad]) == 2, bad
         err = _one_line_error(capsys)

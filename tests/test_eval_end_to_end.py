@@ -67,7 +67,8 @@ def test_partial_imagenet_c_is_never_reported_as_mce(runs, capsys, monkeypatch, 
     that AlexNet's errors are not a valid baseline for these classes."""
     import shutil
 
-    from ft_focal import card, plots
+    from ft_focal.artifacts import card
+    from ft_focal.evaluation import plots
 
     root, corrupt = runs
     run = tmp_path / "focal"

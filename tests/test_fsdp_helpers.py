@@ -1,13 +1,13 @@
-"""ft_focal.fsdp helpers that need no process group: block discovery, activation checkpointing,
+"""ft_focal.training.sharding helpers that need no process group: block discovery, activation checkpointing,
 the refusals that come before any sharding."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ft_focal.config import ModelConfig, TuningConfig
-from ft_focal.fsdp import checkpoint_blocks, mixed_precision_policy, shard_model, transformer_blocks
 from ft_focal.models import build_classifier, tiny_model_config
 from ft_focal.optim import FocalSAM
+from ft_focal.training.sharding import checkpoint_blocks, mixed_precision_policy, shard_model, transformer_blocks
 
 COUNTS = [100, 30, 8, 3]
 

@@ -1,4 +1,4 @@
-"""Head initialisations beyond one text prompt (issue 16 item 4): class means (LIFT) and prompt
+"""Head initialisations beyond one text prompt: class means (LIFT) and prompt
 ensembles, with values computed by hand."""
 
 import logging

@@ -1,4 +1,4 @@
-"""Export / push / load of a trained model (ft_focal.hub, ft_focal.card). Offline and fast:
+"""Export / push / load of a trained model (ft_focal.artifacts.hub, ft_focal.artifacts.card). Offline and fast:
 one tiny LoRA run trained with the real loop is shared by the whole module."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import yaml
 from safetensors.torch import load_file
 
 import ft_focal
-from ft_focal import card, hub, provenance
+from ft_focal.artifacts import card, hub, provenance
+from ft_focal.artifacts.saved import load_model_dir
 from ft_focal.cli import main as cli_main
 from ft_focal.config import ModelConfig, recipe_from_dict
 from ft_focal.errors import UserError
-from ft_focal.saved import load_model_dir
 
 TOKEN = "hf_ThisIsNotARealTokenButMustNeverLeak123"
 PICKLE = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
@@ -30,7 +30,7 @@ PICKLE = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     from ft_focal.models import tiny_model_config
-    from ft_focal.train import train
+    from ft_focal.training.trainer import train
 
     out = tmp_path_factory.mktemp("hub") / "run"
     recipe = recipe_from_dict({

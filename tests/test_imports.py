@@ -1,12 +1,15 @@
-"""The package's import graph: no cycles (function-local imports included), and no library module
-imports the command line.
+"""The package's import graph: the layers of docs/design.md, and no cycles.
 
-Read from the source: every `import` / `from ... import` at any depth (a function-local import
-is still an edge), except under `if __name__ == "__main__":`, which runs only when the file is
-the script (`python -m ft_focal.train`): the module is then `__main__`, not itself, so it
-cannot close a cycle. `from package import name` is an edge to the submodule `package.name`
-when there is one, else to the package's `__init__`. Then every module is imported in one
-fresh interpreter.
+Read from the source: every `import` / `from ... import` at any depth is an edge, a function-local
+import and one under `if __name__ == "__main__":` included (a launcher calls into the app; the app
+never calls back into a launcher). `from package import name` is an edge to the submodule
+`package.name` when there is one, else to the package's `__init__`. Then every module is imported
+in one fresh interpreter.
+
+Layers, each importing only its own and those below it:
+  library   ft_focal.{optim, losses, metrics, models, data, sharpness, config, errors, files, version}
+  app       ft_focal.{training, artifacts, evaluation, sweeps, integrations}
+  commands  ft_focal.{commands, cli, train, evaluate} and the package itself (`ft_focal.load_model`)
 """
 
 import ast
@@ -30,18 +33,11 @@ def _modules() -> dict[str, Path]:
     return found
 
 
-def _is_main_guard(node: ast.AST) -> bool:
-    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
-            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
-
-
 def _imports(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     edges: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if _is_main_guard(node):
-            return
         if isinstance(node, ast.Import):
             edges.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -109,11 +105,49 @@ def test_the_cycle_check_sees_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_library_modules_do_not_import_the_command_line():
-    for module, edges in _graph().items():
-        if module == "ft_focal.cli" or module.startswith("ft_focal.commands"):
-            continue
-        assert not [e for e in edges if e == "ft_focal.cli" or e.startswith("ft_focal.commands")], module
+LIBRARY = ("optim", "losses", "metrics", "models", "data", "sharpness", "config", "errors", "files", "version")
+APP = ("training", "artifacts", "evaluation", "sweeps", "integrations")
+COMMANDS = ("commands", "cli", "train", "evaluate")
+TOP_LEVEL_MODULES = {"__init__", "cli", "errors", "evaluate", "files", "losses", "metrics", "train", "version"}
+
+
+def _layer(module: str) -> int:
+    """0 library, 1 app, 2 commands; a module outside every listed wing fails the test."""
+    if module == "ft_focal":
+        return 2
+    wing = module.split(".")[1]
+    for level, names in enumerate((LIBRARY, APP, COMMANDS)):
+        if wing in names:
+            return level
+    raise AssertionError(f"{module} belongs to no wing: add it to one in docs/design.md and here")
+
+
+def _layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{module} -> {target}" for module, targets in graph.items() for target in targets
+                  if _layer(target) > _layer(module))
+
+
+def test_the_library_never_imports_the_app_and_the_app_never_imports_the_commands():
+    assert _layer_violations(_graph()) == []
+
+
+def test_the_layer_check_sees_an_upward_import():
+    graph = {"ft_focal.losses": {"ft_focal.training.trainer"}, "ft_focal.training.trainer": {"ft_focal.train"},
+             "ft_focal.train": {"ft_focal.commands.train"}}
+    assert _layer_violations(graph) == ["ft_focal.losses -> ft_focal.training.trainer",
+                                        "ft_focal.training.trainer -> ft_focal.train"]
+
+
+def test_the_top_of_the_package_holds_only_the_named_modules():
+    assert {p.stem for p in ROOT.glob("*.py")} == TOP_LEVEL_MODULES
+
+
+def test_a_launcher_only_calls_into_the_command():
+    """`accelerate launch -m ft_focal.train` / `-m ft_focal.evaluate`: the file is the module Accelerate
+    starts and nothing else, so no app module can import it back."""
+    for launcher, command in (("train", "ft_focal.commands.train"), ("evaluate", "ft_focal.commands.eval")):
+        assert _graph()[f"ft_focal.{launcher}"] == {command}
+        assert not [m for m, targets in _graph().items() if f"ft_focal.{launcher}" in targets]
 
 
 def test_every_module_imports_in_a_fresh_interpreter():

@@ -6,7 +6,7 @@ import pytest
 
 SCRIPT = r"""
 import resource, sys
-from ft_focal.malloc import keep_freed_memory
+from ft_focal.training.malloc import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 faults = []
 for step in range(6):   # like a training step: activation-sized buffers allocated, then all freed

@@ -16,9 +16,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from ft_focal.config import ModelConfig, TuningConfig
-from ft_focal.fsdp import assert_sharded, full_state_dict, mixed_precision_policy, shard_model
 from ft_focal.models import build_classifier, tiny_model_config
 from ft_focal.optim import CCSAM, ERM, SAM, SSESAM, FocalSAM, ImbSAM
+from ft_focal.training.sharding import assert_sharded, full_state_dict, mixed_precision_policy, shard_model
 
 pytestmark = pytest.mark.slow
 

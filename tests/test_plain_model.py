@@ -1,14 +1,14 @@
-"""`ft_focal.load_model(..., plain=True)` (issue 16 item 6): the RobustBench convention — an
+"""`ft_focal.load_model(..., plain=True)`: the RobustBench convention — an
 `nn.Module` in eval mode taking RGB in [0, 1], normalising inside, with the class order recorded."""
 
 import pytest
 import torch
 
 import ft_focal
+from ft_focal.artifacts.plain import PlainClassifier
+from ft_focal.artifacts.saved import save_model_dir
 from ft_focal.config import ModelConfig, Recipe, TuningConfig
 from ft_focal.models import build_classifier, tiny_model_config
-from ft_focal.plain import PlainClassifier
-from ft_focal.saved import save_model_dir
 
 NAMES = ["zebra", "apple", "mango"]  # not alphabetical: the order must be the label order
 

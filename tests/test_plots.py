@@ -2,8 +2,7 @@
 
 import pytest
 
-from ft_focal.metrics import BENCHMARK_CORRUPTIONS, long_tail_accuracy, mean_corruption_error
-from ft_focal.plots import (
+from ft_focal.evaluation.plots import (
     plot_corruption_errors,
     plot_error_vs_severity,
     plot_group_accuracy,
@@ -11,6 +10,7 @@ from ft_focal.plots import (
     plot_sharpness,
     plot_trace_vs_count,
 )
+from ft_focal.metrics import BENCHMARK_CORRUPTIONS, long_tail_accuracy, mean_corruption_error
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COUNTS = [500, 300, 120, 100, 60, 20, 19, 5, 1, 0]

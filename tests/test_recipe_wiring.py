@@ -36,7 +36,7 @@ from ft_focal.config import load_recipe
 from ft_focal.data import synthetic_bundle
 from ft_focal.models import preprocess_for, tiny_variant
 from ft_focal.models.tuning import AdaptFormerMLP
-from ft_focal.train import Trainer
+from ft_focal.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
@@ -308,7 +308,7 @@ def test_head_scale_and_init(path):
 
 @pytest.mark.parametrize("path", RECIPES, ids=ids(RECIPES))
 def test_shot_groups_batch_and_accumulation(path):
-    from ft_focal.evaluate import evaluate_split
+    from ft_focal.evaluation.evaluate import evaluate_split
 
     trainer = built(path.relative_to(ROOT / "recipes").as_posix())
     recipe, counts = trainer.recipe, trainer.class_counts

@@ -216,7 +216,7 @@ def test_optimizer_and_loss_keys_are_accepted_by_the_registries(path):
 
     from ft_focal.losses import loss_kwargs
     from ft_focal.optim import build_optimizer, optimizer_kwargs
-    from ft_focal.train import LOSS_KEYS, METHOD_KEYS, build_loss_from
+    from ft_focal.training.trainer import LOSS_KEYS, METHOD_KEYS, build_loss_from
 
     recipe = load_recipe(path)
     o = recipe.optim
@@ -368,7 +368,7 @@ def test_split_file_recipes_build_their_data_with_the_builtin_class_names(ds, tm
 
 
 def test_preflight_accepts_builtin_class_names(tmp_path):
-    from ft_focal.preflight import missing_paths
+    from ft_focal.training.preflight import missing_paths
 
     _fake_split_root(tmp_path)
     recipe = load_recipe(RECIPES_DIR / "imagenet_lt" / "clip_vit_b16_adaptformer_focal_sam.yaml",

@@ -70,7 +70,7 @@ def test_timm_recipes_share_the_clip_adaptformer_settings_except_the_model():
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_timm_recipe_preprocess_and_size_of_the_real_model(path):
     from ft_focal.models import preprocess_for
-    from ft_focal.preflight import real_parameter_counts
+    from ft_focal.training.preflight import real_parameter_counts
 
     recipe = load_recipe(path)
     assert preprocess_for(recipe.model)["image_size"] == 224  # DINOv2 through model.config img_size

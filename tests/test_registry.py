@@ -5,11 +5,12 @@ import typing
 
 import pytest
 
-from ft_focal import card, config
-from ft_focal.builders import LOSS_KEYS, METHOD_KEYS
+from ft_focal import config
+from ft_focal.artifacts import card
 from ft_focal.losses import LOSSES, RECIPE_LOSSES, loss_kwargs
 from ft_focal.optim import OPTIMIZERS, RECIPE_KEYS, build_optimizer, optimizer_kwargs
 from ft_focal.optim.registry import METHODS, MethodInfo
+from ft_focal.training.builders import LOSS_KEYS, METHOD_KEYS
 
 
 def test_method_info_is_frozen():

@@ -31,8 +31,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from ft_focal import checkpoint as ckpt
 from ft_focal.config import recipe_from_dict
+from ft_focal.training import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def crashed_copy(reference: Path, target: Path, up_to_step: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
-    from ft_focal.train import train
+    from ft_focal.training.trainer import train
 
     out = tmp_path_factory.mktemp("resume") / "reference"
     metrics = train(recipe_from_dict(raw_recipe(out)))
@@ -112,7 +112,7 @@ def test_resume_after_simulated_crashes_is_bitwise_exact(reference_run, tmp_path
     """Crash between the last update of an epoch and its evaluation, right after an epoch-end
     evaluation, mid-epoch after a best model was written, and with the newest checkpoint
     truncated on disk."""
-    from ft_focal.train import train
+    from ft_focal.training.trainer import train
 
     ref, ref_metrics = reference_run
     names = [p.name for p in ckpt.checkpoint_dirs(ref / "checkpoints")]
@@ -123,10 +123,10 @@ def test_resume_after_simulated_crashes_is_bitwise_exact(reference_run, tmp_path
     expected = final_weights(ref)
 
     # A crash between the last update of epoch 0 and its evaluation (the process dies in it).
-    import ft_focal.evaluate
+    import ft_focal.evaluation.evaluate
 
     run = tmp_path / "crash_before_eval"
-    original = ft_focal.evaluate.evaluate_split
+    original = ft_focal.evaluation.evaluate.evaluate_split
     with pytest.MonkeyPatch.context() as patch:
         def dying(*args, **kwargs):
             raise KeyboardInterrupt("killed")
@@ -134,7 +134,7 @@ def test_resume_after_simulated_crashes_is_bitwise_exact(reference_run, tmp_path
         patch.setattr(ft_focal.evaluate, "evaluate_split", dying)
         with pytest.raises(KeyboardInterrupt):
             train(recipe_from_dict(raw_recipe(run)))
-    assert ft_focal.evaluate.evaluate_split is original
+    assert ft_focal.evaluation.evaluate.evaluate_split is original
     assert [p.name for p in ckpt.checkpoint_dirs(run / "checkpoints")] == ["step_00000003", "step_00000006"]
     train(recipe_from_dict(raw_recipe(run)))
     assert_bitwise_equal(final_weights(run), expected)
@@ -165,7 +165,7 @@ def test_resume_after_simulated_crashes_is_bitwise_exact(reference_run, tmp_path
 
 
 def test_rerun_of_a_finished_run_recomputes_nothing(reference_run, tmp_path):
-    from ft_focal.train import train
+    from ft_focal.training.trainer import train
 
     ref, ref_metrics = reference_run
     run = tmp_path / "finished"
@@ -253,7 +253,7 @@ def test_dataloader_worker_gives_the_same_augmented_items_as_the_main_process():
 
     from ft_focal.config import DataConfig
     from ft_focal.data import build_datasets
-    from ft_focal.sampling import ResumableBatchSampler, SeededDataset
+    from ft_focal.training.sampling import ResumableBatchSampler, SeededDataset
 
     pre = {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic"}
     bundle = build_datasets(DataConfig(dataset="digits_lt", imbalance_factor=10, image_size=32, test_resize=32,
@@ -309,7 +309,7 @@ def _tiny_synthetic(out: Path, **train) -> dict:
 
 
 def _poison(monkeypatch, bad_updates):
-    import ft_focal.train as train_module
+    import ft_focal.training.trainer as train_module
 
     original = train_module.build_loss_from
     monkeypatch.setattr(train_module, "build_loss_from",
@@ -317,7 +317,7 @@ def _poison(monkeypatch, bad_updates):
 
 
 def test_non_finite_updates_are_skipped_and_counted(tmp_path, monkeypatch):
-    from ft_focal.train import train
+    from ft_focal.training.trainer import train
 
     _poison(monkeypatch, {2, 3, 7})
     metrics = train(recipe_from_dict(_tiny_synthetic(tmp_path / "run", max_bad_steps=3)))

@@ -1,4 +1,4 @@
-"""Nothing is lost when a run stops or restarts (ft_focal/runcontrol.py): unverifiable checkpoints
+"""Nothing is lost when a run stops or restarts (ft_focal/training/run_control.py): unverifiable checkpoints
 stop the run instead of being rotated away, `--restart` moves them aside, the non-finite stop's
 advice works when followed, a changed recipe is named key by key, and SIGTERM / SIGUSR1 write a
 checkpoint from which a rerun continues bitwise exactly (the harness of tests/test_resume.py)."""
@@ -31,15 +31,15 @@ from test_resume import (  # noqa: E402
     raw_recipe,
 )
 
-from ft_focal import checkpoint as ckpt
 from ft_focal.config import recipe_from_dict
-from ft_focal.runcontrol import PREEMPTED_EXIT_CODE, Preempted
+from ft_focal.training import checkpoint as ckpt
+from ft_focal.training.run_control import PREEMPTED_EXIT_CODE, Preempted
 
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     """The uninterrupted run of tests/test_resume.py's recipe."""
-    from ft_focal.train import train
+    from ft_focal.training.trainer import train
 
     out = tmp_path_factory.mktemp("uninterrupted") / "reference"
     return out, train(recipe_from_dict(raw_recipe(out)))
@@ -113,7 +113,7 @@ def test_following_the_non_finite_stop_advice_finishes_the_run(tmp_path, monkeyp
     """A learning rate that blows up (here: the loss turns NaN whenever the optimizer's ACTUAL
     learning rate is above 0.1) stops the run; the line's advice, followed as printed, finishes it.
     (Resuming with a lower optim.lr does not: the checkpoint restores the old one.)"""
-    import ft_focal.train as train_module
+    import ft_focal.training.trainer as train_module
     from ft_focal.commands.train import main
 
     optimizers = []
@@ -156,7 +156,7 @@ def test_sigusr1_writes_a_checkpoint_and_the_rerun_is_bitwise_exact(reference_ru
     """The signal arrives during update 5 (mid-epoch, between periodic checkpoints): the run ends
     that update, writes step 5 and stops; the rerun ends bitwise equal to the uninterrupted run."""
     from ft_focal.optim import FocalSAM
-    from ft_focal.train import train
+    from ft_focal.training.trainer import train
 
     ref, ref_metrics = reference_run
     original_step, calls = FocalSAM.step, []

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import ft_focal
-from ft_focal import checkpoint as ckpt
+from ft_focal.training import checkpoint as ckpt
 
 PACKAGE = Path(ft_focal.__file__).resolve().parent
 SOURCES = sorted(PACKAGE.rglob("*.py"))
@@ -234,7 +234,7 @@ def test_hub_token_is_never_printed_or_logged(tmp_path, monkeypatch, capsys, cap
 def test_hub_token_is_not_written_by_a_run(tmp_path, monkeypatch):
     """A training run with HF_TOKEN set writes it nowhere (recipe, checkpoints, metrics, final/)."""
     from ft_focal.config import recipe_from_dict
-    from ft_focal.train import train
+    from ft_focal.training.trainer import train
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     out = tmp_path / "run"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ft_focal.sampling import ResumableBatchSampler, SeededDataset, eval_batches, unshard
+from ft_focal.training.sampling import ResumableBatchSampler, SeededDataset, eval_batches, unshard
 
 
 def test_processes_and_micro_batches_partition_each_global_batch():

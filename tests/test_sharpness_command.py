@@ -6,7 +6,7 @@ from pathlib import Path
 from ft_focal.cli import main
 from ft_focal.config import recipe_from_dict
 from ft_focal.models import tiny_model_config
-from ft_focal.train import train
+from ft_focal.training.trainer import train
 
 
 def test_sharpness_command_on_a_tiny_clip_lora_run(tmp_path):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from ft_focal.config import recipe_from_dict
 from ft_focal.models import tiny_model_config
-from ft_focal.train import train
+from ft_focal.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ from accelerate import debug_launcher
 
 def body(recipe_path):
     from ft_focal.config import load_recipe
-    from ft_focal.train import train
+    from ft_focal.training.trainer import train
 
     train(load_recipe(recipe_path))
 

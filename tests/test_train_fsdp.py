@@ -2,7 +2,7 @@
 
 The run shards for real: the main process logs "FSDP2 over 2 process(es): N trainable tensors sharded,
 checked on every rank (N, N)" only after every rank checked each trainable parameter is a DTensor
-(ft_focal.fsdp.assert_sharded).
+(ft_focal.training.sharding.assert_sharded).
 """
 import json
 import re
@@ -25,7 +25,7 @@ from test_resume import (  # noqa: E402
     raw_recipe,
 )
 
-from ft_focal import checkpoint as ckpt  # noqa: E402
+from ft_focal.training import checkpoint as ckpt  # noqa: E402
 
 
 def _recipe(tmp_path: Path, fsdp: bool, **train) -> Path:
@@ -76,7 +76,7 @@ def test_fsdp2_run_killed_mid_epoch_reruns_bitwise_and_matches_ddp(tmp_path):
     assert worst < 1e-4, worst
 
     # final/ is one consolidated file that load_model reads as today
-    from ft_focal.hub import load_model
+    from ft_focal.artifacts.hub import load_model
 
     model = load_model(str(reference / "final"), plain=True)
     assert all(type(p) is torch.nn.Parameter for p in model.parameters())

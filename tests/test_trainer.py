@@ -1,5 +1,5 @@
 """The Trainer's logs (train_log.jsonl, progress lines, learning curves), its hot path (no host
-reads between log steps) and the rough edges a new user hit (issue 14), one test each."""
+reads between log steps) and the rough edges a new user hits first, one test each."""
 
 import dataclasses
 import json
@@ -37,7 +37,7 @@ def run(tmp_path_factory):
     import contextlib
     import io
 
-    from ft_focal.train import train
+    from ft_focal.training.trainer import train
 
     out = tmp_path_factory.mktemp("trainer") / "run"
     recipe = _tiny(out, max_steps=6, log_every_steps=2)
@@ -83,7 +83,7 @@ def test_report_shows_learning_curves_and_report_overlays_runs(run, tmp_path):
 
 
 def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
-    from ft_focal.trainlog import LOG_FILE, _truncate_after, read_train_log
+    from ft_focal.training.log import LOG_FILE, _truncate_after, read_train_log
 
     path = tmp_path / LOG_FILE
     path.write_text("".join(json.dumps({"update": u, "loss": 1.0}) + "\n" for u in (2, 4, 6)) + '{"upd')
@@ -107,7 +107,7 @@ class _CountReads(torch.utils._python_dispatch.TorchDispatchMode):
 def test_loop_reads_no_device_value_between_log_steps(tmp_path, monkeypatch):
     """Between two optimizer steps the loop reads nothing from the device, except once at a log step
     (the summed loss). The optimizer's own reads are not the loop's and are not counted here."""
-    import ft_focal.train as train_mod
+    import ft_focal.training.trainer as train_mod
 
     counter, starts, ends = _CountReads(), [], []
     real_build = train_mod.build_optimizer_from
@@ -138,7 +138,7 @@ def test_loop_reads_no_device_value_between_log_steps(tmp_path, monkeypatch):
 
 def test_skip_streak_counts_the_same_on_the_host_and_on_the_device():
     """The longest run of skips between two reads, from bools or from 0-d flags read late."""
-    from ft_focal.trainstate import SkipStreak
+    from ft_focal.training.state import SkipStreak
 
     pattern = [0, 1, 1, 0, 1, 1, 1, 0, 0, 1, 1]
     reads_at = {3, 8, 11}
@@ -159,7 +159,7 @@ def test_with_a_fused_base_optimizer_updates_read_the_device_only_at_log_steps(t
     """optim.fused: the kernel skips a non-finite update on the device, so an update reads no
     device value, optimizer included, except the first (a fused SGD must not skip its first call;
     the one-backward check) and at log steps (summed loss and count, skip streak, skip count)."""
-    import ft_focal.train as train_mod
+    import ft_focal.training.trainer as train_mod
 
     counter, starts = _CountReads(), []
     recipe = _tiny(tmp_path / "run", max_steps=7, log_every_steps=3)
@@ -196,7 +196,7 @@ def test_yaml_no_is_accepted_for_mixed_precision(tmp_path):
                                           ("sam", "optim.gamma=1.0, optim.lam=0.8"),
                                           ("imbsam", "optim.gamma=1.0, optim.lam=0.8")])
 def test_switching_the_method_drops_keys_it_does_not_take(name, dropped, caplog):
-    from ft_focal.train import build_optimizer_from
+    from ft_focal.training.trainer import build_optimizer_from
 
     recipe = load_recipe(DEMO, [f"optim.name={name}"])
     model = torch.nn.Sequential(torch.nn.Linear(4, 10))
@@ -210,7 +210,7 @@ def test_switching_the_method_drops_keys_it_does_not_take(name, dropped, caplog)
 
 
 def test_precision_conflict_with_accelerate_launch_warns(monkeypatch, caplog, tmp_path):
-    from ft_focal.train import make_accelerator
+    from ft_focal.training.trainer import make_accelerator
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     with caplog.at_level(logging.WARNING, logger="ft_focal"):
@@ -219,7 +219,7 @@ def test_precision_conflict_with_accelerate_launch_warns(monkeypatch, caplog, tm
 
 
 def test_trackers_only_through_log_with(tmp_path):
-    from ft_focal.train import make_accelerator
+    from ft_focal.training.trainer import make_accelerator
 
     assert not make_accelerator(_tiny(tmp_path)).trackers
     with pytest.raises(UserError, match="unknown tracker 'tensorbord'"):
@@ -227,7 +227,7 @@ def test_trackers_only_through_log_with(tmp_path):
 
 
 def test_model_card_reports_the_trained_head_init(run, tmp_path):
-    from ft_focal import hub
+    from ft_focal.artifacts import hub
 
     out, _, _ = run
     assert yaml.safe_load((out / "recipe.yaml").read_text())["model"]["head_init"] == "text"
@@ -246,7 +246,7 @@ def test_no_log_line_about_a_throwaway_model(caplog):
 
 
 def test_demo_first_step_is_info_and_names_the_passes(tmp_path, caplog):
-    from ft_focal.train import train
+    from ft_focal.training.trainer import train
 
     recipe = load_recipe(DEMO, [f"output_dir={tmp_path / 'demo'}", "train.max_steps=2", "train.eval_every_epochs=100"])
     with caplog.at_level(logging.INFO, logger="ft_focal"):
@@ -283,7 +283,7 @@ def test_corrupt_bad_list_flag_is_one_line(tmp_path, capsys):
 
 
 def test_preflight_skips_list_paths_for_synthetic_data():
-    from ft_focal.preflight import missing_paths
+    from ft_focal.training.preflight import missing_paths
 
     recipe = load_recipe(REPO / "recipes" / "imagenet_lt" / "clip_vit_b16_adaptformer_focal_sam.yaml",
                          ["data.dataset=synthetic", "model.pretrained=null"])
@@ -291,7 +291,7 @@ def test_preflight_skips_list_paths_for_synthetic_data():
 
 
 def test_save_checkpoint_takes_keywords_after_the_state(tmp_path):
-    from ft_focal import checkpoint as ckpt
+    from ft_focal.training import checkpoint as ckpt
 
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

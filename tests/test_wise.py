@@ -100,8 +100,8 @@ _RUNS: dict = {}
 
 def _trained(method: str, tmp_path_factory) -> tuple[Path, Path]:
     """A one-epoch run of `method` and the zero-shot run of the same recipe (made once per module)."""
-    from ft_focal.train import train
-    from ft_focal.zeroshot import zero_shot_recipe
+    from ft_focal.training.trainer import train
+    from ft_focal.training.zero_shot import zero_shot_recipe
 
     if method not in _RUNS:
         out = tmp_path_factory.mktemp(method) / "run"
@@ -120,8 +120,8 @@ _END_TO_END = [pytest.param(m, marks=() if m == "head" else pytest.mark.slow) fo
 
 @pytest.mark.parametrize("method", _END_TO_END)
 def test_wise_alpha_0_is_the_zero_shot_model_and_alpha_1_the_run(tmp_path_factory, method):
+    from ft_focal.artifacts.saved import load_model_dir
     from ft_focal.evaluation.wise_sweep import run_wise
-    from ft_focal.saved import load_model_dir
 
     run, zero = _trained(method, tmp_path_factory)
     assert (run / INITIAL).is_file()
@@ -151,8 +151,8 @@ def test_full_tuning_from_pretrained_weights_rebuilds_w0_and_checks_it(tmp_path)
     from safetensors.torch import save_file
 
     from ft_focal.evaluation.wise_sweep import run_wise
-    from ft_focal.train import train
-    from ft_focal.zeroshot import zero_shot_recipe
+    from ft_focal.training.trainer import train
+    from ft_focal.training.zero_shot import zero_shot_recipe
 
     torch.manual_seed(3)
     weights = tmp_path / "clip.safetensors"

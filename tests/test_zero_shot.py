@@ -1,4 +1,4 @@
-"""The zero-shot baseline (issue 16 item 5): `train.epochs: 0` / `--zero-shot` evaluates the
+"""The zero-shot baseline: `train.epochs: 0` / `--zero-shot` evaluates the
 initial head through the same metrics.json, report and model card, with no optimizer step."""
 
 import json
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from ft_focal.card import read_front_matter
+from ft_focal.artifacts.card import read_front_matter
 from ft_focal.config import recipe_from_dict
 from ft_focal.errors import UserError
 from ft_focal.models import tiny_model_config
@@ -29,7 +29,7 @@ def _raw(out: Path, family: str = "open_clip", **train: object) -> dict:
 @pytest.fixture(scope="module")
 def zero_shot_run(tmp_path_factory):
     """A zero-shot run of the text-initialised tiny CLIP, every optimizer step made to fail."""
-    from ft_focal.train import train
+    from ft_focal.training.trainer import train
 
     out = tmp_path_factory.mktemp("zs") / "run"
     with pytest.MonkeyPatch.context() as mp:
@@ -57,7 +57,7 @@ def test_zero_shot_report_says_no_training(zero_shot_run):
 
 
 def test_zero_shot_export_card_says_untrained(zero_shot_run, tmp_path):
-    from ft_focal.hub import export_run
+    from ft_focal.artifacts.hub import export_run
 
     out, _ = zero_shot_run
     card = (export_run(out, tmp_path / "export") / "README.md").read_text()
@@ -67,7 +67,7 @@ def test_zero_shot_export_card_says_untrained(zero_shot_run, tmp_path):
 
 
 def test_zero_shot_refuses_the_folder_of_a_training_run(tmp_path):
-    from ft_focal.train import train
+    from ft_focal.training.trainer import train
 
     (tmp_path / "run" / "checkpoints" / "step_00000004").mkdir(parents=True)
     with pytest.raises(UserError, match="holds checkpoints of a training run"):
@@ -92,9 +92,9 @@ def test_negative_epochs_is_one_line_naming_the_key():
 
 def test_text_head_without_a_text_tower_falls_back_to_class_means_of_the_training_split(tmp_path):
     """hf_vit has no text tower: head_init=text gives the class means (test transform) in a run."""
+    from ft_focal.artifacts.saved import load_model_dir
     from ft_focal.data import synthetic_bundle
-    from ft_focal.saved import load_model_dir
-    from ft_focal.train import train
+    from ft_focal.training.trainer import train
 
     raw = _raw(tmp_path / "run", family="hf_vit")
     raw["model"]["head_init"] = "text"
@@ -113,7 +113,7 @@ def test_text_head_without_a_text_tower_falls_back_to_class_means_of_the_trainin
 
 def _run_recipe_file(path):
     from ft_focal.config import load_recipe
-    from ft_focal.train import train as run
+    from ft_focal.training.trainer import train as run
 
     run(load_recipe(path))
 
@@ -123,7 +123,7 @@ def test_class_means_of_two_processes_equal_those_of_one(tmp_path):
     from accelerate import debug_launcher
     from safetensors.torch import load_file
 
-    from ft_focal.train import train
+    from ft_focal.training.trainer import train
 
     raw = _raw(tmp_path / "two", family="hf_vit")
     raw["model"]["head_init"] = "class_mean"

@@ -34,8 +34,8 @@ MODULES = {   # name -> (paths to mutate, tests that exercise them)
     "optim": (["ft_focal/optim/"], ["tests/test_optim_methods.py", "tests/test_optim_mechanics.py",
                                     "tests/test_optim_single_backward.py", "tests/test_boundaries.py",
                                     "tests/test_registry.py"]),
-    "checkpoint": (["ft_focal/checkpoint.py"], ["tests/test_checkpoint.py", "tests/test_resume.py"]),
-    "builders": (["ft_focal/builders.py"], ["tests/test_recipe_wiring.py", "tests/test_train.py"]),
+    "checkpoint": (["ft_focal/training/checkpoint.py"], ["tests/test_checkpoint.py", "tests/test_resume.py"]),
+    "builders": (["ft_focal/training/builders.py"], ["tests/test_recipe_wiring.py", "tests/test_train.py"]),
 }
 
 

@@ -3,7 +3,7 @@
 `dry_run` builds everything the recipe asks for with a tiny backbone of the SAME family
 (same head, tuning method, loss, optimizer, precision) and synthetic images with the recipe's
 real class count, runs two updates and one evaluation, and prints what the real run would load
-(ft_focal/preflight.py describes the real run; every missing path is listed, none is fatal).
+(ft_focal/training/preflight.py describes the real run; every missing path is listed, none is fatal).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 from ft_focal.config import Recipe
 from ft_focal.data import synthetic_bundle
 from ft_focal.models import preprocess_for, tiny_variant
-from ft_focal.preflight import missing_paths, real_class_count, real_parameter_counts, train_image_count
-from ft_focal.train import train
+from ft_focal.training.preflight import missing_paths, real_class_count, real_parameter_counts, train_image_count
+from ft_focal.training.trainer import train
 
 
 def dry_run(recipe: Recipe, output_dir: Optional[str] = None, train_size: int = 48, eval_size: int = 24) -> dict:

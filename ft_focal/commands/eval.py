@@ -1,7 +1,7 @@
 """`ft-focal eval RUN_OR_MODEL_DIR [key=value ...] [--out FILE] [--five-crop] [--imagenet-c ROOT] [--baseline ...]`.
 
 Long-tail accuracy by shot group, ECE and (with --imagenet-c) CE / mCE of a run (its final/ folder), a final/ folder
-or an export (ft_focal/evaluate.py); writes the metrics JSON and, unless --no-report, the
+or an export (ft_focal/evaluation/evaluate.py); writes the metrics JSON and, unless --no-report, the
 Markdown report. Several processes: `accelerate launch -m ft_focal.commands.eval MODEL_DIR ...`.
 """
 
@@ -14,7 +14,7 @@ from typing import Optional
 from ft_focal.commands.args import CommandParser
 from ft_focal.commands.guard import run_guarded
 from ft_focal.files import write_json
-from ft_focal.trainlog import percent
+from ft_focal.training.log import percent
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -22,10 +22,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _run(argv: Optional[list[str]]) -> int:
-    from ft_focal.accel import make_accelerator
-    from ft_focal.evaluate import evaluate_saved
-    from ft_focal.export import resolve_model_dir
-    from ft_focal.report import write_eval_report
+    from ft_focal.artifacts.export import resolve_model_dir
+    from ft_focal.evaluation.evaluate import evaluate_saved
+    from ft_focal.evaluation.report import write_eval_report
+    from ft_focal.training.accelerator import make_accelerator
 
     parser = CommandParser(prog="ft-focal eval", description="Evaluate a trained / exported model.")
     parser.add_argument("model_dir", help="a run folder (its final/ is evaluated), a final/ folder or an export")

@@ -1,4 +1,6 @@
-"""`ft-focal export RUN_DIR EXPORT_DIR [--merge-lora]`: a Hub-ready folder from a run (ft_focal/export.py). No network."""
+"""`ft-focal export RUN_DIR EXPORT_DIR [--merge-lora]`: a Hub-ready folder from a run (ft_focal/artifacts/export.py).
+
+No network."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _run(argv: Optional[list[str]]) -> int:
-    from ft_focal.export import export_run
+    from ft_focal.artifacts.export import export_run
 
     parser = CommandParser(
         overrides=False, prog="ft-focal export",

@@ -20,7 +20,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _run(argv: Optional[list[str]]) -> int:
-    from ft_focal.hub import push_run
+    from ft_focal.artifacts.hub import push_run
 
     parser = CommandParser(overrides=False, prog="ft-focal push", description="Upload a model to the Hugging Face Hub.")
     parser.add_argument("source", help="an export folder (ft-focal export), a run's output_dir or a final/ folder")

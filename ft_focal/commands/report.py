@@ -1,4 +1,4 @@
-"""`ft-focal report RUN_DIR [RUN_DIR ...] [--out DIR]`: the report of one run, or a comparison (ft_focal/report.py)."""
+"""`ft-focal report RUN_DIR [RUN_DIR ...] [--out DIR]`: the report of one run, or a comparison (ft_focal/evaluation/report.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _run(argv: Optional[list[str]]) -> int:
-    from ft_focal.report import compare_runs, load_metrics, write_run_report
+    from ft_focal.evaluation.report import compare_runs, load_metrics, write_run_report
 
     parser = CommandParser(overrides=False, prog="ft-focal report", description="Report of one run, or a comparison.")
     parser.add_argument("runs", nargs="+", help="run directories (with metrics.json)")

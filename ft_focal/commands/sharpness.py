@@ -75,11 +75,11 @@ def measure(model_dir: str, groups: Optional[list[str]] = None, classes: Optiona
             batches: int = 4, batch_size: int = 64, k: int = 1, iters: int = 30, trace_samples: int = 30,
             rho: float = 0.05, seed: int = 0, per_class: bool = False, overrides: Optional[list[str]] = None) -> dict:
     """The sharpness of each group of a saved model on (a fixed part of) its training split."""
-    from ft_focal.builders import build_loss_from
+    from ft_focal.artifacts.saved import load_model_dir
     from ft_focal.data.build import build_datasets
     from ft_focal.errors import UserError
-    from ft_focal.saved import load_model_dir
     from ft_focal.sharpness import group_sharpness, shot_group_classes
+    from ft_focal.training.builders import build_loss_from
 
     saved = load_model_dir(model_dir, overrides)
     recipe = saved.recipe
@@ -138,7 +138,7 @@ def measure(model_dir: str, groups: Optional[list[str]] = None, classes: Optiona
 
 def main(argv: Optional[list[str]] = None) -> int:
     def run() -> int:
-        from ft_focal import plots
+        from ft_focal.evaluation import plots
 
         parser = CommandParser(prog="ft-focal sharpness", description=__doc__,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,11 +1,11 @@
 """`ft-focal train RECIPE.yaml [key=value ...] [--dry-run] [--zero-shot]`: fine-tune a recipe
-(ft_focal/train.py).
+(ft_focal/training/trainer.py).
 
 Same as `accelerate launch -m ft_focal.train RECIPE.yaml [key=value ...]`. `--dry-run` runs the
 recipe small instead (ft_focal/commands/dry_run.py); `--zero-shot` evaluates the initial head
-without training, into `<output_dir>_zero_shot` (ft_focal/zeroshot.py). `--restart` starts from
+without training, into `<output_dir>_zero_shot` (ft_focal/training/zero_shot.py). `--restart` starts from
 update 0 after moving existing checkpoints aside (never deleted). A run stopped by SIGTERM /
-SIGUSR1 writes a checkpoint, prints one line and exits with code 75 (ft_focal/runcontrol.py).
+SIGUSR1 writes a checkpoint, prints one line and exits with code 75 (ft_focal/training/run_control.py).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _run(argv: Optional[list[str]]) -> int:
     args = build_parser().parse_command(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.zero_shot:
-        from ft_focal.zeroshot import zero_shot_recipe
+        from ft_focal.training.zero_shot import zero_shot_recipe
 
         recipe = zero_shot_recipe(recipe)
     if args.dry_run:
@@ -47,8 +47,8 @@ def _run(argv: Optional[list[str]]) -> int:
 
         dry_run(recipe)
         return 0
-    from ft_focal.runcontrol import PREEMPTED_EXIT_CODE, Preempted
-    from ft_focal.train import train
+    from ft_focal.training.run_control import PREEMPTED_EXIT_CODE, Preempted
+    from ft_focal.training.trainer import train
 
     try:
         train(recipe, restart=args.restart)

@@ -19,10 +19,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _run(argv: Optional[list[str]]) -> int:
-    from ft_focal.accel import make_accelerator
     from ft_focal.commands.eval import load_suite_args
     from ft_focal.evaluation.wise import parse_alphas
     from ft_focal.evaluation.wise_sweep import run_wise
+    from ft_focal.training.accelerator import make_accelerator
 
     parser = CommandParser(prog="ft-focal wise", description="WiSE-FT: interpolate the initial and the "
                            "fine-tuned model of a run, by shot group, in and out of distribution.")

@@ -10,13 +10,13 @@
 - ft_focal/evaluation/wise.py: WiSE-FT interpolation (docs/algorithms.md); wise_sweep.py / wise_report.py:
   `ft-focal wise`.
 - The transforms they use live in ft_focal/data/transforms.py (`build_eval_transform`,
-  `describe_transform`); sharding in ft_focal/sampling.py (`shard_indices`).
+  `describe_transform`); sharding in ft_focal/training/sampling.py (`shard_indices`).
 """
 
 from ft_focal.data.transforms import build_eval_transform, describe_transform
 from ft_focal.evaluation.corruption import ALL_SEVERITIES, evaluate_corruptions, read_baseline_table, summarize_corruptions
 from ft_focal.evaluation.suites import load_eval_suite, run_imagenet_c_suite, suite_transform
-from ft_focal.sampling import shard_indices
+from ft_focal.training.sampling import shard_indices
 
 __all__ = [
     "ALL_SEVERITIES",

@@ -29,7 +29,7 @@ from ft_focal.data.imagenet_c import ImageNetCDataset, discover_corruptions, sca
 from ft_focal.data.transforms import build_eval_transform, describe_transform
 from ft_focal.errors import UserError, unwrap_worker_error
 from ft_focal.metrics import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS, mean_corruption_error
-from ft_focal.sampling import shard_indices
+from ft_focal.training.sampling import shard_indices
 
 __all__ = ["ALL_SEVERITIES", "evaluate_corruptions", "summarize_corruptions", "read_baseline_table"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ft_focal import plots
+from ft_focal.evaluation import plots
 
 GROUPS = ("overall", "many", "medium", "few")
 

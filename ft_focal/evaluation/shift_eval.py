@@ -2,7 +2,7 @@
 
 `prepare_suites(suites, saved)` turns suite dicts (ft_focal/evaluation/suites.py) into datasets
 with their scoring rule; `model_outputs` runs a batch function over a dataset on one or several
-processes (dataset order, every sample once, as ft_focal/evaluate.py `predict`); `score_shift`
+processes (dataset order, every sample once, as ft_focal/evaluation/evaluate.py `predict`); `score_shift`
 gives accuracy overall and by the shot group of each class in the TRAINING data; `compare_to_id`
 adds the drop and the effective robustness (docs/metrics.md "Distribution shifts").
 `evaluate_suites` does all of it for one model (`ft-focal eval MODEL --suite ...`).
@@ -85,9 +85,9 @@ def model_outputs(fn: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, 
     """fn(images [B, 3, H, W] on the device) -> [B, ...] for every sample, [N, ...] on the CPU in dataset order.
 
     Process r computes the samples i % world == r; the shards are gathered and interleaved back
-    (as ft_focal/evaluate.py `predict`), so every process gets the full result.
+    (as ft_focal/evaluation/evaluate.py `predict`), so every process gets the full result.
     """
-    from ft_focal.sampling import eval_batches
+    from ft_focal.training.sampling import eval_batches
 
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
@@ -102,7 +102,7 @@ def model_outputs(fn: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, 
     if not parts:  # this process's shard is empty (fewer samples than processes): shape from one sample
         with autocast:
             parts.append(fn(_collate([dataset[0]])[0].to(device)).float().cpu()[:0])
-    from ft_focal.sampling import gather_in_order
+    from ft_focal.training.sampling import gather_in_order
 
     return gather_in_order(torch.cat(parts), accelerator, len(dataset))
 

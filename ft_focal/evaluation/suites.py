@@ -17,13 +17,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
+from ft_focal.config.overrides import apply_overrides, closest, read_yaml
 from ft_focal.data.imagenet_c import class_to_label_from_classnames
 from ft_focal.data.transforms import EVAL_INTERPOLATIONS, FIVE_CROP_RESIZE, build_eval_transform
 from ft_focal.errors import UserError
 from ft_focal.evaluation.corruption import ALL_SEVERITIES, evaluate_corruptions, summarize_corruptions
 from ft_focal.evaluation.shifts import SHIFT_KINDS, check_shift_suite, shift_schemas
 from ft_focal.metrics import ALEXNET_CLEAN_ERROR, BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS
-from ft_focal.overrides import apply_overrides, closest, read_yaml
 
 __all__ = ["load_eval_suite", "suite_transform", "run_imagenet_c_suite"]
 

@@ -42,7 +42,7 @@ def wise_table(out: dict) -> list[str]:
 
 def plot_wise_curve(out: dict, path: Path) -> Optional[Path]:
     """OOD vs ID accuracy (percent) per shot group, points labelled by alpha; None without shifts."""
-    from ft_focal import plots
+    from ft_focal.evaluation import plots
 
     rows, id_split = out["rows"], out["id_split"]
     if not rows or not rows[0]["shifts"]:

@@ -53,7 +53,7 @@ class _Evaluator:
                                   for i, item in enumerate(prepared)})
 
     def _predict(self, module: torch.nn.Module, dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        from ft_focal.evaluate import predict
+        from ft_focal.evaluation.evaluate import predict
 
         return predict(module, dataset, self.cfg.train.eval_batch_size, self.acc, self.cfg.data.num_workers)
 
@@ -64,7 +64,7 @@ class _Evaluator:
                               for chunk in features.split(self.cfg.train.eval_batch_size)]) if len(features) else features
 
     def evaluate(self, model: torch.nn.Module, id_split: str) -> dict:
-        from ft_focal.evaluate import summarize
+        from ft_focal.evaluation.evaluate import summarize
 
         ev = self.cfg.eval
         out: dict[str, Any] = {}
@@ -97,9 +97,9 @@ def run_wise(run_dir: str | Path, alphas: Sequence[float], alpha: Optional[float
              overrides: Optional[list[str]] = None) -> dict:
     """The sweep (module docstring); returns the content of wise.json. `overrides`: recipe key=value
     (e.g. data.root), as for `ft-focal eval`."""
+    from ft_focal.artifacts.export import resolve_model_dir
+    from ft_focal.artifacts.saved import load_model_dir
     from ft_focal.data.build import build_datasets
-    from ft_focal.export import resolve_model_dir
-    from ft_focal.saved import load_model_dir
 
     root = _run_root(Path(run_dir))
     source = resolve_model_dir(root)
@@ -181,9 +181,9 @@ def _write_outputs(root: Path, saved: Any, out: dict, rows: list, chosen: float,
                    backbone0: Optional[dict], export_dir: Optional[str]) -> None:
     import json
 
+    from ft_focal.artifacts.saved import save_model_dir
     from ft_focal.evaluation.wise_report import write_wise_report
     from ft_focal.files import write_json
-    from ft_focal.saved import save_model_dir
 
     wise_dir = root / "wise"
     _move_aside(wise_dir)
@@ -205,7 +205,7 @@ def _write_outputs(root: Path, saved: Any, out: dict, rows: list, chosen: float,
                                          "test": chosen_res[out["id_split"]]})
     write_wise_report(wise_dir, out, robustness)
     if export_dir:
-        from ft_focal.export import export_run
+        from ft_focal.artifacts.export import export_run
 
         export_run(wise_dir, export_dir)
 

@@ -1,5 +1,5 @@
 """Skipped (non-finite) updates under other trainers: counted, warned about once, and a stop after
-`max_bad_steps` in a row, as ft_focal's own loop does (ft_focal/train.py, `train.max_bad_steps`).
+`max_bad_steps` in a row, as ft_focal's own loop does (ft_focal/training/trainer.py, `train.max_bad_steps`).
 
 The ft_focal optimizers skip an update whose loss or gradients are NaN / inf in any pass (weights
 and optimizer state stay as after the last good update; docs/design.md). A trainer that does not

@@ -2,8 +2,8 @@
 
 One `MethodInfo` per method (in the style of timm's `OptimInfo`). Everything else reads it:
 the recipe's `optim.name` choices (ft_focal/config.py), which `optim.*` recipe keys reach the
-optimizer (ft_focal/builders.py), `build_optimizer` (ft_focal/optim/__init__.py) and the model
-card's label, tags and citations (ft_focal/card.py).
+optimizer (ft_focal/training/builders.py), `build_optimizer` (ft_focal/optim/__init__.py) and the model
+card's label, tags and citations (ft_focal/artifacts/card.py).
 
 Naming: a method's `name` is its recipe name (`optim.name`), its module (`ft_focal/optim/<name>.py`,
 except `asam`, which is SAM with `adaptive=True` in `sam.py`) and its citation key in the model

@@ -133,7 +133,7 @@ def write_best_recipe(spec: SweepSpec, best: FrozenTrial, path: Path) -> None:
 
 
 def _top_report(runs: list[Path], out: Path) -> Optional[Path]:
-    from ft_focal.report import compare_runs, load_metrics, write_run_report
+    from ft_focal.evaluation.report import compare_runs, load_metrics, write_run_report
 
     runs = [r for r in runs if (r / "metrics.json").is_file()]
     try:

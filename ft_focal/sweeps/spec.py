@@ -4,7 +4,7 @@ A sweep file names a recipe, the recipe keys every trial sets (`fixed`), a searc
 recipe keys, the validation objective (maximised), a sampler, a pruner, the study's total number
 of trials, the seeds of each configuration (the objective is their mean) and the fault settings.
 Every unknown key or wrong value is ONE line naming the file and the key, with the closest key
-suggested (ft_focal/overrides.py). On the command line `key=value` sets a sweep key
+suggested (ft_focal/config/overrides.py). On the command line `key=value` sets a sweep key
 (`trials=4`, `pruner.name=none`) or, for a recipe section, a fixed recipe key (`train.epochs=2`).
 See docs/design.md ("Sweeps") and sweeps/*.yaml.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ft_focal.config import SECTIONS, Recipe, recipe_from_dict
+from ft_focal.config.overrides import closest, parse_override, read_yaml
 from ft_focal.errors import UserError
-from ft_focal.overrides import closest, parse_override, read_yaml
 from ft_focal.sweeps.objective import OBJECTIVES
 
 PARAM_TYPES = ("float", "log_float", "int", "categorical")

@@ -1,6 +1,6 @@
 """The training loop's FSDP2 path (``train.fsdp: true``): sharding, sharded checkpoints, ``final/``.
 
-The Trainer applies ``fully_shard`` itself (per transformer block, then the root; ft_focal/fsdp.py)
+The Trainer applies ``fully_shard`` itself (per transformer block, then the root; ft_focal/training/sharding.py)
 on the CPU (gloo) and on GPUs alike: Accelerate with ``cpu=True`` would wrap the model in DDP and
 ignore an FSDP plugin, so nothing here goes through ``accelerator.prepare(model)``.
 
@@ -8,7 +8,7 @@ ignore an FSDP plugin, so nothing here goes through ``accelerator.prepare(model)
 - Checkpoints: the trainable weights and the base optimizer's state go through
   torch.distributed.checkpoint (one ``__<rank>_0.distcp`` file per rank and ``.metadata``, all in
   the checkpoint folder, so MANIFEST.json covers every shard); the SAM-family wrapper's counters,
-  the LR schedule, the trainer state and every rank's RNG are written as in ft_focal/checkpoint.py.
+  the LR schedule, the trainer state and every rank's RNG are written as in ft_focal/training/checkpoint.py.
   DCP reshards on load, so a run may resume on another number of processes (untested here; the
   data order then differs from the uninterrupted run and a warning says so).
 - After the loop the model is consolidated (every shard gathered into a plain copy on each rank),
@@ -26,9 +26,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ft_focal import checkpoint as ckpt
 from ft_focal.errors import UserError
 from ft_focal.files import write_json
+from ft_focal.training import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def prepare_model(model: torch.nn.Module, recipe: Any, bundle: Any, accelerator:
         if after_head_init is not None:
             after_head_init(model)
         return wrapped
-    from ft_focal.fsdp import assert_sharded, mixed_precision_policy, shard_model
+    from ft_focal.training.sharding import assert_sharded, mixed_precision_policy, shard_model
 
     check_fsdp_recipe(recipe)
     if not torch.distributed.is_initialized():
@@ -77,7 +77,7 @@ def prepare_model(model: torch.nn.Module, recipe: Any, bundle: Any, accelerator:
     if after_head_init is not None:
         after_head_init(model)
     if recipe.train.activation_checkpointing:
-        from ft_focal.fsdp import checkpoint_blocks
+        from ft_focal.training.sharding import checkpoint_blocks
 
         checkpoint_blocks(model)
     try:
@@ -160,7 +160,7 @@ def save_sharded_checkpoint(trainer: Any) -> Path:
 
 
 def ckpt_best_name() -> str:
-    from ft_focal.trainstate import BEST
+    from ft_focal.training.state import BEST
 
     return BEST
 
@@ -199,7 +199,7 @@ def load_sharded_checkpoint(path: Path, trainer: Any) -> dict:
 
 
 def load_checkpoint_for(trainer: Any, path: Path) -> dict:
-    """Resume from ``path``: the sharded layout under train.fsdp, else ft_focal.checkpoint's."""
+    """Resume from ``path``: the sharded layout under train.fsdp, else ft_focal.training.checkpoint's."""
     if is_sharded_checkpoint(path) or fsdp_enabled(trainer.recipe):
         if not is_sharded_checkpoint(path):
             raise UserError(f"{path}: written without train.fsdp; resume it with train.fsdp: false")
@@ -213,7 +213,7 @@ def load_checkpoint_for(trainer: Any, path: Path) -> dict:
 def save_best_for(trainer: Any) -> Any:
     """best_model.safetensors of the current weights; returns its sha256 on rank 0 (collective
     under FSDP2: every rank gathers the shards, rank 0 writes)."""
-    from ft_focal.trainstate import save_best
+    from ft_focal.training.state import save_best
 
     if not fsdp_enabled(trainer.recipe):
         return save_best(trainer.out, trainer.model) if trainer.accelerator.is_main_process else trainer.state.best_sha256
@@ -223,8 +223,8 @@ def save_best_for(trainer: Any) -> Any:
 
 def consolidated_copy(trainer: Any) -> torch.nn.Module:
     """A plain (unsharded) model holding the sharded model's weights (collective)."""
-    from ft_focal.fsdp import full_state_dict
     from ft_focal.models import build_classifier
+    from ft_focal.training.sharding import full_state_dict
 
     full = full_state_dict(trainer.model)
     recipe, bundle = trainer.recipe, trainer.bundle

@@ -1,4 +1,4 @@
-"""How a run starts, continues and stops without losing work (the Trainer's policy; ft_focal/train.py).
+"""How a run starts, continues and stops without losing work (the Trainer's policy; ft_focal/training/trainer.py).
 
 * Resume or refuse: when checkpoints exist and none verifies, the run stops (one logged line per
   checkpoint saying what is wrong, then one error line saying how to go on) instead of starting
@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ft_focal import checkpoint as ckpt
 from ft_focal.config import Recipe
 from ft_focal.errors import UserError, one_line
+from ft_focal.training import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
 

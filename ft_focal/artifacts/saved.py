@@ -176,18 +176,18 @@ def trained_head_init(model_dir: Path, default: str) -> str:
 
 def write_run_artifacts(out: Path, results: dict, model: torch.nn.Module, recipe: Recipe, bundle: Any,
                         class_counts: list[int], preprocess: Any, accelerator: Any) -> None:
-    """The end of a training run (ft_focal/train.py): on the main process `out/final/` (safetensors
+    """The end of a training run (ft_focal/training/trainer.py): on the main process `out/final/` (safetensors
     + what reloads it), `metrics.json` (in `out/` and `final/`) and `report.md`; then, on every
-    process, the end of training (the Hub push is the caller's: ft_focal.hub imports this module)."""
+    process, the end of training (the Hub push is the caller's: ft_focal.artifacts.hub imports this module)."""
     if accelerator.is_main_process:
-        from ft_focal.trainlog import percent
+        from ft_focal.training.log import percent
 
         final = save_model_dir(out / "final", model, recipe, bundle.classnames, class_counts, preprocess,
                                getattr(bundle, "wnids", None))
         write_json(out / "metrics.json", results)
         write_json(final / "metrics.json", results)
         try:
-            from ft_focal.report import write_run_report
+            from ft_focal.evaluation.report import write_run_report
 
             write_run_report(out, results)
         except Exception as exc:  # a plotting problem must not lose a finished run

@@ -21,12 +21,12 @@ from typing import Any, Optional
 
 import yaml
 
-from ft_focal import zeroshot
+from ft_focal.artifacts.provenance import dataset_info
 from ft_focal.evaluation import robustness_report
 from ft_focal.losses import LOSSES
 from ft_focal.metrics import describe_mce, mce_name
 from ft_focal.optim.registry import METHODS, RECIPE_KEYS
-from ft_focal.provenance import dataset_info
+from ft_focal.training import zero_shot
 from ft_focal.version import __version__
 
 # ----------------------------------------------------------------------------- methods
@@ -135,7 +135,7 @@ def front_matter(recipe: Any, metrics: dict, eval_result: Optional[dict], info: 
     if info.get("merged_lora"):
         tuning_tags = ["lora", "merged-lora"]
     tags = ["ft_focal", "image-classification", "long-tail", *opt_tags, *family_tags, *tuning_tags]
-    if zeroshot.metrics_are_zero_shot(metrics):
+    if zero_shot.metrics_are_zero_shot(metrics):
         tags.append("zero-shot")
     if recipe.loss.name in ("la", "balanced_softmax"):
         tags.append("logit-adjustment")
@@ -223,8 +223,8 @@ def render_card(recipe: Any, metrics: dict, eval_result: Optional[dict], info: d
     base = info.get("base_model")
     backbone = f"{family_label} `{recipe.model.name}`" + (f" (pretrained: [{base}](https://huggingface.co/{base}))"
                                                           if base else "")
-    if zeroshot.metrics_are_zero_shot(metrics):
-        add(zeroshot.card_intro(data_name, backbone, recipe.model.head,
+    if zero_shot.metrics_are_zero_shot(metrics):
+        add(zero_shot.card_intro(data_name, backbone, recipe.model.head,
                                 info.get("head_init", recipe.model.head_init), versions["ft_focal"]))
     else:
         add(f"An image classifier fine-tuned on **{data_name}** from {backbone} with **{TUNING.get(tuning, (tuning,))[0]}** "

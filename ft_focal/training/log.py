@@ -58,7 +58,7 @@ def _truncate_after(path: Path, step: int) -> None:
 
 
 def validation_summary(result: dict) -> dict:
-    """The keys of a split's evaluation (ft_focal/evaluate.py) that the log and the run history keep:
+    """The keys of a split's evaluation (ft_focal/evaluation/evaluate.py) that the log and the run history keep:
     accuracies in [0, 1] overall and by shot group, and ECE."""
     return {k: result.get(k) for k in ("overall", "many", "medium", "few", "ece")}
 

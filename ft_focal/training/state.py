@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from ft_focal import checkpoint as ckpt
 from ft_focal.config import Recipe
+from ft_focal.training import checkpoint as ckpt
 
 BEST = "best_model.safetensors"  # in output_dir: trainable tensors of the best epoch on validation
 # Recipe keys that do not change what a run computes: a resumed run may change them freely.

@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer.json")
-# a sharded (train.fsdp) checkpoint: torch.distributed.checkpoint's files (ft_focal/training_fsdp.py)
+# a sharded (train.fsdp) checkpoint: torch.distributed.checkpoint's files (ft_focal/training/fsdp.py)
 REQUIRED_SHARDED = (".metadata", "optimizer_wrapper.pt", "scheduler.pt", "trainer.json")
 _NAME = re.compile(r"^step_(\d+)(?:\.(\d+))?$")  # step_00000120 or step_00000120.1 (same step, later)
 

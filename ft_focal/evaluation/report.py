@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from ft_focal import plots
 from ft_focal.errors import UserError
+from ft_focal.evaluation import plots
 from ft_focal.metrics import describe_mce
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def write_run_report(run_dir: Path, metrics: dict) -> Path:
 def _learning_curves(runs: dict[str, Path], path: Path, metrics: dict[str, dict]) -> Optional[str]:
     """learning_curves.png from each run's train_log.jsonl and validation history; its name, or
     None when no run has either."""
-    from ft_focal.trainlog import read_train_log
+    from ft_focal.training.log import read_train_log
 
     data = {name: (read_train_log(run), metrics[name].get("history") or []) for name, run in runs.items()}
     if not any(records or history for records, history in data.values()):

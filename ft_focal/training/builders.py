@@ -1,6 +1,6 @@
 """What the training loop builds from a recipe: the Accelerator, the loss, the optimizer, the LR schedule.
 
-Kept apart from ft_focal/train.py so that the Trainer there reads as the order of events only.
+Kept apart from ft_focal/training/trainer.py so that the Trainer there reads as the order of events only.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def make_accelerator(recipe: Recipe) -> Any:
     """
     from accelerate.utils import ProjectConfiguration
 
-    from ft_focal.accel import make_accelerator as accelerator_for
+    from ft_focal.training.accelerator import make_accelerator as accelerator_for
 
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION")  # `accelerate launch --mixed_precision`
     if launched and launched != recipe.train.mixed_precision:

@@ -18,10 +18,10 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from ft_focal.config.overrides import apply_overrides, closest, parse_override, read_yaml  # noqa: F401 (public here too)
 from ft_focal.errors import UserError
 from ft_focal.losses import RECIPE_LOSSES
 from ft_focal.optim.registry import METHODS
-from ft_focal.overrides import apply_overrides, closest, parse_override, read_yaml  # noqa: F401 (public here too)
 
 
 @dataclass
@@ -183,7 +183,7 @@ class TrainConfig:
     log_with: Accelerate trackers to log to (tensorboard, wandb, trackio, ...; each an optional
         package). Empty = none; train_log.jsonl in output_dir is always written.
     fsdp: shard the model with FSDP2 (torch fully_shard per transformer block, then the root) on
-        every process, CPU or GPU; every method runs exactly (ft_focal/training_fsdp.py).
+        every process, CPU or GPU; every method runs exactly (ft_focal/training/fsdp.py).
         fsdp_reshard_after_forward: free the gathered weights after each forward (less memory,
         one more all-gather per backward). activation_checkpointing: recompute each block's
         activations in backward (docs/design.md, "Sharded training").

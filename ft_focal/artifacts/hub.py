@@ -1,6 +1,6 @@
 """Push an export to the Hugging Face Hub, and load a model back (from a folder or the Hub).
 
-The export itself (`ft-focal export`, the folder layout) is ft_focal/export.py.
+The export itself (`ft-focal export`, the folder layout) is ft_focal/artifacts/export.py.
 
 `ft-focal push RUN_OR_EXPORT_DIR REPO_ID [--private] [--revision BRANCH]` uploads through
 `huggingface_hub` (a run is exported into a temporary folder first). The token comes from the
@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
+from ft_focal.artifacts.export import EXPORT_INFO, PICKLE_PATTERNS, export_run, is_export_dir, pickle_files, resolve_model_dir
+from ft_focal.artifacts.saved import WEIGHTS, SavedModel, load_model_dir
 from ft_focal.errors import UserError, one_line
-from ft_focal.export import EXPORT_INFO, PICKLE_PATTERNS, export_run, is_export_dir, pickle_files, resolve_model_dir
-from ft_focal.saved import WEIGHTS, SavedModel, load_model_dir
 
 if TYPE_CHECKING:
-    from ft_focal.plain import PlainClassifier
+    from ft_focal.artifacts.plain import PlainClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def load_model(source: str | os.PathLike, revision: Optional[str] = None,
                plain: bool = False) -> LoadedModel | PlainClassifier:
     """Load an export folder, a run / final/ folder, or a Hub repo id (via the local cache when offline).
 
-    Returns a `LoadedModel`; with `plain=True` an `ft_focal.plain.PlainClassifier` instead: an
+    Returns a `LoadedModel`; with `plain=True` an `ft_focal.artifacts.plain.PlainClassifier` instead: an
     `nn.Module` (eval mode) taking RGB [B, 3, H, W] in [0, 1] that normalises inside, with the
     class order in `.classnames` (the RobustBench convention)."""
     path = Path(os.path.expanduser(str(source)))
@@ -236,7 +236,7 @@ def load_model(source: str | os.PathLike, revision: Optional[str] = None,
         raise UserError(f"{source}: not found (neither a model folder nor a Hub repo id)")
     saved = load_model_dir(folder)
     if plain:
-        from ft_focal.plain import plain_model
+        from ft_focal.artifacts.plain import plain_model
 
         return plain_model(saved)
     return LoadedModel(**{f.name: getattr(saved, f.name) for f in dataclasses.fields(SavedModel)})

@@ -1,4 +1,4 @@
-"""Export a trained model to a Hub-ready folder (no network); ft_focal/hub.py pushes and loads it.
+"""Export a trained model to a Hub-ready folder (no network); ft_focal/artifacts/hub.py pushes and loads it.
 
 `ft-focal export RUN_DIR EXPORT_DIR [--merge-lora]` (no network) writes:
 
@@ -6,7 +6,7 @@
   recipe.yaml                  the resolved recipe, its `model` section rewritten to the resolved
                                architecture with no weights file (`pretrained: null`), so the
                                folder rebuilds anywhere; `--merge-lora` also sets `tuning.method: full`
-  classnames.json, class_counts.json, preprocess.json   as in a run's final/ (ft_focal.saved)
+  classnames.json, class_counts.json, preprocess.json   as in a run's final/ (ft_focal.artifacts.saved)
   preprocessor_config.json     the same test transform in transformers' image-processor terms
   adapter_config.json + adapter_model.safetensors       LoRA runs (not merged): the adapter in
                                peft's own format (keys `base_model.model.<backbone path>`), loadable
@@ -14,7 +14,7 @@
   trained_tensors.safetensors  PEFT runs: the head and every other trained tensor outside the adapter
   metrics.json (+ eval.json)   the run's metrics (and a later `ft-focal eval` of it, e.g. ImageNet-C)
   export.json                  what was exported from what (marks the folder as an export)
-  README.md                    the model card (ft_focal.card)
+  README.md                    the model card (ft_focal.artifacts.card)
 
 Weights are safetensors only; no pickle file (*.bin, *.pt, *.pth, *.pkl) is ever written or uploaded.
 """
@@ -33,11 +33,11 @@ from typing import Any, Optional
 
 import torch
 
+from ft_focal.artifacts.provenance import base_model_id
+from ft_focal.artifacts.saved import WEIGHTS, load_model_dir, save_model_dir, trained_head_init
 from ft_focal.data.transforms import describe_test_transform, preprocessor_config
 from ft_focal.errors import UserError
 from ft_focal.files import save_safetensors, write_json
-from ft_focal.provenance import base_model_id
-from ft_focal.saved import WEIGHTS, load_model_dir, save_model_dir, trained_head_init
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def export_run(run_dir: str | os.PathLike, export_dir: str | os.PathLike, merge_
     the adapter form. `repo_id` only fills the model card's loading example. No network.
     An existing `export_dir` is replaced only if it is empty or a previous export.
     """
-    from ft_focal import card
+    from ft_focal.artifacts import card
     from ft_focal.models import build_classifier
 
     source = resolve_model_dir(run_dir)
