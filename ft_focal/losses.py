@@ -361,7 +361,7 @@ def _keys(*names: str, **renamed: str) -> tuple[tuple[str, str], ...]:
     return tuple((n, n) for n in names) + tuple(renamed.items())
 
 
-#: The loss registry: ft_focal/config.py (``loss.name`` choices), ft_focal/training/builders.py (which
+#: The loss registry: ft_focal/config/__init__.py (``loss.name`` choices), ft_focal/training/builders.py (which
 #: recipe keys reach the loss) and ft_focal/artifacts/card.py (the loss's name and keys) read it.
 LOSSES: dict[str, LossInfo] = {info.name: info for info in (
     LossInfo("ce", _ce, {}, "cross-entropy"),

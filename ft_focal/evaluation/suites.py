@@ -1,6 +1,6 @@
 """Evaluation suites: `eval/*.yaml` files (schema in eval/README.md) read, validated and run.
 
-- `load_eval_suite(path, overrides)` reads a suite through the recipe engine of ft_focal/config.py
+- `load_eval_suite(path, overrides)` reads a suite through the recipe engine of ft_focal/config/__init__.py
   (`read_yaml`, `apply_overrides`, `closest` for the "did you mean" hint), fills the defaults of
   its kind's schema and validates every key; relative paths are resolved against the file.
 - `suite_transform(suite, mean, std)` is the suite's test transform (ft_focal/data/transforms.py).

@@ -1,7 +1,7 @@
 """The method registry: every fact about a method of the SAM family written once.
 
 One `MethodInfo` per method (in the style of timm's `OptimInfo`). Everything else reads it:
-the recipe's `optim.name` choices (ft_focal/config.py), which `optim.*` recipe keys reach the
+the recipe's `optim.name` choices (ft_focal/config/__init__.py), which `optim.*` recipe keys reach the
 optimizer (ft_focal/training/builders.py), `build_optimizer` (ft_focal/optim/__init__.py) and the model
 card's label, tags and citations (ft_focal/artifacts/card.py).
 
@@ -24,7 +24,7 @@ from .sam import SAM
 from .sse_sam import SSESAM
 
 # Every method hyperparameter a recipe's `optim` section can set, in the order of its fields
-# (ft_focal/config.py OptimConfig). Each method takes a subset (`MethodInfo.recipe_keys`).
+# (ft_focal/config/__init__.py OptimConfig). Each method takes a subset (`MethodInfo.recipe_keys`).
 RECIPE_KEYS = ("rho", "gamma", "lam", "tail_threshold", "tail_weight", "rho_head", "rho_tail", "switch_fraction",
                "scope", "flat_ratio")
 
