@@ -31,46 +31,6 @@ from ft_focal.version import __version__
 
 # ----------------------------------------------------------------------------- methods
 
-BIBTEX = {
-    "focal_sam": """@inproceedings{li2025focalsam,
-  title     = {Focal-{SAM}: Focal Sharpness-Aware Minimization for Long-Tailed Classification},
-  author    = {Li, Sicong and Xu, Qianqian and Yang, Zhiyong and Wang, Zitai and Zhang, Linchao and
-               Cao, Xiaochun and Huang, Qingming},
-  booktitle = {Proceedings of the 42nd International Conference on Machine Learning (ICML)},
-  year      = {2025}
-}""",
-    "sam": """@inproceedings{foret2021sam,
-  title     = {Sharpness-Aware Minimization for Efficiently Improving Generalization},
-  author    = {Foret, Pierre and Kleiner, Ariel and Mobahi, Hossein and Neyshabur, Behnam},
-  booktitle = {International Conference on Learning Representations (ICLR)},
-  year      = {2021}
-}""",
-    "asam": """@inproceedings{kwon2021asam,
-  title     = {{ASAM}: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of Deep Neural Networks},
-  author    = {Kwon, Jungmin and Kim, Jeongseop and Park, Hyunseo and Choi, In Kwon},
-  booktitle = {Proceedings of the 38th International Conference on Machine Learning (ICML)},
-  year      = {2021}
-}""",
-    "imbsam": """@inproceedings{zhou2023imbsam,
-  title     = {{ImbSAM}: A Closer Look at Sharpness-Aware Minimization in Class-Imbalanced Recognition},
-  author    = {Zhou, Yixuan and Qu, Yi and Xu, Xing and Shen, Hengtao},
-  booktitle = {Proceedings of the IEEE/CVF International Conference on Computer Vision (ICCV)},
-  year      = {2023}
-}""",
-    "ccsam": """@inproceedings{zhou2023ccsam,
-  title     = {Class-Conditional Sharpness-Aware Minimization for Deep Long-Tailed Recognition},
-  author    = {Zhou, Zhipeng and Li, Lanqing and Zhao, Peilin and Heng, Pheng-Ann and Gong, Wei},
-  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
-  year      = {2023}
-}""",
-    "sse_sam": """@inproceedings{lyu2025ssesam,
-  title     = {{SSE-SAM}: Balancing Head and Tail Classes Gradually through Stage-Wise {SAM}},
-  author    = {Lyu, Xingyu and Xu, Qianqian and Yang, Zhiyong and Lyu, Shaojie and Huang, Qingming},
-  booktitle = {Proceedings of the AAAI Conference on Artificial Intelligence},
-  year      = {2025}
-}""",
-}
-
 TUNING = {
     "full": ("full fine-tuning", []),
     "head": ("linear probe (head only)", ["linear-probe"]),
@@ -375,7 +335,7 @@ def render_card(recipe: Any, metrics: dict, eval_result: Optional[dict], info: d
     add("")
     keys = ["focal_sam"] + [k for k in (METHODS[opt.name].cite if opt.name in METHODS else ()) if k != "focal_sam"]
     add("```bibtex")
-    add("\n\n".join(BIBTEX[k] for k in dict.fromkeys(keys)))
+    add("\n\n".join(METHODS[k].bibtex for k in dict.fromkeys(keys)))
     add("```")
     add("")
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)

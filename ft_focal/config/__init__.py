@@ -21,6 +21,7 @@ import yaml
 from ft_focal.config.overrides import apply_overrides, closest, parse_override, read_yaml  # noqa: F401 (public here too)
 from ft_focal.errors import UserError
 from ft_focal.losses import RECIPE_LOSSES
+from ft_focal.optim import BASE_OPTIMIZERS
 from ft_focal.optim.registry import METHODS
 
 
@@ -266,7 +267,7 @@ CHOICES = {
     "data.imbalance_profile": ("exp", "step"),
     "loss.name": RECIPE_LOSSES,   # the loss registry
     "optim.name": tuple(METHODS),  # the method registry
-    "optim.base": ("sgd", "adamw", "adam"),
+    "optim.base": tuple(BASE_OPTIMIZERS),
     "optim.scope": (None, "network", "classifier"),
     "train.scheduler": ("cosine", "constant", "linear"),
     "train.mixed_precision": ("no", "bf16", "fp16"),

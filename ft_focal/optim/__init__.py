@@ -66,7 +66,7 @@ def build_optimizer(name: str, params, class_counts=None, **cfg) -> SharpnessOpt
     base = cfg.pop("base", "sgd")
     if base not in BASE_OPTIMIZERS:
         raise ValueError(f"unknown base optimizer {base!r}; valid: {', '.join(BASE_OPTIMIZERS)}")
-    method = set(optimizer_kwargs(name)) | ({"classifier_params"} if cls is CCSAM else set())
+    method = set(optimizer_kwargs(name)) | ({"classifier_params"} if info.needs_classifier_params else set())
     valid = method | set(BASE_KWARGS) | set(COMMON_KWARGS)
     for k in cfg:
         if k not in valid:

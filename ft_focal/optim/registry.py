@@ -37,9 +37,12 @@ class MethodInfo:
     cls: the optimizer class; `fixed`: keywords always passed to it (ASAM = SAM + adaptive).
     display: the name a reader knows it by (model card, logs).
     recipe_keys: the `optim.*` recipe keys it takes (a subset of RECIPE_KEYS).
-    cite: citation keys of the papers it builds on, its own included (card.py's BIBTEX keys).
+    cite: the methods whose papers it builds on, its own included (the model card cites their `bibtex`).
     tags: Hugging Face Hub tags of a model trained with it.
     single_backward: it has the exact one-backward path (`single_backward=True`, on by default).
+    needs_classifier_params: `build_optimizer` passes it the classifier head's parameters
+        (`classifier_params`: CC-SAM perturbs the head apart from the feature extractor).
+    bibtex: the BibTeX entry of its own paper ("" for ERM, which has none).
     """
 
     name: str
@@ -49,23 +52,69 @@ class MethodInfo:
     cite: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     single_backward: bool = False
+    needs_classifier_params: bool = False
+    bibtex: str = ""
     fixed: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
 
 
 _SAM_TAG = "sharpness-aware-minimization"
 
+_FOCAL_SAM_BIBTEX = """@inproceedings{li2025focalsam,
+  title     = {Focal-{SAM}: Focal Sharpness-Aware Minimization for Long-Tailed Classification},
+  author    = {Li, Sicong and Xu, Qianqian and Yang, Zhiyong and Wang, Zitai and Zhang, Linchao and
+               Cao, Xiaochun and Huang, Qingming},
+  booktitle = {Proceedings of the 42nd International Conference on Machine Learning (ICML)},
+  year      = {2025}
+}"""
+
+_SAM_BIBTEX = """@inproceedings{foret2021sam,
+  title     = {Sharpness-Aware Minimization for Efficiently Improving Generalization},
+  author    = {Foret, Pierre and Kleiner, Ariel and Mobahi, Hossein and Neyshabur, Behnam},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2021}
+}"""
+
+_ASAM_BIBTEX = """@inproceedings{kwon2021asam,
+  title     = {{ASAM}: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of Deep Neural Networks},
+  author    = {Kwon, Jungmin and Kim, Jeongseop and Park, Hyunseo and Choi, In Kwon},
+  booktitle = {Proceedings of the 38th International Conference on Machine Learning (ICML)},
+  year      = {2021}
+}"""
+
+_IMBSAM_BIBTEX = """@inproceedings{zhou2023imbsam,
+  title     = {{ImbSAM}: A Closer Look at Sharpness-Aware Minimization in Class-Imbalanced Recognition},
+  author    = {Zhou, Yixuan and Qu, Yi and Xu, Xing and Shen, Hengtao},
+  booktitle = {Proceedings of the IEEE/CVF International Conference on Computer Vision (ICCV)},
+  year      = {2023}
+}"""
+
+_CCSAM_BIBTEX = """@inproceedings{zhou2023ccsam,
+  title     = {Class-Conditional Sharpness-Aware Minimization for Deep Long-Tailed Recognition},
+  author    = {Zhou, Zhipeng and Li, Lanqing and Zhao, Peilin and Heng, Pheng-Ann and Gong, Wei},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2023}
+}"""
+
+_SSE_SAM_BIBTEX = """@inproceedings{lyu2025ssesam,
+  title     = {{SSE-SAM}: Balancing Head and Tail Classes Gradually through Stage-Wise {SAM}},
+  author    = {Lyu, Xingyu and Xu, Qianqian and Yang, Zhiyong and Lyu, Shaojie and Huang, Qingming},
+  booktitle = {Proceedings of the AAAI Conference on Artificial Intelligence},
+  year      = {2025}
+}"""
+
 METHODS: dict[str, MethodInfo] = {info.name: info for info in (
     MethodInfo("erm", ERM, "ERM (plain base optimizer)"),
-    MethodInfo("sam", SAM, "SAM", ("rho",), ("sam",), ("sam", _SAM_TAG)),
+    MethodInfo("sam", SAM, "SAM", ("rho",), ("sam",), ("sam", _SAM_TAG), bibtex=_SAM_BIBTEX),
     MethodInfo("asam", SAM, "ASAM (adaptive SAM)", ("rho",), ("sam", "asam"), ("asam", _SAM_TAG),
-               fixed=types.MappingProxyType({"adaptive": True})),
+               bibtex=_ASAM_BIBTEX, fixed=types.MappingProxyType({"adaptive": True})),
     MethodInfo("imbsam", ImbSAM, "ImbSAM", ("rho", "tail_threshold", "tail_weight"), ("sam", "imbsam"),
-               ("imbsam", _SAM_TAG), single_backward=True),
-    MethodInfo("ccsam", CCSAM, "CC-SAM", ("rho", "scope", "flat_ratio"), ("sam", "ccsam"), ("cc-sam", _SAM_TAG)),
+               ("imbsam", _SAM_TAG), single_backward=True, bibtex=_IMBSAM_BIBTEX),
+    MethodInfo("ccsam", CCSAM, "CC-SAM", ("rho", "scope", "flat_ratio"), ("sam", "ccsam"), ("cc-sam", _SAM_TAG),
+               needs_classifier_params=True, bibtex=_CCSAM_BIBTEX),
     MethodInfo("focal_sam", FocalSAM, "Focal-SAM", ("rho", "gamma", "lam"), ("sam", "focal_sam"),
-               ("focal-sam", _SAM_TAG), single_backward=True),
+               ("focal-sam", _SAM_TAG), single_backward=True, bibtex=_FOCAL_SAM_BIBTEX),
     MethodInfo("sse_sam", SSESAM, "SSE-SAM", ("tail_threshold", "rho_head", "rho_tail", "switch_fraction"),
-               ("sam", "imbsam", "sse_sam"), ("sse-sam", _SAM_TAG), single_backward=True),
+               ("sam", "imbsam", "sse_sam"), ("sse-sam", _SAM_TAG), single_backward=True, bibtex=_SSE_SAM_BIBTEX),
 )}
 
 SINGLE_BACKWARD_METHODS = tuple(name for name, info in METHODS.items() if info.single_backward)

@@ -108,7 +108,7 @@ def build_optimizer_from(recipe: Recipe, model: torch.nn.Module, wrapped: torch.
     if cfg.fused if cfg.fused is not None else accelerator.device.type == "cuda":
         base_kwargs["fused"] = True   # skips a non-finite update on the device: no host read per update
     method = method_kwargs(recipe)
-    if cfg.name == "ccsam":
+    if method_info(cfg.name).needs_classifier_params:
         method["classifier_params"] = list(model.head.parameters())
     runtime: dict[str, Any] = {"model": model, "sync_perturbation": cfg.sync_perturbation}
     if accelerator.num_processes > 1 and not recipe.train.fsdp:   # FSDP2: the optimizer sees DTensors
