@@ -63,9 +63,9 @@ def _local_bytes(t) -> int:
 
 def _instrument(record: dict):
     """Record the SAM backup and the held split gradient inside the optimizer's step."""
-    from ft_focal.optim import base, numerics, passes
+    from ft_focal.optim import _passes, base, numerics
 
-    restore, split = numerics.restore_, passes.PassesMixin._split_pass
+    restore, split = numerics.restore_, _passes.Passes.split
 
     def restore_(params, backup):
         record["backup"] = max(record.get("backup", 0), sum(_local_bytes(b) for b in backup.values()))
@@ -77,7 +77,7 @@ def _instrument(record: dict):
         return out
 
     numerics.restore_ = base.nm.restore_ = restore_
-    passes.PassesMixin._split_pass = _split_pass
+    _passes.Passes.split = _split_pass
 
 
 def _worker(rank: int, port: int, out: str) -> None:

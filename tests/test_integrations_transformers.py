@@ -242,7 +242,7 @@ def _mixed_precision_run(tmp_path, device: str, dtype: torch.dtype):
     own_scaler = None
     if dtype == torch.float16:
         own_scaler = torch.amp.GradScaler(device, init_scale=65536.0, growth_interval=2)
-        opt.scaler = own_scaler
+        opt.runtime.scaler = own_scaler
     # Accelerate autocasts fp16 only on accelerators (on CPU the forward stays float32, the GradScaler
     # path is the same): the replay autocasts exactly when the Trainer's forward did.
     autocast = trainer.accelerator.native_amp

@@ -255,7 +255,7 @@ def test_registry():
     opt = build_optimizer("asam", m.parameters(), None, base="adamw", lr=1e-3, momentum=0.9, rho=1.0)
     assert opt.adaptive and isinstance(opt.base_optimizer, torch.optim.AdamW)
     opt = build_optimizer("sse_sam", m.parameters(), COUNTS, rho_head=0.1, rho_tail=0.2, model=m)
-    assert isinstance(opt, SSESAM) and opt.model is m
+    assert isinstance(opt, SSESAM) and opt.runtime.model is m
     with pytest.raises(ValueError, match="'nope'.*erm"):
         build_optimizer("nope", m.parameters(), COUNTS)
     with pytest.raises(ValueError, match="'gama'.*gamma"):

@@ -4,8 +4,10 @@ Every optimizer of ``ft_focal.optim`` is a ``torch.optim.Optimizer`` wrapping a 
 (``self.param_groups is self.base_optimizer.param_groups``, so LR schedulers built on the wrapper
 work). ``step`` runs every forward / backward pass the method needs and applies the base optimizer
 exactly once, at the original weights w, with the method's gradient. Everything one step needs is in
-a ``StepState`` passed explicitly; the numerics are plain functions (numerics.py); the one-backward
-path is a strategy object the optimizer owns (single_backward.py).
+a ``StepState`` passed explicitly; a method's ``_compute(st, passes)`` runs its forward / backward
+passes through the ``Passes`` object it is handed (_passes.py, over the optimizer's ``Runtime``: how
+the host back-propagates); the numerics are plain functions (numerics.py); the one-backward path is a
+strategy object the optimizer owns (single_backward.py).
 
 Closure contract: ``closure()`` runs the forward pass at the CURRENT weights and returns per-sample
 losses ``[B]`` (``reduction='none'``); ``targets`` are the labels ``[B]``. ERM and SAM also accept a
@@ -73,8 +75,8 @@ import torch
 import torch.distributed as dist
 
 from . import numerics as nm
+from ._passes import Passes, Runtime
 from ._sharding import as_param_grad, is_sharded, local_weights, shard_group
-from .passes import PassesMixin, Weighting  # noqa: F401 (Weighting: used by CC-SAM)
 from .single_backward import SingleBackward
 
 logger = logging.getLogger(__name__)
@@ -103,6 +105,7 @@ class StepState:
     loss_sum: torch.Tensor | None = None           # sum of the per-sample losses at w
     passes: dict = field(default_factory=lambda: {"forward": 0, "backward": 0})
     backup: dict = field(default_factory=dict)     # param index -> w (perturbed ones)
+    check_backwards: int = 0                       # backwards that only checked the one-backward path
 
 
 def class_table(class_counts):
@@ -112,7 +115,7 @@ def class_table(class_counts):
     return counts
 
 
-class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
+class SharpnessOptimizer(torch.optim.Optimizer):
     method_kwargs: tuple = ()     # method keywords (registry / config validation)
     allow_scalar_loss = False     # ERM / SAM accept a 0-d (mean) loss and no targets
     multi_backward = True         # back-propagates one forward graph more than once
@@ -125,19 +128,17 @@ class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
         super().__init__(params, dict(base_kwargs))
         self.base_optimizer = base_optimizer_cls(self.param_groups, **base_kwargs)
         self._link()
-        self.backward_fn = backward if backward is not None else torch.Tensor.backward
-        self.scaler = scaler
         if backward_applies_scaler and scaler is None:
             raise ValueError("backward_applies_scaler=True needs the scaler the backward uses (scaler=...)")
-        self.backward_applies_scaler = bool(backward_applies_scaler)
-        self.model = model
+        self.runtime = Runtime(backward=backward if backward is not None else torch.Tensor.backward, scaler=scaler,
+                               backward_applies_scaler=bool(backward_applies_scaler), model=model, no_sync=no_sync,
+                               sync_perturbation=bool(sync_perturbation), sharded=bool(sharded))
         self._warned = set()
-        self.no_sync = no_sync
-        self.sync_perturbation = bool(sync_perturbation)
-        self.sharded = bool(sharded)
         if single_backward and model is None:
             raise ValueError("single_backward=True needs model= (the nn.Module, for the layer rules)")
         self.one_backward = SingleBackward(model) if single_backward else None
+        self.passes = Passes(self.runtime, type(self).__name__, self.allow_scalar_loss, self.one_backward,
+                             self._warn_once)
         self.single_backward_check = bool(single_backward_check)
         if self.one_backward is not None:
             self.one_backward.validated = not self.single_backward_check
@@ -197,7 +198,8 @@ class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
                 and all(g.get("fused") for g in base.param_groups))
 
     def _growth_tracker(self):
-        tracker = getattr(self.scaler, "_growth_tracker", None) if self.scaler is not None else None
+        scaler = self.runtime.scaler
+        tracker = getattr(scaler, "_growth_tracker", None) if scaler is not None else None
         if tracker is None:
             return int(self._pending_growth or 0)
         return int(tracker)   # a host read, at checkpoint time only
@@ -233,8 +235,9 @@ class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
             logger.log(level, msg, *args)
 
     # ------------------------------------------------------------------ the step
-    def _compute(self, st: StepState) -> list:
-        """Run the method's passes; return the final gradient list (aligned with st.params)."""
+    def _compute(self, st: StepState, passes: Passes) -> list:
+        """Run the method's passes (``passes``: _passes.py); return the final gradient list (aligned
+        with st.params)."""
         raise NotImplementedError
 
     def step(self, closure=None, targets=None, *, closures=None):
@@ -244,7 +247,7 @@ class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
         self.last_check_backwards = 0
         on_device = self.skips_on_device()
         try:
-            final = self._compute(st)
+            final = self._compute(st, self.passes)
             if st.manual_sync:
                 final = nm.all_reduce_mean(final, st.params, st.world)
             found = nm.any_found(st.found, st.device, st.world)
@@ -265,11 +268,12 @@ class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
                 self._base_stepped = True
         else:
             self.skipped_steps += 1
+        self.last_check_backwards = st.check_backwards
         self.last_pass_counts = dict(st.passes)
         for k, v in st.passes.items():
             self.pass_counts[k] += v
-        if st.inv_scale and self.scaler is not None:
-            nm.update_scale(self.scaler, found)
+        if st.inv_scale and self.runtime.scaler is not None:
+            nm.update_scale(self.runtime.scaler, found)
         self._labels_checked = True
         loss = st.loss_sum / st.batch_size if st.loss_sum is not None else torch.tensor(float("nan"))
         return loss.detach()
@@ -322,11 +326,11 @@ class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
         self._zero_param_grads()
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         group = shard_group(params)
-        sharded = self.sharded or group is not None
+        sharded = self.runtime.sharded or group is not None
         if group is not None:
             world = dist.get_world_size(group)
-        manual = world > 1 and self.no_sync is not None and not sharded
-        if world > 1 and sharded and self.no_sync is not None:
+        manual = world > 1 and self.runtime.no_sync is not None and not sharded
+        if world > 1 and sharded and self.runtime.no_sync is not None:
             self._warn_once("sharded-no-sync", "sharded=True: gradients are shards reduced by FSDP / ZeRO "
                             "in every backward; no_sync is ignored (under DeepSpeed ZeRO-2/3 it is a no-op)")
         device = params[0].device if params else torch.device("cpu")
@@ -335,16 +339,16 @@ class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
                        weights=local_weights(params), device=device, world=world, manual_sync=manual,
                        can_skip=not (world > 1 and not manual), single_backward=self._plan_single_backward(params),
                        norm_world=world if sharded else 1, norm_group=group,
-                       inv_scale=nm.inverse_scale(self.scaler, device))
+                       inv_scale=nm.inverse_scale(self.runtime.scaler, device))
         if st.inv_scale and self._pending_growth is not None:
-            self.scaler._growth_tracker.fill_(self._pending_growth)
+            self.runtime.scaler._growth_tracker.fill_(self._pending_growth)
             self._pending_growth = None
         if world > 1 and not manual:
-            if not self.sync_perturbation:
+            if not self.runtime.sync_perturbation:
                 raise ValueError("sync_perturbation=False needs no_sync= (a no_sync context factory) "
                                  "and unsharded gradients (sharded=False)")
             if self.multi_backward and not st.single_backward and \
-                    isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+                    isinstance(self.runtime.model, torch.nn.parallel.DistributedDataParallel):
                 raise ValueError(f"{type(self).__name__} back-propagates one forward more than once, which "
                                  "DDP forbids: pass no_sync=lambda: accelerator.no_sync(model)")
         return st

@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 
 from . import numerics as nm
-from .base import SharpnessOptimizer, StepState, Weighting, class_table
+from ._passes import Passes, Weighting
+from .base import SharpnessOptimizer, StepState, class_table
 from .numerics import add
 
 
@@ -78,14 +79,14 @@ class CCSAM(SharpnessOptimizer):
             out.append(m.to(torch.float64) * scale if bool(m.any()) else None)
         return out
 
-    def _compute(self, st: StepState) -> list:
+    def _compute(self, st: StepState, passes: Passes) -> list:
         classes, local = self._classes(st)
         if self.scope == "network":
-            return self._network(st, classes)
-        return self._classifier(st, classes, local)
+            return self._network(st, passes, classes)
+        return self._classifier(st, passes, classes, local)
 
-    def _network(self, st, classes):
-        grads = self._grad_pass(st, [self._masks(st, c) for c in classes])
+    def _network(self, st: StepState, passes: Passes, classes: list) -> list:
+        grads = passes.grad(st, [self._masks(st, c) for c in classes])
         n = len(st.params)
         g_w = [None] * n
         for g in grads:
@@ -94,16 +95,16 @@ class CCSAM(SharpnessOptimizer):
         w_norm = float(self._norm(st, st.weights))
         acc = [None] * n
         for c, g in zip(classes, grads):
-            g = self._sync_perturbation_grads(st, g)
+            g = passes.sync_perturbation(st, g)
             gn = float(self._norm(st, g))
             rho_c = self.rho * math.sqrt(w_norm / (2 * gn + 1e-12)) * k ** -0.25 * self._shots(c) ** -0.25
             nm.perturb_(st.weights, g, math.sqrt(k) * rho_c / (gn + 1e-12), st.backup)
-            (g_adv,) = self._grad_pass(st, [self._masks(st, c, self.flat_ratio)], perturbed=True)
+            (g_adv,) = passes.grad(st, [self._masks(st, c, self.flat_ratio)], perturbed=True)
             nm.restore_(st.weights, st.backup)
             acc = add(acc, g_adv)
         return add(acc, g_w, alpha=1.0 - self.flat_ratio)
 
-    def _classifier(self, st, classes, local):
+    def _classifier(self, st: StepState, passes: Passes, classes: list, local) -> list:
         idx = [j for j, p in enumerate(st.params) if id(p) in self._cls_ids]
         if not idx:
             raise ValueError("none of classifier_params is a trainable parameter of this optimizer")
@@ -111,10 +112,10 @@ class CCSAM(SharpnessOptimizer):
         k = sum(p.numel() for p in head)
         ws = [Weighting([1.0 - self.flat_ratio] * len(st.micro_batches))]
         ws += [Weighting(self._masks(st, c), denom=max(int(local[c]), 1), inputs=head) for c in classes]
-        grads = self._grad_pass(st, ws)
+        grads = passes.grad(st, ws)
         g_w, acc = grads[0], [None] * len(st.params)
         for c, g in zip(classes, grads[1:]):
-            g = self._sync_perturbation_grads(st, g)
+            g = passes.sync_perturbation(st, g)
             for j in idx:   # each classifier tensor with its own norms
                 if g[j] is None:
                     continue
@@ -122,7 +123,7 @@ class CCSAM(SharpnessOptimizer):
                 rho_cp = self.rho * math.sqrt(pn / (2 * gn + 1e-12)) * self._shots(c) ** -0.25 * k ** -0.25
                 only = [g[i] if i == j else None for i in range(len(g))]
                 nm.perturb_(st.weights, only, rho_cp * math.sqrt(k) / (gn + 1e-12), st.backup)
-            (g_adv,) = self._grad_pass(st, [self._masks(st, c, self.flat_ratio)], perturbed=True)
+            (g_adv,) = passes.grad(st, [self._masks(st, c, self.flat_ratio)], perturbed=True)
             nm.restore_(st.weights, st.backup)
             acc = add(acc, g_adv)
         return add(g_w, acc)

@@ -1,6 +1,7 @@
 """ERM: the plain base optimizer behind the common ``step(closure, targets)`` call (1F + 1B)."""
 from __future__ import annotations
 
+from ._passes import Passes
 from .base import SharpnessOptimizer, StepState
 
 
@@ -16,6 +17,6 @@ class ERM(SharpnessOptimizer):
     def __init__(self, params, base_optimizer_cls, **kwargs):
         super().__init__(params, base_optimizer_cls, **kwargs)
 
-    def _compute(self, st: StepState) -> list:
-        (g,) = self._grad_pass(st, [[1.0] * len(st.micro_batches)])
+    def _compute(self, st: StepState, passes: Passes) -> list:
+        (g,) = passes.grad(st, [[1.0] * len(st.micro_batches)])
         return g

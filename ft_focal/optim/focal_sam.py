@@ -1,6 +1,7 @@
 """Focal-SAM (Li et al., ICML 2025) - cost 2F + 3B (official), 2F + 2B with ``single_backward``."""
 from __future__ import annotations
 
+from ._passes import Passes
 from .base import SharpnessOptimizer, StepState, class_table
 from .numerics import add
 
@@ -42,12 +43,12 @@ class FocalSAM(SharpnessOptimizer):
         self.rho, self.gamma, self.lam = float(rho), float(gamma), float(lam)
         self.coefficients = self.lam * (1.0 - counts / counts.sum()) ** self.gamma
 
-    def _compute(self, st: StepState) -> list:
+    def _compute(self, st: StepState, passes: Passes) -> list:
         a = [self.per_sample(st, self.coefficients, i) for i in range(len(st.micro_batches))]
         rest = [None] * len(a) if st.single_backward else [1.0 - ai for ai in a]   # implied by total
-        g1, g2 = self._split_pass(st, rest, a, total=[1.0] * len(a))
-        g2 = self._sync_perturbation_grads(st, g2)
-        self._perturb_sam(st, g2, self.rho)
+        g1, g2 = passes.split(st, rest, a, total=[1.0] * len(a))
+        g2 = passes.sync_perturbation(st, g2)
+        passes.perturb_sam(st, g2, self.rho)
         del g2
-        (g3,) = self._grad_pass(st, [a], perturbed=True)
+        (g3,) = passes.grad(st, [a], perturbed=True)
         return add(g1, g3)

@@ -1,6 +1,7 @@
 """ImbSAM (Zhou et al., ICCV 2023) - cost 2F + 3B (official), 2F + 2B with ``single_backward``."""
 from __future__ import annotations
 
+from ._passes import Passes
 from .base import SharpnessOptimizer, StepState, class_table
 from .numerics import add, sum_optional
 
@@ -39,15 +40,15 @@ class ImbSAM(SharpnessOptimizer):
         self.is_tail = (counts < self.tail_threshold).to(float)
         self.skip_empty_groups = bool(skip_empty_groups)
 
-    def _compute(self, st: StepState) -> list:
+    def _compute(self, st: StepState, passes: Passes) -> list:
         head, tail = split_head_tail(self, st, self.tail_weight)
         total = [None if h is None and t is None else
                  (1.0 if self.tail_weight == 1.0 else sum_optional(h, t)) for h, t in zip(head, tail)]
-        g_head, g_tail = self._split_pass(st, head, tail, total=total)
-        g_tail = self._sync_perturbation_grads(st, g_tail)
-        self._perturb_sam(st, g_tail, self.rho)
+        g_head, g_tail = passes.split(st, head, tail, total=total)
+        g_tail = passes.sync_perturbation(st, g_tail)
+        passes.perturb_sam(st, g_tail, self.rho)
         del g_tail
-        (g_adv,) = self._grad_pass(st, [tail], perturbed=True)
+        (g_adv,) = passes.grad(st, [tail], perturbed=True)
         return add(g_head, g_adv)
 
 

@@ -1,6 +1,7 @@
 """SAM (Foret et al., ICLR 2021) and ASAM (Kwon et al., ICML 2021) - cost 2F + 2B."""
 from __future__ import annotations
 
+from ._passes import Passes
 from .base import SharpnessOptimizer, StepState
 
 
@@ -29,11 +30,11 @@ class SAM(SharpnessOptimizer):
         super().__init__(params, base_optimizer_cls, **kwargs)
         self.rho, self.adaptive, self.eta = float(rho), bool(adaptive), float(eta)
 
-    def _compute(self, st: StepState) -> list:
+    def _compute(self, st: StepState, passes: Passes) -> list:
         ones = [1.0] * len(st.micro_batches)
-        (g,) = self._grad_pass(st, [ones])
-        g = self._sync_perturbation_grads(st, g)
-        self._perturb_sam(st, g, self.rho, self.adaptive, self.eta)
+        (g,) = passes.grad(st, [ones])
+        g = passes.sync_perturbation(st, g)
+        passes.perturb_sam(st, g, self.rho, self.adaptive, self.eta)
         del g
-        (g_adv,) = self._grad_pass(st, [ones], perturbed=True)
+        (g_adv,) = passes.grad(st, [ones], perturbed=True)
         return g_adv

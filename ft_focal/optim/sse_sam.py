@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from . import numerics as nm
+from ._passes import Passes
 from .base import SharpnessOptimizer, StepState, class_table
 from .imbsam import split_head_tail
 from .numerics import add
@@ -49,20 +50,21 @@ class SSESAM(SharpnessOptimizer):
     def _extra_state(self):
         return {"switched": self.switched}
 
-    def _compute(self, st: StepState) -> list:
+    def _compute(self, st: StepState, passes: Passes) -> list:
         head, tail = split_head_tail(self, st)
         total = [None if h is None and t is None else 1.0 for h, t in zip(head, tail)]
-        g_head, g_tail = self._split_pass(st, head, tail, total=total)
+        g_head, g_tail = passes.split(st, head, tail, total=total)
         rho_head = 0.0 if self.switched else self.rho_head
-        return add(self._group_update(st, g_head, head, rho_head), self._group_update(st, g_tail, tail, self.rho_tail))
+        return add(self._group_update(st, passes, g_head, head, rho_head),
+                   self._group_update(st, passes, g_tail, tail, self.rho_tail))
 
-    def _group_update(self, st, g, weights, rho):
+    def _group_update(self, st: StepState, passes: Passes, g: list, weights: list, rho: float) -> list:
         """grad L_group(w + eps_group), or the gradient at w when rho == 0."""
         if rho == 0:
             return g
-        g = self._sync_perturbation_grads(st, g)
-        self._perturb_sam(st, g, rho)
+        g = passes.sync_perturbation(st, g)
+        passes.perturb_sam(st, g, rho)
         del g
-        (g_adv,) = self._grad_pass(st, [weights], perturbed=True)
+        (g_adv,) = passes.grad(st, [weights], perturbed=True)
         nm.restore_(st.weights, st.backup)
         return g_adv

@@ -1,14 +1,21 @@
 """The passes a method is made of: forward + backward(s) over the whole batch, at w or perturbed.
 
-``_grad_pass(st, weightings)``: one forward per micro-batch, one backward per weighting.
-``_split_pass(st, rest, part, total)``: the gradients of two weightings of the same forward; with the
+A method's ``_compute(st, passes)`` calls, and only calls, these (every call visible where it is made):
+
+``passes.grad(st, weightings)``: one forward per micro-batch, one backward per weighting.
+``passes.split(st, rest, part, total)``: the gradients of two weightings of the same forward; with the
 one-backward strategy active, ONE backward of ``total`` and the layer rules give both.
-``_perturb_sam(st, g, rho)``: w <- w + rho g / ||g|| (on the device; ``restore_`` undoes it).
+``passes.sync_perturbation(st, g)``: the perturbation gradient averaged over processes (manual sync).
+``passes.perturb_sam(st, g, rho)``: w <- w + rho g / ||g|| (on the device; ``numerics.restore_`` undoes it).
+
+``Runtime`` is how the host runs a backward (its ``backward``, GradScaler, DDP ``no_sync``, sharding,
+the model); the optimizer owns one, and ``Passes`` reads it.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -26,11 +33,41 @@ class Weighting:
     inputs: list | None = None
 
 
-class PassesMixin:
-    """Methods of ``SharpnessOptimizer`` (base.py); every one takes the step's ``StepState``."""
+@dataclass
+class Runtime:
+    """How the host back-propagates (base.py's docstring, "Common options", says each in full).
+
+    backward: ``backward(loss, retain_graph=..., inputs=...)`` (``accelerator.backward`` in the Trainer).
+    scaler: a GradScaler under fp16, else None; ``backward_applies_scaler``: ``backward`` scales itself.
+    model: the trained module (normalisation statistics, one-backward layer rules), or None.
+    no_sync: a context factory: the passes run under it and the optimizer averages gradients itself.
+    sync_perturbation: average the perturbation gradient too (False: m-sharpness, per process).
+    sharded: gradients are shards (FSDP / ZeRO): norms all-reduce their squares.
+    """
+    backward: Callable = torch.Tensor.backward
+    scaler: Any = None
+    backward_applies_scaler: bool = False
+    model: torch.nn.Module | None = None
+    no_sync: Callable | None = None
+    sync_perturbation: bool = True
+    sharded: bool = False
+
+
+class Passes:
+    """The passes of one optimizer, over its ``Runtime``; every call takes the step's ``StepState``.
+
+    ``method``: the optimizer's class name (error messages); ``allow_scalar_loss``: a 0-d loss is
+    accepted (ERM, SAM); ``one_backward``: the strategy object (single_backward.py) or None;
+    ``warn_once(key, msg, *args)``: the optimizer's once-per-key warning.
+    """
+
+    def __init__(self, runtime: Runtime, method: str, allow_scalar_loss: bool, one_backward: Any,
+                 warn_once: Callable) -> None:
+        self.runtime, self.method, self.allow_scalar_loss = runtime, method, allow_scalar_loss
+        self.one_backward, self.warn_once = one_backward, warn_once
 
     def _sync_ctx(self, st):
-        return self.no_sync() if st.manual_sync else contextlib.nullcontext()
+        return self.runtime.no_sync() if st.manual_sync else contextlib.nullcontext()
 
     def _losses(self, st, i, losses):
         n = st.sizes[i]
@@ -38,7 +75,7 @@ class PassesMixin:
             raise ValueError("the closure must return a tensor of per-sample losses")
         if losses.dim() == 0:
             if not self.allow_scalar_loss:
-                raise ValueError(f"{type(self).__name__} needs per-sample losses of shape [B] "
+                raise ValueError(f"{self.method} needs per-sample losses of shape [B] "
                                  "(use reduction='none'); the closure returned a scalar")
             losses = (losses * (n or 1)).reshape(1)
             if st.batch_size is None:
@@ -66,16 +103,17 @@ class PassesMixin:
         return losses.sum() * (float(w) / denom)
 
     def _backward(self, loss, retain=False, inputs=None):
-        if self.scaler is not None and self.scaler.is_enabled() and not self.backward_applies_scaler:
-            loss = self.scaler.scale(loss)
+        rt = self.runtime
+        if rt.scaler is not None and rt.scaler.is_enabled() and not rt.backward_applies_scaler:
+            loss = rt.scaler.scale(loss)
         kw = {"retain_graph": True} if retain else {}
         if inputs is not None:
             kw["inputs"] = inputs
         try:
-            self.backward_fn(loss, **kw)
+            rt.backward(loss, **kw)
         except RuntimeError as exc:
             if "donated buffer" in str(exc):
-                raise RuntimeError(f"{type(self).__name__} back-propagates one forward twice, which a model "
+                raise RuntimeError(f"{self.method} back-propagates one forward twice, which a model "
                                    "compiled with torch.compile forbids unless torch._functorch.config."
                                    "donated_buffer = False is set before compiling") from exc
             raise
@@ -98,14 +136,14 @@ class PassesMixin:
             nm.unscale_and_check(buf, st.found, st.inv_scale)
         return bufs
 
-    def _grad_pass(self, st, weightings, perturbed=False):
+    def grad(self, st, weightings, perturbed=False):
         """One pass: a forward per micro-batch at the current weights, one backward per weighting.
         Returns one gradient list per weighting (unscaled, None = zero)."""
         ws = [w if isinstance(w, Weighting) else Weighting(w) for w in weightings]
         bufs = [[None] * len(st.params) for _ in ws]
         used = [False] * len(ws)
         ran = False
-        ctx = nm.frozen_norm_stats(self.model) if perturbed else contextlib.nullcontext()
+        ctx = nm.frozen_norm_stats(self.runtime.model) if perturbed else contextlib.nullcontext()
         with ctx, self._sync_ctx(st):
             for i in range(len(st.micro_batches)):
                 cur = [w.weights[i] for w in ws]
@@ -126,18 +164,21 @@ class PassesMixin:
         st.passes["backward"] += sum(used)
         return self._finish(st, bufs)
 
-    def _split_pass(self, st, rest, part, total=None):
+    def split(self, st, rest, part, total=None):
         """Gradients ``[G_rest, G_part]`` of two weightings of the same forward at w."""
         if not st.single_backward:
-            return self._grad_pass(st, [rest, part])
+            return self.grad(st, [rest, part])
         if total is None:
             total = [nm.sum_optional(r, p) for r, p in zip(rest, part)]
         return self._one_backward_pass(st, rest, part, total)
 
-    def _sync_perturbation_grads(self, st, grads):
-        return nm.all_reduce_mean(grads, st.weights, st.world) if st.manual_sync and self.sync_perturbation else grads
+    def sync_perturbation(self, st, grads):
+        """The perturbation gradient, averaged over the processes when the passes ran under no_sync."""
+        if st.manual_sync and self.runtime.sync_perturbation:
+            return nm.all_reduce_mean(grads, st.weights, st.world)
+        return grads
 
-    def _perturb_sam(self, st, g, rho, adaptive=False, eta=0.0):
+    def perturb_sam(self, st, g, rho, adaptive=False, eta=0.0):
         """SAM ascent w <- w + rho g / (||g|| + 1e-12) (ASAM: see numerics.sam_direction)."""
         if rho == 0:
             return
@@ -186,10 +227,10 @@ class PassesMixin:
                     reason = sb.compare(st.params, parts, exact, magnitudes)
                     if reason is None:
                         sb.validated = True
-                        self.last_check_backwards = 1
+                        st.check_backwards = 1
                 if reason is not None:
                     sb.disabled = reason
-                    self._warn_once("sb-off", "single_backward switched off: %s; using the exact "
+                    self.warn_once("sb-off", "single_backward switched off: %s; using the exact "
                                     "two-backward path from now on (same update, one more backward)", reason)
                 g_part[:] = nm.add(g_part, exact)
         st.passes["forward"] += 1
