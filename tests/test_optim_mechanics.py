@@ -287,3 +287,27 @@ def test_optim_imports_nothing_else_from_ft_focal():
             if isinstance(node, ast.ImportFrom) and node.level > 1:
                 raise AssertionError(f"{f} imports from outside ft_focal.optim")
         assert len(f.read_text().splitlines()) < 450, f
+
+
+def test_runtime_keywords_hand_over_the_objects_themselves_and_for_accelerate_reads_the_accelerator():
+    """The host's objects reach the optimizer as they are (a copy of the model would be a second model
+    that training never touches), and no_sync wraps the module the host has at step time."""
+    from types import SimpleNamespace
+
+    from ft_focal.optim import Runtime
+
+    model = mlp()
+    calls = []
+    accelerator = SimpleNamespace(backward=lambda loss, **kw: None, scaler=object(), num_processes=2,
+                                  no_sync=lambda module: calls.append(module))
+    wrapped = {"now": "not yet prepared"}
+    runtime = Runtime.for_accelerate(accelerator, model, lambda: wrapped["now"])
+    keywords = runtime.keywords()
+    assert keywords["model"] is model and keywords["scaler"] is accelerator.scaler
+    assert keywords["backward"] is accelerator.backward and keywords["backward_applies_scaler"] is True
+    wrapped["now"] = "ddp module"
+    keywords["no_sync"]()
+    assert calls == ["ddp module"]
+    assert Runtime.for_accelerate(accelerator, model, lambda: None, no_sync=False).no_sync is None
+    single = SimpleNamespace(backward=accelerator.backward, scaler=None, num_processes=1)
+    assert Runtime.for_accelerate(single, model, lambda: None).keywords()["scaler"] is None

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from ft_focal.integrations.skips import DEFAULT_MAX_BAD_STEPS, SkipGuard
-from ft_focal.optim import SINGLE_BACKWARD_METHODS, SharpnessOptimizer, build_optimizer
+from ft_focal.optim import SINGLE_BACKWARD_METHODS, Runtime, SharpnessOptimizer, build_optimizer
 
 __all__ = ["SharpnessLightningMixin", "build_lightning_optimizer", "sharpness_step"]
 
@@ -74,13 +74,7 @@ def build_lightning_optimizer(module: Any, name: str, class_counts: Sequence[int
                          "self.automatic_optimization = False in the LightningModule's __init__")
     trainer = module.trainer
     refuse_sharded_strategy(trainer.strategy)
-    runtime: dict[str, Any] = {"model": module, "backward": module.manual_backward}
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is not None:   # precision="16-mixed": manual_backward scales the loss with this scaler
-        runtime.update(scaler=scaler, backward_applies_scaler=True)
-    if trainer.world_size > 1:
-        # Looked up at step time: the strategy wraps the module in DDP after configure_optimizers.
-        runtime["no_sync"] = lambda: trainer.strategy.block_backward_sync()
+    runtime = Runtime.for_lightning(module).keywords()
     if name in SINGLE_BACKWARD_METHODS:
         cfg.setdefault("single_backward", True)
     if params is None:

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from ft_focal.integrations.skips import DEFAULT_MAX_BAD_STEPS, SkipGuard
-from ft_focal.optim import OPTIMIZERS, SINGLE_BACKWARD_METHODS, SharpnessOptimizer, build_optimizer
+from ft_focal.optim import OPTIMIZERS, SINGLE_BACKWARD_METHODS, Runtime, SharpnessOptimizer, build_optimizer
 
 __all__ = ["SharpnessTrainer", "SharpnessTrainerMixin"]
 
@@ -191,16 +191,14 @@ class SharpnessTrainerMixin:
             cfg.setdefault("betas", (self.args.adam_beta1, self.args.adam_beta2))
         if self.sharpness_method in SINGLE_BACKWARD_METHODS:
             cfg.setdefault("single_backward", True)
-        accelerator = self.accelerator
         # model= is the unwrapped module: the one-backward path hooks its layers and normalisation
         # statistics are saved / restored on it.
-        cfg.setdefault("model", model)
-        cfg["backward"] = accelerator.backward
-        if accelerator.scaler is not None:   # fp16: accelerator.backward scales the loss itself
-            cfg.update(scaler=accelerator.scaler, backward_applies_scaler=True)
-        if accelerator.num_processes > 1:
-            # Looked up at step time: model_wrapped is the DDP module only after accelerator.prepare.
-            cfg.setdefault("no_sync", lambda: accelerator.no_sync(self.model_wrapped))
+        runtime = Runtime.for_accelerate(self.accelerator, model, lambda: self.model_wrapped).keywords()
+        cfg["backward"] = runtime.pop("backward")
+        if runtime["scaler"] is not None:   # fp16: accelerator.backward scales the loss with this scaler
+            cfg.update(scaler=runtime.pop("scaler"), backward_applies_scaler=runtime.pop("backward_applies_scaler"))
+        for key, value in runtime.items():   # model, no_sync, ...: a caller's sharpness_kwargs win
+            cfg.setdefault(key, value)
         decay = set(self.get_decay_parameter_names(model))
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = [{"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ._passes import Runtime
 from .base import COMMON_KWARGS, SharpnessOptimizer
 from .ccsam import CCSAM
 from .erm import ERM
@@ -28,7 +29,7 @@ from .registry import METHODS, RECIPE_KEYS, SINGLE_BACKWARD_METHODS, MethodInfo,
 from .sam import SAM
 from .sse_sam import SSESAM
 
-__all__ = ["ERM", "SAM", "ImbSAM", "CCSAM", "FocalSAM", "SSESAM", "SharpnessOptimizer",
+__all__ = ["ERM", "SAM", "ImbSAM", "CCSAM", "FocalSAM", "SSESAM", "SharpnessOptimizer", "Runtime",
            "OPTIMIZERS", "BASE_OPTIMIZERS", "BASE_KWARGS", "COMMON_KWARGS", "build_optimizer",
            "optimizer_kwargs", "METHODS", "MethodInfo", "RECIPE_KEYS", "SINGLE_BACKWARD_METHODS", "method_info"]
 

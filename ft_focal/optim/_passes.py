@@ -14,6 +14,7 @@ the model); the optimizer owns one, and ``Passes`` reads it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -51,6 +52,41 @@ class Runtime:
     no_sync: Callable | None = None
     sync_perturbation: bool = True
     sharded: bool = False
+
+    def keywords(self) -> dict:
+        """The optimizer keywords that build this runtime (``build_optimizer(..., **keywords)``)."""
+        # not dataclasses.asdict: it deep-copies every value, the model and bound methods included
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def for_accelerate(cls, accelerator: Any, model: torch.nn.Module, wrapped: Callable[[], torch.nn.Module],
+                       no_sync: bool = True) -> "Runtime":
+        """An Accelerate loop's (ft_focal's Trainer, the HF Trainer): ``accelerator.backward``, which under
+        fp16 scales the loss with ``accelerator.scaler`` itself; with several processes every pass runs
+        under ``accelerator.no_sync(wrapped())`` (``wrapped`` is called at step time: the DDP module exists
+        only after ``accelerator.prepare``) unless ``no_sync=False`` (FSDP2: the optimizer sees shards).
+        ``model``: the unwrapped module (layer rules, normalisation statistics)."""
+        runtime = cls(backward=accelerator.backward, model=model)
+        if accelerator.scaler is not None:
+            runtime.scaler, runtime.backward_applies_scaler = accelerator.scaler, True
+        if accelerator.num_processes > 1 and no_sync:
+            runtime.no_sync = lambda: accelerator.no_sync(wrapped())
+        return runtime
+
+    @classmethod
+    def for_lightning(cls, module: Any) -> "Runtime":
+        """A LightningModule's under manual optimization: ``manual_backward`` (which scales the loss under
+        precision="16-mixed" with the precision plugin's scaler); with several processes every pass runs
+        under the strategy's ``block_backward_sync`` (looked up at step time: the strategy wraps the
+        module after ``configure_optimizers``)."""
+        trainer = module.trainer
+        runtime = cls(backward=module.manual_backward, model=module)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            runtime.scaler, runtime.backward_applies_scaler = scaler, True
+        if trainer.world_size > 1:
+            runtime.no_sync = lambda: trainer.strategy.block_backward_sync()
+        return runtime
 
 
 class Passes:
