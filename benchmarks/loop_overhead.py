@@ -10,8 +10,8 @@ loops on the SAME dataset objects (one `build_datasets` bundle), interleaved (to
     final/ and metrics.json come after it) MINUS what the loop does at its last update besides
     training: the end-of-run validation + best_model.safetensors (epoch end at step == total_steps)
     and one checkpoint (`save_due` is true at step == total_steps); those calls are wrapped, timed and
-    subtracted ("excl s"). optim.single_backward=false, so Focal-SAM is the official 2F+3B step in both
-    loops; "default" = the toolkit with its default (single_backward on: 2F+2B where every trainable
+    subtracted ("excl s"). optim.one_backward=false, so Focal-SAM is the official 2F+3B step in both
+    loops; "default" = the toolkit with its default (one_backward on: 2F+2B where every trainable
     layer allows it, plus one checking backward on the first step; else 2F+3B; "passes" shows which).
   * bare: DataLoader(shuffle=True, drop_last=True, num_workers=0) over bundle.train (same transforms,
     no reseeding), same model + seed, same loss, torch.optim.SGD, LambdaLR cosine, the update rule
@@ -88,14 +88,14 @@ UNUSED_KEYS = {"erm": ("rho", "gamma", "lam"), "sam": ("gamma", "lam"), "focal_s
 
 
 def make_recipe(args: argparse.Namespace, method: str, steps: int, out: str,
-                single_backward: Optional[bool] = False) -> Recipe:
+                one_backward: Optional[bool] = False) -> Recipe:
     overrides = [f"optim.name={method}", f"tuning.method={args.tuning}", f"train.max_steps={steps}",
                  f"output_dir={out}", f"train.threads={args.threads}",  # else train() resets threads
                  "train.eval_every_epochs=1000000",  # no validation inside the timed loop ...
                  "train.save_every_steps=1000000000"]  # ... nor checkpoints (but the last one, see above)
     overrides += [f"optim.{key}=null" for key in UNUSED_KEYS[method]]
-    if method == "focal_sam" and single_backward is not None:
-        overrides.append(f"optim.single_backward={str(single_backward).lower()}")
+    if method == "focal_sam" and one_backward is not None:
+        overrides.append(f"optim.one_backward={str(one_backward).lower()}")
     return load_recipe(PRESETS[args.preset]["recipe"], overrides + PRESETS[args.preset]["overrides"](args))
 
 
@@ -154,10 +154,10 @@ def instrumented() -> Iterator[dict]:
 
 
 def toolkit_run(args: argparse.Namespace, method: str, steps: int, bundle: Any,
-                single_backward: Optional[bool] = False) -> dict:
+                one_backward: Optional[bool] = False) -> dict:
     out = tempfile.mkdtemp(prefix="loop_overhead_")  # fresh: a leftover checkpoint would make train() resume
     try:
-        recipe = make_recipe(args, method, steps, out, single_backward)
+        recipe = make_recipe(args, method, steps, out, one_backward)
         gc.collect()
         with instrumented() as probe:
             metrics = train_mod.train(recipe, bundle=bundle)
@@ -299,7 +299,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     methods = [m.strip() for m in args.optimizers.split(",") if m.strip()]
     if not methods or set(methods) - set(METHODS):
         parser.error(f"--optimizers: choose from {', '.join(METHODS)}")
-    logging.getLogger("ft_focal").setLevel(logging.ERROR)  # e.g. single_backward fallbacks: see "passes"
+    logging.getLogger("ft_focal").setLevel(logging.ERROR)  # e.g. one_backward fallbacks: see "passes"
     torch.set_num_threads(args.threads)
     wall = time.perf_counter()
 
@@ -323,7 +323,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for method in methods:
             results[method]["toolkit"].append(toolkit_run(args, method, steps, bundle))
             results[method]["bare"].append(bare_run(base, bundle, method, steps))
-            if method == "focal_sam":  # the toolkit's own default (optim.single_backward unset)
+            if method == "focal_sam":  # the toolkit's own default (optim.one_backward unset)
                 results[method]["default"].append(toolkit_run(args, method, steps, bundle, None))
         print(f"repeat {rep + 1}/{repeats} done ({time.perf_counter() - wall:.0f} s)", flush=True)
     print_tables(results)

@@ -15,7 +15,7 @@ data.dataset=synthetic (1000 classes), random init (the FLOPs of the OpenAI weig
               ended by torch.cuda.synchronize.
   bare ms   = the same update in plain torch under bf16 autocast, no wrapper, no checks: ERM 1F+1B,
               SAM 2F+2B (foreach norm and perturbation), Focal-SAM's official 2F+3B.
-Focal-SAM runs with the toolkit's default (optim.single_backward unset: 2F+2B where it applies).
+Focal-SAM runs with the toolkit's default (optim.one_backward unset: 2F+2B where it applies).
 Not a test: nothing is asserted.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ Models: `ft_focal.models.build_classifier` with a random-init CLIP vision tower 
   full              open_clip ViT, every parameter trained (LayerNorm, patch conv, embeddings: the
                     one-backward path falls back to the exact three-backward step)
 Optimizers: ERM, SAM, ImbSAM and Focal-SAM with the official step (2F + 3B), and Focal-SAM / ImbSAM
-with `single_backward=True` (2F + 2B). All drive the SAME model object on the same batch (each
+with `one_backward=True` (2F + 2B). All drive the SAME model object on the same batch (each
 with its own optimizer state; the weights keep moving, by small steps): separate copies of a model
 differ in memory placement, which alone shifted step times by a few per cent here.
 
@@ -72,9 +72,9 @@ OPTIMIZERS = {
     "Focal-SAM": lambda ps, m: FocalSAM(ps, torch.optim.SGD, rho=0.05, gamma=1.5, lam=0.7,
                                         class_counts=COUNTS, model=m, **SGD),
     "Focal-SAM 1-bwd": lambda ps, m: FocalSAM(ps, torch.optim.SGD, rho=0.05, gamma=1.5, lam=0.7,
-                                              class_counts=COUNTS, model=m, single_backward=True, **SGD),
+                                              class_counts=COUNTS, model=m, one_backward=True, **SGD),
     "ImbSAM 1-bwd": lambda ps, m: ImbSAM(ps, torch.optim.SGD, rho=0.05, class_counts=COUNTS,
-                                         tail_threshold=100, model=m, single_backward=True, **SGD),
+                                         tail_threshold=100, model=m, one_backward=True, **SGD),
 }
 
 

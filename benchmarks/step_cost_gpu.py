@@ -78,7 +78,7 @@ def make_optimizers(model, counts, fused=False):
         "SAM": SAM(params, torch.optim.SGD, rho=0.05, **sgd),
         "Focal-SAM official": FocalSAM(params, torch.optim.SGD, class_counts=counts, **FOCAL, **sgd),
         "Focal-SAM 1-bwd": FocalSAM(params, torch.optim.SGD, class_counts=counts, model=model,
-                                    single_backward=True, **FOCAL, **sgd),
+                                    one_backward=True, **FOCAL, **sgd),
     }
 
 

@@ -28,12 +28,12 @@ COUNTS_AT_100 = [100, 99, 300, 50]
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 
 
-@pytest.mark.parametrize("single_backward", [False, True])
-def test_imbsam_class_at_the_tail_threshold_is_head(single_backward):
+@pytest.mark.parametrize("one_backward", [False, True])
+def test_imbsam_class_at_the_tail_threshold_is_head(one_backward):
     model, (x, y) = mlp().double(), batch()
     w = weights(model)
     opt = ImbSAM(list(model.parameters()), torch.optim.SGD, rho=0.05, class_counts=COUNTS_AT_20,
-                 tail_threshold=20, tail_weight=2.0, model=model, single_backward=single_backward, **SGD)
+                 tail_threshold=20, tail_weight=2.0, model=model, one_backward=one_backward, **SGD)
     run(opt, model, x, y, steps=2)
     want = ref_run(model, w, x, y, lambda v: ref_imbsam(model, v, x, y, 0.05, COUNTS_AT_20, thr=20, tw=2.0),
                    RefSGD(**SGD), steps=2)

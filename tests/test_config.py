@@ -84,3 +84,19 @@ def test_apply_overrides_does_not_mutate_input():
     apply_overrides(raw, ["optim.lr=0.2"])
     assert raw["optim"]["lr"] == 0.1
     assert recipe_from_dict(apply_overrides(raw, ["optim.lr=0.2"])).optim.lr == 0.2
+
+
+def test_a_renamed_recipe_key_still_works_with_one_deprecation_line(caplog):
+    """optim.single_backward is now optim.one_backward: recipes and overrides written with the old
+    name load as before; both names at once are refused."""
+    recipe = "recipes/demo/digits_lt_focal_sam.yaml"
+    with caplog.at_level("WARNING"):
+        loaded = load_recipe(recipe, ["optim.single_backward=true"])
+    assert loaded.optim.one_backward is True
+    lines = [r.getMessage() for r in caplog.records if "single_backward" in r.getMessage()]
+    assert lines == ["recipe key 'optim.single_backward' is now 'optim.one_backward'; the old name still works "
+                     "but will be removed"]
+    raw = yaml.safe_load(open(recipe))
+    raw["optim"]["single_backward"] = False
+    with pytest.raises(UserError, match="'optim.single_backward' and 'optim.one_backward' are the same key"):
+        recipe_from_dict(raw)

@@ -64,7 +64,7 @@ def test_lightning_updates_equal_own_step_float64(micro):
     trainer = fit(module)
     assert trainer.global_step == 3 and len(module.seen) == 3   # the step counter advanced
     own = copy.deepcopy(net0)
-    opt = build_optimizer("focal_sam", list(own.parameters()), COUNTS, model=own, single_backward=True, **KW)
+    opt = build_optimizer("focal_sam", list(own.parameters()), COUNTS, model=own, one_backward=True, **KW)
     for x, y, after in module.seen:
         opt.step(lambda: F.cross_entropy(own(x), y, reduction="none"), targets=y)
         err = max(float((p.detach() - q).abs().max()) for p, q in zip(own.parameters(), after))
@@ -79,7 +79,7 @@ def test_lightning_bf16_mixed_equals_own_step_under_autocast():
     module = Classifier(net)
     fit(module, precision="bf16-mixed")
     own = copy.deepcopy(net0)
-    opt = build_optimizer("focal_sam", list(own.parameters()), COUNTS, model=own, single_backward=True, **KW)
+    opt = build_optimizer("focal_sam", list(own.parameters()), COUNTS, model=own, one_backward=True, **KW)
     for x, y, after in module.seen:
         def closure():
             with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):   # as Lightning's autocast

@@ -91,7 +91,7 @@ def replay_optimizer(trainer: SharpnessTrainer, model: torch.nn.Module, method: 
     if cfg.get("base") in ("adam", "adamw"):
         cfg["betas"] = (args.adam_beta1, args.adam_beta2)
     if method in ("focal_sam", "imbsam", "sse_sam"):
-        cfg["single_backward"] = True
+        cfg["one_backward"] = True
     return build_optimizer(method, groups, COUNTS, model=model, **cfg)
 
 

@@ -24,10 +24,10 @@ FOCAL = dict(rho=0.1, gamma=1.5, lam=0.8, class_counts=COUNTS)
 SCENARIOS = {   # name -> (optimizer factory(params, model, no_sync), uses no_sync)
     "focal_sync": lambda ps, m, ns: FocalSAM(ps, torch.optim.SGD, **FOCAL, model=m, no_sync=ns, **SGD),
     "focal_sb_sync": lambda ps, m, ns: FocalSAM(ps, torch.optim.SGD, **FOCAL, model=m, no_sync=ns,
-                                                single_backward=True, **SGD),
+                                                one_backward=True, **SGD),
     "sam_ddp": lambda ps, m, ns: SAM(ps, torch.optim.SGD, rho=0.1, model=m, **SGD),
     "imbsam_sb_ddp": lambda ps, m, ns: ImbSAM(ps, torch.optim.SGD, rho=0.1, class_counts=COUNTS, model=m,
-                                              single_backward=True, tail_weight=2.0, **SGD),
+                                              one_backward=True, tail_weight=2.0, **SGD),
     "ccsam_sync": lambda ps, m, ns: CCSAM(ps, torch.optim.SGD, class_counts=COUNTS, rho=0.02, model=m,
                                           no_sync=ns, **SGD),
     "focal_local": lambda ps, m, ns: FocalSAM(ps, torch.optim.SGD, **FOCAL, model=m, no_sync=ns,

@@ -83,15 +83,15 @@ class _Lines(logging.Handler):
 
 
 def _sharded_run(rank, method, tuning, labels, micro, dtype=torch.float64, mp_policy=None,
-                 single_backward=False):
+                 one_backward=False):
     model = shard_model(tiny_model(tuning, dtype), mp_policy=mp_policy)
     n_dtensor = assert_sharded(model)
     x, y = global_batch(labels, dtype)
     half = len(y) // WORLD
     xr, yr = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
-    if single_backward:
+    if one_backward:
         opt = FocalSAM(model.parameters(), torch.optim.SGD, rho=0.05, gamma=1.5, lam=0.8, class_counts=COUNTS,
-                       model=model, single_backward=True, **SGD)
+                       model=model, one_backward=True, **SGD)
     else:
         opt = METHODS[method](model.parameters(), model)
     if method == "sse_sam":
@@ -110,8 +110,8 @@ def _worker(rank, port, out):
         res = {name: _sharded_run(rank, *spec) for name, spec in SCENARIOS.items()}
         lines = _Lines()
         logging.getLogger("ft_focal.optim.base").addHandler(lines)
-        res["single_backward"] = _sharded_run(rank, "focal_sam", "lora", LABELS, 1, single_backward=True)
-        res["single_backward"]["log"] = list(lines.lines)
+        res["one_backward"] = _sharded_run(rank, "focal_sam", "lora", LABELS, 1, one_backward=True)
+        res["one_backward"]["log"] = list(lines.lines)
         res["bf16"] = _sharded_run(rank, "focal_sam", "full", LABELS, 1, dtype=torch.float32,
                                    mp_policy=mixed_precision_policy("bf16"))
         res["fp32"] = _sharded_run(rank, "focal_sam", "full", LABELS, 1, dtype=torch.float32)
@@ -170,10 +170,10 @@ def test_fsdp2_update_equals_one_process_on_the_global_batch(sharded, name):
         assert r0["passes"] == opt.last_pass_counts
 
 
-def test_single_backward_under_fsdp2_says_once_why_it_is_off_and_runs_the_exact_path(sharded):
-    r0 = sharded[0]["single_backward"]
+def test_one_backward_under_fsdp2_says_once_why_it_is_off_and_runs_the_exact_path(sharded):
+    r0 = sharded[0]["one_backward"]
     assert r0["dtensors"] > 0
-    said = [line for line in r0["log"] if "single_backward switched off" in line]
+    said = [line for line in r0["log"] if "one_backward switched off" in line]
     assert len(said) == 1 and "FSDP2" in said[0]
     assert r0["passes"] == {"forward": 2, "backward": 3}          # the exact 2F + 3B path
     _, ref, _ = single_process("focal_sam", "lora", LABELS)

@@ -27,7 +27,7 @@ MAKERS = {
     "focal_sam": lambda m, **kw: FocalSAM(m.parameters(), torch.optim.SGD, rho=0.1, gamma=1.0, lam=0.8,
                                           class_counts=COUNTS, **SGD, **kw),
     "focal_sam_sb": lambda m, **kw: FocalSAM(m.parameters(), torch.optim.SGD, rho=0.1, gamma=1.0, lam=0.8,
-                                             class_counts=COUNTS, single_backward=True, model=m, **SGD, **kw),
+                                             class_counts=COUNTS, one_backward=True, model=m, **SGD, **kw),
     "sse_sam": lambda m, **kw: SSESAM(m.parameters(), torch.optim.SGD, rho_head=0.05, rho_tail=0.2,
                                       class_counts=COUNTS, tail_threshold=40, **SGD, **kw),
 }
@@ -141,7 +141,7 @@ def test_fused_base_skipping_on_the_device_matches_the_host_path(name, base):
 
 def _method_kwargs(name, model):
     return {"sam": dict(rho=0.1), "focal_sam": dict(rho=0.1, gamma=1.0, lam=0.8, class_counts=COUNTS),
-            "focal_sam_sb": dict(rho=0.1, gamma=1.0, lam=0.8, class_counts=COUNTS, single_backward=True, model=model),
+            "focal_sam_sb": dict(rho=0.1, gamma=1.0, lam=0.8, class_counts=COUNTS, one_backward=True, model=model),
             "sse_sam": dict(rho_head=0.05, rho_tail=0.2, class_counts=COUNTS, tail_threshold=40)}[name]
 
 

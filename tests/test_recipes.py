@@ -223,8 +223,8 @@ def test_optimizer_and_loss_keys_are_accepted_by_the_registries(path):
     method = {k: getattr(o, k) for k in METHOD_KEYS if getattr(o, k) is not None}
     accepted = set(optimizer_kwargs(o.name))
     assert set(method) <= accepted, f"{path.name}: optim keys {sorted(set(method) - accepted)} not taken by {o.name}"
-    if o.single_backward is not None:
-        assert "single_backward" in accepted
+    if o.one_backward is not None:
+        assert "one_backward" in accepted
     counts = [max(1, 100 // (c + 1)) for c in range(recipe.data.num_classes)]
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, recipe.data.num_classes))
     extra = {"classifier_params": list(model[1].parameters())} if o.name == "ccsam" else {}

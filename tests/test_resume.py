@@ -302,7 +302,7 @@ def _tiny_synthetic(out: Path, **train) -> dict:
         "tuning": {"method": "head"},
         "data": {"dataset": "synthetic", "synthetic_num_classes": 4, "synthetic_train_size": 48,
                  "synthetic_eval_size": 8, "image_size": 32, "test_resize": 32, "num_workers": 0},
-        "optim": {"name": "focal_sam", "lr": 0.05, "rho": 0.05, "gamma": 1.0, "lam": 0.8, "single_backward": False},
+        "optim": {"name": "focal_sam", "lr": 0.05, "rho": 0.05, "gamma": 1.0, "lam": 0.8, "one_backward": False},
         "train": {"epochs": 2, "batch_size": 8, "save_every_steps": 100, "threads": 1, **train},
         "eval": {"select_split": "val"},
     }

@@ -59,7 +59,7 @@ def test_imbsam_and_ssesam_read_once_when_groups_are_not_skipped(cls):
     """On an accelerator the absent-group shortcut is off (it would read the labels): emulated here."""
     model = _model("adaptformer")
     opt = cls([p for p in model.parameters() if p.requires_grad], torch.optim.SGD, class_counts=COUNTS, lr=0.1,
-              model=model, single_backward=True, skip_empty_groups=False)
+              model=model, one_backward=True, skip_empty_groups=False)
     assert _steady_state(model, opt)["reads"] == 1
 
 

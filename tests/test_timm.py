@@ -18,7 +18,7 @@ from ft_focal.models import AdaptFormerMLP, build_classifier, default_lora_targe
 from ft_focal.models.classifier import tiny_variant
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_single_backward_models import COUNTS, assert_one_backward_matches_exact  # noqa: E402
+from test_one_backward_models import COUNTS, assert_one_backward_matches_exact  # noqa: E402
 
 C = 5
 TINY = tiny_model_config("timm")["config"]
@@ -275,7 +275,7 @@ def test_tiny_variant_swap_is_logged_and_the_dry_run_plan_records_it(caplog):
     (SIGLIP, "lora", 2),
     (None, "full", 3),  # cls / position embeddings and the patch Conv2d have no rule: the exact path
 ])
-def test_single_backward_equals_default_on_timm(name, method, backward):
+def test_one_backward_equals_default_on_timm(name, method, backward):
     """One-backward Focal-SAM on timm LoRA / AdaptFormer / head: the default path's update to 1e-9
     in float64, at SAM's 2 forward + 2 backward passes (full tuning: the same update in 2F + 3B)."""
     torch.manual_seed(0)

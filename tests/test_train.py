@@ -179,15 +179,15 @@ def test_resolved_recipe_written_to_output_dir(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("single_backward", [False, True])
-def test_compiled_model_with_inductor_runs_focal_sam(tmp_path, single_backward):
+@pytest.mark.parametrize("one_backward", [False, True])
+def test_compiled_model_with_inductor_runs_focal_sam(tmp_path, one_backward):
     """train.compile with inductor: the official step back-propagates one forward twice (and the
     one-backward path does so on its first-step check), which AOT autograd's donated buffers forbid
     unless the loop turns them off; the one-backward path keeps 2F + 2B after the first update."""
     recipe = tiny_recipe(tmp_path, "open_clip", "lora", train__epochs=1, train__compile=True,
-                         optim__single_backward=single_backward)
+                         optim__one_backward=one_backward)
     metrics = train(recipe)
     assert metrics["updates"] == 3 and metrics["skipped_steps"] == 0
     backward = metrics["pass_counts"]["backward"]
-    assert backward == (3 * 2 + 1 if single_backward else 3 * 3)   # +1: the first-step check
+    assert backward == (3 * 2 + 1 if one_backward else 3 * 3)   # +1: the first-step check
     check_run(Path(recipe.output_dir))

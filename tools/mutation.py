@@ -32,7 +32,7 @@ MODULES = {   # name -> (paths to mutate, tests that exercise them)
                                           "tests/test_imagenet_c.py"]),
     "losses": (["ft_focal/losses.py"], ["tests/test_losses.py", "tests/test_recipe_wiring.py"]),
     "optim": (["ft_focal/optim/"], ["tests/test_optim_methods.py", "tests/test_optim_mechanics.py",
-                                    "tests/test_optim_single_backward.py", "tests/test_boundaries.py",
+                                    "tests/test_optim_one_backward.py", "tests/test_boundaries.py",
                                     "tests/test_registry.py"]),
     "checkpoint": (["ft_focal/training/checkpoint.py"], ["tests/test_checkpoint.py", "tests/test_resume.py"]),
     "builders": (["ft_focal/training/builders.py"], ["tests/test_recipe_wiring.py", "tests/test_train.py"]),

@@ -46,7 +46,7 @@ FAMILIES = {
 }
 
 # Optimizer hyperparameters worth stating (recipe `optim` keys): the method keys, then two runtime switches.
-METHOD_KEYS = RECIPE_KEYS + ("sync_perturbation", "single_backward")
+METHOD_KEYS = RECIPE_KEYS + ("sync_perturbation", "one_backward")
 
 
 PACKAGES = (("torch", "torch"), ("torchvision", "torchvision"), ("open_clip", "open_clip_torch"),
@@ -229,7 +229,7 @@ def render_card(recipe: Any, metrics: dict, eval_result: Optional[dict], info: d
         + (f", momentum {opt.momentum:g}" + (" (Nesterov)" if opt.nesterov else "") if opt.base == "sgd" else "")
         + f", weight decay {opt.weight_decay:g}.")
     method = [f"`{k}` = {_fmt_value(getattr(opt, k))}" for k in METHOD_KEYS
-              if getattr(opt, k, None) is not None and k not in ("sync_perturbation", "single_backward")]
+              if getattr(opt, k, None) is not None and k not in ("sync_perturbation", "one_backward")]
     if method:
         add(f"- **{opt_label} hyperparameters**: " + ", ".join(method) + ".")
     loss = recipe.loss

@@ -15,11 +15,11 @@ from torch import nn
 class CosineHead(nn.Module):
     """logits = scale * <f / |f|, w_c / |w_c|>, so |logits| <= scale. `scale` is fixed (not trained).
 
-    ``single_backward_rule = "cosine"``: the one-backward Focal-SAM step knows this forward
-    (ft_focal/optim/single_backward.py) and weights the head's gradient per sample in closed form.
+    ``one_backward_rule = "cosine"``: the one-backward Focal-SAM step knows this forward
+    (ft_focal/optim/one_backward/__init__.py) and weights the head's gradient per sample in closed form.
     """
 
-    single_backward_rule = "cosine"
+    one_backward_rule = "cosine"
 
     def __init__(self, in_features: int, num_classes: int, scale: float = 25.0):
         super().__init__()

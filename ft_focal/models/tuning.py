@@ -257,12 +257,12 @@ def merge_lora_(backbone: nn.Module) -> bool:
 class BottleneckAdapter(nn.Module):
     """scale * up(relu(down(x))): the trainable part of AdaptFormer, in one small module.
 
-    ``single_backward_rule = "scale"``: the forward is ``self.scale * self.unscaled(x)``, which lets
+    ``one_backward_rule = "scale"``: the forward is ``self.scale * self.unscaled(x)``, which lets
     the one-backward Focal-SAM step weight the scale's gradient per sample in closed form
-    (ft_focal/optim/single_backward.py); down / up are plain nn.Linear layers it covers too.
+    (ft_focal/optim/one_backward/__init__.py); down / up are plain nn.Linear layers it covers too.
     """
 
-    single_backward_rule = "scale"
+    one_backward_rule = "scale"
 
     def __init__(self, dim: int, bottleneck: int, scale_init: float = 1.0):
         super().__init__()

@@ -12,7 +12,7 @@ See ``base.py`` for the options every method shares (backward=, scaler=, model=,
 sync_perturbation=, sharded=, micro-batch lists), ``registry.py`` for the methods (names, recipe
 keys, citations) and docs/algorithms.md for the update rules.
 Cost per step (``opt.last_pass_counts``): ERM 1F+1B, SAM/ASAM 2F+2B, ImbSAM 2F+3B, Focal-SAM 2F+3B,
-Focal-SAM / ImbSAM with ``single_backward=True`` 2F+2B, SSE-SAM 3F+4B (2F+3B after the switch),
+Focal-SAM / ImbSAM with ``one_backward=True`` 2F+2B, SSE-SAM 3F+4B (2F+3B after the switch),
 CC-SAM (1+K_b)F + 2K_b B for K_b classes in the batch.
 """
 from __future__ import annotations
@@ -20,18 +20,18 @@ from __future__ import annotations
 import torch
 
 from ._passes import Runtime
-from .base import COMMON_KWARGS, SharpnessOptimizer
+from .base import COMMON_KWARGS, RENAMED_KEYWORDS, SharpnessOptimizer
 from .ccsam import CCSAM
 from .erm import ERM
 from .focal_sam import FocalSAM
 from .imbsam import ImbSAM
-from .registry import METHODS, RECIPE_KEYS, SINGLE_BACKWARD_METHODS, MethodInfo, method_info
+from .registry import METHODS, ONE_BACKWARD_METHODS, RECIPE_KEYS, MethodInfo, method_info
 from .sam import SAM
 from .sse_sam import SSESAM
 
 __all__ = ["ERM", "SAM", "ImbSAM", "CCSAM", "FocalSAM", "SSESAM", "SharpnessOptimizer", "Runtime",
            "OPTIMIZERS", "BASE_OPTIMIZERS", "BASE_KWARGS", "COMMON_KWARGS", "build_optimizer",
-           "optimizer_kwargs", "METHODS", "MethodInfo", "RECIPE_KEYS", "SINGLE_BACKWARD_METHODS", "method_info"]
+           "optimizer_kwargs", "METHODS", "MethodInfo", "RECIPE_KEYS", "ONE_BACKWARD_METHODS", "method_info"]
 
 # name -> class, read from the registry (ft_focal/optim/registry.py)
 OPTIMIZERS = {name: info.cls for name, info in METHODS.items()}
@@ -69,6 +69,7 @@ def build_optimizer(name: str, params, class_counts=None, **cfg) -> SharpnessOpt
         raise ValueError(f"unknown base optimizer {base!r}; valid: {', '.join(BASE_OPTIMIZERS)}")
     method = set(optimizer_kwargs(name)) | ({"classifier_params"} if info.needs_classifier_params else set())
     valid = method | set(BASE_KWARGS) | set(COMMON_KWARGS)
+    valid |= {old for old, new in RENAMED_KEYWORDS.items() if new in method}   # the class warns
     for k in cfg:
         if k not in valid:
             raise ValueError(f"unknown keyword {k!r} for optimizer {name!r}; valid: {', '.join(sorted(valid))}")

@@ -93,7 +93,7 @@ class Passes:
     """The passes of one optimizer, over its ``Runtime``; every call takes the step's ``StepState``.
 
     ``method``: the optimizer's class name (error messages); ``allow_scalar_loss``: a 0-d loss is
-    accepted (ERM, SAM); ``one_backward``: the strategy object (single_backward.py) or None;
+    accepted (ERM, SAM); ``one_backward``: the strategy object (one_backward/__init__.py) or None;
     ``warn_once(key, msg, *args)``: the optimizer's once-per-key warning.
     """
 
@@ -202,7 +202,7 @@ class Passes:
 
     def split(self, st, rest, part, total=None):
         """Gradients ``[G_rest, G_part]`` of two weightings of the same forward at w."""
-        if not st.single_backward:
+        if not st.one_backward:
             return self.grad(st, [rest, part])
         if total is None:
             total = [nm.sum_optional(r, p) for r, p in zip(rest, part)]
@@ -244,8 +244,8 @@ class Passes:
                 magnitudes = sb.magnitudes(st.params)
                 self._take(st, g_total)
                 if reason is not None and not st.can_skip:   # plain DDP: no second backward allowed
-                    raise RuntimeError(f"single_backward cannot split this model ({reason}) and DDP forbids "
-                                       "the exact fallback: pass no_sync= or single_backward=False")
+                    raise RuntimeError(f"one_backward cannot split this model ({reason}) and DDP forbids "
+                                       "the exact fallback: pass no_sync= or one_backward=False")
                 if reason is None and not check:
                     g_part[:] = nm.add(g_part, parts)
                     continue
@@ -266,7 +266,7 @@ class Passes:
                         st.check_backwards = 1
                 if reason is not None:
                     sb.disabled = reason
-                    self.warn_once("sb-off", "single_backward switched off: %s; using the exact "
+                    self.warn_once("sb-off", "one_backward switched off: %s; using the exact "
                                     "two-backward path from now on (same update, one more backward)", reason)
                 g_part[:] = nm.add(g_part, exact)
         st.passes["forward"] += 1

@@ -7,7 +7,7 @@ exactly once, at the original weights w, with the method's gradient. Everything 
 a ``StepState`` passed explicitly; a method's ``_compute(st, passes)`` runs its forward / backward
 passes through the ``Passes`` object it is handed (_passes.py, over the optimizer's ``Runtime``: how
 the host back-propagates); the numerics are plain functions (numerics.py); the one-backward path is a
-strategy object the optimizer owns (single_backward.py).
+strategy object the optimizer owns (one_backward/__init__.py).
 
 Closure contract: ``closure()`` runs the forward pass at the CURRENT weights and returns per-sample
 losses ``[B]`` (``reduction='none'``); ``targets`` are the labels ``[B]``. ERM and SAM also accept a
@@ -48,13 +48,13 @@ Common options:
     gradient still skips the step.
   model: the trained ``nn.Module``. If given, running statistics of normalisation layers
     (BatchNorm ...) are saved before every perturbed forward and restored after it, so they equal the
-    statistics after the first (unperturbed) forward only. Required by ``single_backward``.
+    statistics after the first (unperturbed) forward only. Required by ``one_backward``.
   no_sync, sync_perturbation, sharded: distributed training. With ``torch.distributed`` initialised,
     world size > 1 and ``no_sync`` given (e.g. ``lambda: accelerator.no_sync(model)``) every pass
     runs under ``no_sync`` and the optimizer averages gradients itself: the perturbation gradient iff
     ``sync_perturbation`` (False = local perturbation per process, "m-sharpness"), the final
     gradient always. Without ``no_sync`` the model's own DDP hooks average every backward; methods
-    that back-propagate one forward twice (all but ERM/SAM unless single_backward) then need
+    that back-propagate one forward twice (all but ERM/SAM unless one_backward) then need
     ``no_sync``. ``sharded=True`` (FSDP / ZeRO: gradients are shards) makes every global norm
     ``sqrt(all_reduce(sum of local squares))``; ``no_sync`` is then ignored. FSDP2 parameters
     (DTensors from ``fully_shard``) are detected: the math then runs on each rank's local shard
@@ -69,6 +69,7 @@ the ``AcceleratedOptimizer`` wrapper (it forwards no ``targets`` and, under fp16
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -77,7 +78,7 @@ import torch.distributed as dist
 from . import numerics as nm
 from ._passes import Passes, Runtime
 from ._sharding import as_param_grad, is_sharded, local_weights, shard_group
-from .single_backward import SingleBackward
+from .one_backward import OneBackward
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class StepState:
     world: int                     # processes
     manual_sync: bool              # passes run under no_sync; the optimizer averages gradients
     can_skip: bool                 # a pass may skip a micro-batch (False under plain DDP)
-    single_backward: bool          # the one-backward strategy is active this step
+    one_backward: bool          # the one-backward strategy is active this step
     norm_world: int                # > 1: norms sum their squares over the ranks of norm_group
     norm_group: object             # process group of the shards (None: the default group)
     inv_scale: dict                # device -> 1 / loss scale (float32 0-d)
@@ -106,6 +107,19 @@ class StepState:
     passes: dict = field(default_factory=lambda: {"forward": 0, "backward": 0})
     backup: dict = field(default_factory=dict)     # param index -> w (perturbed ones)
     check_backwards: int = 0                       # backwards that only checked the one-backward path
+
+
+#: Optimizer keywords that were renamed: old -> new (the old name still works, with a DeprecationWarning).
+RENAMED_KEYWORDS = {"single_backward": "one_backward", "single_backward_check": "one_backward_check"}
+
+
+def _renamed_keywords(kwargs: dict, one_backward, one_backward_check) -> tuple:
+    """(one_backward, one_backward_check), taking the old keyword names out of ``kwargs``."""
+    found = {new: kwargs.pop(old) for old, new in RENAMED_KEYWORDS.items() if old in kwargs}
+    for new in found:
+        old = next(o for o, n in RENAMED_KEYWORDS.items() if n == new)
+        warnings.warn(f"the optimizer keyword {old}= is now {new}=", DeprecationWarning, stacklevel=4)
+    return found.get("one_backward", one_backward), found.get("one_backward_check", one_backward_check)
 
 
 def class_table(class_counts):
@@ -122,7 +136,8 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, base_optimizer_cls, *, backward=None, scaler=None,
                  backward_applies_scaler=False, model=None, no_sync=None, sync_perturbation=True,
-                 sharded=False, single_backward=False, single_backward_check=True, **base_kwargs):
+                 sharded=False, one_backward=False, one_backward_check=True, **base_kwargs):
+        one_backward, one_backward_check = _renamed_keywords(base_kwargs, one_backward, one_backward_check)
         if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, torch.optim.Optimizer)):
             raise ValueError(f"base_optimizer_cls must be a torch.optim.Optimizer class, got {base_optimizer_cls!r}")
         super().__init__(params, dict(base_kwargs))
@@ -134,15 +149,15 @@ class SharpnessOptimizer(torch.optim.Optimizer):
                                backward_applies_scaler=bool(backward_applies_scaler), model=model, no_sync=no_sync,
                                sync_perturbation=bool(sync_perturbation), sharded=bool(sharded))
         self._warned = set()
-        if single_backward and model is None:
-            raise ValueError("single_backward=True needs model= (the nn.Module, for the layer rules)")
-        self.one_backward = SingleBackward(model) if single_backward else None
+        if one_backward and model is None:
+            raise ValueError("one_backward=True needs model= (the nn.Module, for the layer rules)")
+        self.one_backward = OneBackward(model) if one_backward else None
         self.passes = Passes(self.runtime, type(self).__name__, self.allow_scalar_loss, self.one_backward,
                              self._warn_once)
-        self.single_backward_check = bool(single_backward_check)
+        self.one_backward_check = bool(one_backward_check)
         if self.one_backward is not None:
-            self.one_backward.validated = not self.single_backward_check
-            self._plan_single_backward(self._trainable())   # swap the layers now, before any compile
+            self.one_backward.validated = not self.one_backward_check
+            self._plan_one_backward(self._trainable())   # swap the layers now, before any compile
         self.skipped_steps = 0
         self.last_skipped: bool | torch.Tensor = False   # the last step's: a bool, or a 0-d device flag
         self._base_stepped = False   # the base optimizer has applied an update (its state exists)
@@ -210,8 +225,8 @@ class SharpnessOptimizer(torch.optim.Optimizer):
                 "wrapper": {"skipped_steps": self.skipped_steps, "pass_counts": dict(self.pass_counts),
                             "epoch": self.epoch, "num_epochs": self.num_epochs,
                             "growth_tracker": self._growth_tracker(),
-                            "sb_validated": sb.validated if sb else False,
-                            "sb_disabled": sb.disabled if sb else None, **self._extra_state()}}
+                            "one_backward_validated": sb.validated if sb else False,
+                            "one_backward_disabled": sb.disabled if sb else None, **self._extra_state()}}
 
     def load_state_dict(self, state_dict):
         if "base_optimizer" not in state_dict:
@@ -224,9 +239,10 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         self.epoch, self.num_epochs = int(w.get("epoch", 0)), w.get("num_epochs")
         self._pending_growth = int(w.get("growth_tracker", 0))
         self._base_stepped = bool(self.base_optimizer.state)
-        if self.one_backward is not None:
-            self.one_backward.validated = bool(w.get("sb_validated", self.one_backward.validated))
-            self.one_backward.disabled = w.get("sb_disabled", self.one_backward.disabled)
+        if self.one_backward is not None:   # "sb_*": the names in checkpoints written before the rename
+            validated = w.get("one_backward_validated", w.get("sb_validated", self.one_backward.validated))
+            self.one_backward.validated = bool(validated)
+            self.one_backward.disabled = w.get("one_backward_disabled", w.get("sb_disabled", self.one_backward.disabled))
         self._load_extra_state(w)
 
     def _warn_once(self, key, msg, *args, level=logging.WARNING):
@@ -337,7 +353,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         st = StepState(micro_batches=list(zip(closures, targets)), sizes=sizes,
                        batch_size=float(sum(sizes)) if None not in sizes else None, params=params,
                        weights=local_weights(params), device=device, world=world, manual_sync=manual,
-                       can_skip=not (world > 1 and not manual), single_backward=self._plan_single_backward(params),
+                       can_skip=not (world > 1 and not manual), one_backward=self._plan_one_backward(params),
                        norm_world=world if sharded else 1, norm_group=group,
                        inv_scale=nm.inverse_scale(self.runtime.scaler, device))
         if st.inv_scale and self._pending_growth is not None:
@@ -347,7 +363,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
             if not self.runtime.sync_perturbation:
                 raise ValueError("sync_perturbation=False needs no_sync= (a no_sync context factory) "
                                  "and unsharded gradients (sharded=False)")
-            if self.multi_backward and not st.single_backward and \
+            if self.multi_backward and not st.one_backward and \
                     isinstance(self.runtime.model, torch.nn.parallel.DistributedDataParallel):
                 raise ValueError(f"{type(self).__name__} back-propagates one forward more than once, which "
                                  "DDP forbids: pass no_sync=lambda: accelerator.no_sync(model)")
@@ -362,19 +378,19 @@ class SharpnessOptimizer(torch.optim.Optimizer):
             for p in g["params"]:
                 p.grad = None
 
-    def _plan_single_backward(self, params) -> bool:
+    def _plan_one_backward(self, params) -> bool:
         sb = self.one_backward
         if sb is None or sb.disabled is not None:
             return False
         if any(is_sharded(p) for p in params):
             sb.disabled = ("FSDP2 shards the parameters: the layer rules would see the gathered weights and "
                            "their part gradients would bypass FSDP's reduce-scatter")
-            self._warn_once("sb-fsdp", "single_backward switched off: %s; using the exact two-backward path "
+            self._warn_once("sb-fsdp", "one_backward switched off: %s; using the exact two-backward path "
                             "(same update, one more backward)", sb.disabled)
             return False
         reason = sb.plan(params)
         if reason is not None:
-            self._warn_once("sb:" + reason, "single_backward: %s; using the exact two-backward path "
+            self._warn_once("sb:" + reason, "one_backward: %s; using the exact two-backward path "
                             "for this step (same update, one more backward)", reason)
             return False
         return True

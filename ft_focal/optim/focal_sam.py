@@ -1,4 +1,4 @@
-"""Focal-SAM (Li et al., ICML 2025) - cost 2F + 3B (official), 2F + 2B with ``single_backward``."""
+"""Focal-SAM (Li et al., ICML 2025) - cost 2F + 3B (official), 2F + 2B with ``one_backward``."""
 from __future__ import annotations
 
 from ._passes import Passes
@@ -23,29 +23,29 @@ class FocalSAM(SharpnessOptimizer):
     ``(1 - lam) grad L(w) + lam grad L(w + eps)``. The official code also has an ``adaptive`` (ASAM)
     switch that its released settings do not use; it is not offered here.
 
-    ``single_backward=True`` (needs ``model=``) forms steps 2-3 from ONE backward of the unweighted
+    ``one_backward=True`` (needs ``model=``) forms steps 2-3 from ONE backward of the unweighted
     mean loss: every covered layer (Linear, LayerNorm, the cosine head, a learnable scale) runs as an
     ``autograd.Function`` whose backward also gives the a-weighted gradient (closed forms, see
-    ``single_backward.py`` and ``single_backward_rules.py``). Same update (to float rounding) at
+    ``one_backward/__init__.py`` and ``one_backward/rules.py``). Same update (to float rounding) at
     2F + 2B when every trainable parameter sits in a covered layer (LoRA, AdaptFormer, heads);
     otherwise the exact path above is used (warning logged once). The first step is checked against
-    the exact path (one more backward) unless ``single_backward_check=False``.
+    the exact path (one more backward) unless ``one_backward_check=False``.
     """
 
-    method_kwargs = ("rho", "gamma", "lam", "class_counts", "single_backward", "single_backward_check")
+    method_kwargs = ("rho", "gamma", "lam", "class_counts", "one_backward", "one_backward_check")
 
     def __init__(self, params, base_optimizer_cls, rho=0.05, gamma=0.5, lam=0.8, class_counts=None,
-                 single_backward=False, **kwargs):
+                 one_backward=False, **kwargs):
         if rho < 0:
             raise ValueError(f"rho must be non-negative, got {rho}")
         counts = class_table(class_counts)
-        super().__init__(params, base_optimizer_cls, single_backward=single_backward, **kwargs)
+        super().__init__(params, base_optimizer_cls, one_backward=one_backward, **kwargs)
         self.rho, self.gamma, self.lam = float(rho), float(gamma), float(lam)
         self.coefficients = self.lam * (1.0 - counts / counts.sum()) ** self.gamma
 
     def _compute(self, st: StepState, passes: Passes) -> list:
         a = [self.per_sample(st, self.coefficients, i) for i in range(len(st.micro_batches))]
-        rest = [None] * len(a) if st.single_backward else [1.0 - ai for ai in a]   # implied by total
+        rest = [None] * len(a) if st.one_backward else [1.0 - ai for ai in a]   # implied by total
         g1, g2 = passes.split(st, rest, a, total=[1.0] * len(a))
         g2 = passes.sync_perturbation(st, g2)
         passes.perturb_sam(st, g2, self.rho)

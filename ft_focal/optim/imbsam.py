@@ -1,4 +1,4 @@
-"""ImbSAM (Zhou et al., ICCV 2023) - cost 2F + 3B (official), 2F + 2B with ``single_backward``."""
+"""ImbSAM (Zhou et al., ICCV 2023) - cost 2F + 3B (official), 2F + 2B with ``one_backward``."""
 from __future__ import annotations
 
 from ._passes import Passes
@@ -23,19 +23,19 @@ class ImbSAM(SharpnessOptimizer):
 
     A batch without tail samples costs 1F + 1B (no perturbation) when its labels are on the CPU
     and ``skip_empty_groups`` (default); on an accelerator the absent group's pass runs with zero
-    weights instead of reading the labels on the host (same update). ``single_backward=True``
-    (needs ``model=``) gets g_head and g_t from one backward (see ``single_backward.py``).
+    weights instead of reading the labels on the host (same update). ``one_backward=True``
+    (needs ``model=``) gets g_head and g_t from one backward (see ``one_backward/__init__.py``).
     """
 
-    method_kwargs = ("rho", "class_counts", "tail_threshold", "tail_weight", "single_backward",
-                     "single_backward_check", "skip_empty_groups")
+    method_kwargs = ("rho", "class_counts", "tail_threshold", "tail_weight", "one_backward",
+                     "one_backward_check", "skip_empty_groups")
 
     def __init__(self, params, base_optimizer_cls, rho=0.05, class_counts=None, tail_threshold=20,
-                 tail_weight=1.0, single_backward=False, skip_empty_groups=True, **kwargs):
+                 tail_weight=1.0, one_backward=False, skip_empty_groups=True, **kwargs):
         if rho < 0:
             raise ValueError(f"rho must be non-negative, got {rho}")
         counts = class_table(class_counts)
-        super().__init__(params, base_optimizer_cls, single_backward=single_backward, **kwargs)
+        super().__init__(params, base_optimizer_cls, one_backward=one_backward, **kwargs)
         self.rho, self.tail_threshold, self.tail_weight = float(rho), float(tail_threshold), float(tail_weight)
         self.is_tail = (counts < self.tail_threshold).to(float)
         self.skip_empty_groups = bool(skip_empty_groups)

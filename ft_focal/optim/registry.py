@@ -39,7 +39,7 @@ class MethodInfo:
     recipe_keys: the `optim.*` recipe keys it takes (a subset of RECIPE_KEYS).
     cite: the methods whose papers it builds on, its own included (the model card cites their `bibtex`).
     tags: Hugging Face Hub tags of a model trained with it.
-    single_backward: it has the exact one-backward path (`single_backward=True`, on by default).
+    one_backward: it has the exact one-backward path (`one_backward=True`, on by default).
     needs_classifier_params: `build_optimizer` passes it the classifier head's parameters
         (`classifier_params`: CC-SAM perturbs the head apart from the feature extractor).
     bibtex: the BibTeX entry of its own paper ("" for ERM, which has none).
@@ -51,7 +51,7 @@ class MethodInfo:
     recipe_keys: tuple[str, ...] = ()
     cite: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
-    single_backward: bool = False
+    one_backward: bool = False
     needs_classifier_params: bool = False
     bibtex: str = ""
     fixed: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
@@ -108,16 +108,16 @@ METHODS: dict[str, MethodInfo] = {info.name: info for info in (
     MethodInfo("asam", SAM, "ASAM (adaptive SAM)", ("rho",), ("sam", "asam"), ("asam", _SAM_TAG),
                bibtex=_ASAM_BIBTEX, fixed=types.MappingProxyType({"adaptive": True})),
     MethodInfo("imbsam", ImbSAM, "ImbSAM", ("rho", "tail_threshold", "tail_weight"), ("sam", "imbsam"),
-               ("imbsam", _SAM_TAG), single_backward=True, bibtex=_IMBSAM_BIBTEX),
+               ("imbsam", _SAM_TAG), one_backward=True, bibtex=_IMBSAM_BIBTEX),
     MethodInfo("ccsam", CCSAM, "CC-SAM", ("rho", "scope", "flat_ratio"), ("sam", "ccsam"), ("cc-sam", _SAM_TAG),
                needs_classifier_params=True, bibtex=_CCSAM_BIBTEX),
     MethodInfo("focal_sam", FocalSAM, "Focal-SAM", ("rho", "gamma", "lam"), ("sam", "focal_sam"),
-               ("focal-sam", _SAM_TAG), single_backward=True, bibtex=_FOCAL_SAM_BIBTEX),
+               ("focal-sam", _SAM_TAG), one_backward=True, bibtex=_FOCAL_SAM_BIBTEX),
     MethodInfo("sse_sam", SSESAM, "SSE-SAM", ("tail_threshold", "rho_head", "rho_tail", "switch_fraction"),
-               ("sam", "imbsam", "sse_sam"), ("sse-sam", _SAM_TAG), single_backward=True, bibtex=_SSE_SAM_BIBTEX),
+               ("sam", "imbsam", "sse_sam"), ("sse-sam", _SAM_TAG), one_backward=True, bibtex=_SSE_SAM_BIBTEX),
 )}
 
-SINGLE_BACKWARD_METHODS = tuple(name for name, info in METHODS.items() if info.single_backward)
+ONE_BACKWARD_METHODS = tuple(name for name, info in METHODS.items() if info.one_backward)
 
 
 def method_info(name: str) -> MethodInfo:

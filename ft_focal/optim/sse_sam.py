@@ -15,28 +15,28 @@ class SSESAM(SharpnessOptimizer):
     Stage 1 (``epoch < switch_fraction * num_epochs``): update with
     ``grad L_head(w + eps_h) + grad L_tail(w + eps_t)``, each ``eps = rho_g g / (||g|| + 1e-12)`` from
     its own group's gradient at w with its own radius. Cost 3F + 4B on the exact path, 3F + 3B with
-    ``single_backward`` (the official code re-runs the forward at w before the tail gradient: 4F + 4B;
+    ``one_backward`` (the official code re-runs the forward at w before the tail gradient: 4F + 4B;
     the gradients are the same).
     Stage 2 (from the switch on): the head radius is 0, i.e. ImbSAM without the x2:
-    ``grad L_head(w) + grad L_tail(w + eps_t)`` at 2F + 3B, 2F + 2B with ``single_backward`` (the
+    ``grad L_head(w) + grad L_tail(w + eps_t)`` at 2F + 3B, 2F + 2B with ``one_backward`` (the
     official code keeps recomputing the zero-radius pass: 4F + 4B). A zero radius or an empty group never costs a pass.
 
     Call ``set_epoch(epoch, num_epochs)`` at the start of every epoch (0-based; the official code
     switches when its epoch counter reaches ``switch_fraction * num_epochs``). Without it the
-    optimizer stays in stage 1. ``switch_fraction >= 1`` never switches. ``single_backward=True``
+    optimizer stays in stage 1. ``switch_fraction >= 1`` never switches. ``one_backward=True``
     (needs ``model=``) gets both group gradients at w from one backward.
     """
 
     method_kwargs = ("rho_head", "rho_tail", "class_counts", "tail_threshold", "switch_fraction",
-                     "single_backward", "single_backward_check", "skip_empty_groups")
+                     "one_backward", "one_backward_check", "skip_empty_groups")
 
     def __init__(self, params, base_optimizer_cls, rho_head=0.05, rho_tail=0.1, class_counts=None,
-                 tail_threshold=100, switch_fraction=0.7, single_backward=False, skip_empty_groups=True,
+                 tail_threshold=100, switch_fraction=0.7, one_backward=False, skip_empty_groups=True,
                  **kwargs):
         if rho_head < 0 or rho_tail < 0:
             raise ValueError(f"rho_head and rho_tail must be non-negative, got {rho_head}, {rho_tail}")
         counts = class_table(class_counts)
-        super().__init__(params, base_optimizer_cls, single_backward=single_backward, **kwargs)
+        super().__init__(params, base_optimizer_cls, one_backward=one_backward, **kwargs)
         self.rho_head, self.rho_tail = float(rho_head), float(rho_tail)
         self.tail_threshold, self.switch_fraction = float(tail_threshold), float(switch_fraction)
         self.is_tail = (counts < self.tail_threshold).to(float)

@@ -16,7 +16,7 @@ import torch
 from ft_focal.config import Recipe
 from ft_focal.errors import UserError
 from ft_focal.losses import LOSSES, build_loss
-from ft_focal.optim import RECIPE_KEYS, SINGLE_BACKWARD_METHODS, build_optimizer, method_info
+from ft_focal.optim import ONE_BACKWARD_METHODS, RECIPE_KEYS, build_optimizer, method_info
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +89,12 @@ def method_kwargs(recipe: Recipe) -> dict[str, Any]:
         logger.info("optim.name=%s does not take %s: ignored", cfg.name,
                     ", ".join(f"optim.{key}={method[key]}" for key in dropped))
     method = {key: value for key, value in method.items() if key in taken}
-    if cfg.name in SINGLE_BACKWARD_METHODS:
+    if cfg.name in ONE_BACKWARD_METHODS:
         # Exact either way; the one-backward path is cheaper and falls back by itself.
-        method["single_backward"] = True if cfg.single_backward is None else cfg.single_backward
-    elif cfg.single_backward:
-        logger.info("optim.name=%s does not take optim.single_backward=true (only %s do): ignored",
-                    cfg.name, ", ".join(SINGLE_BACKWARD_METHODS))
+        method["one_backward"] = True if cfg.one_backward is None else cfg.one_backward
+    elif cfg.one_backward:
+        logger.info("optim.name=%s does not take optim.one_backward=true (only %s do): ignored",
+                    cfg.name, ", ".join(ONE_BACKWARD_METHODS))
     return method
 
 
@@ -150,7 +150,7 @@ def compile_model(wrapped: torch.nn.Module) -> torch.nn.Module:
     functorch_config.donated_buffer = False
     # Start from an empty cache: code compiled earlier in this process for another model object
     # must not be reused. Build the optimizer first: the one-backward path swaps the classes of
-    # the layers it covers (single_backward.py), and the compiled graphs should see those.
+    # the layers it covers (one_backward/__init__.py), and the compiled graphs should see those.
     torch._dynamo.reset()
     return torch.compile(wrapped)
 

@@ -48,8 +48,8 @@ def check_fsdp_recipe(recipe: Any) -> None:
     if cfg.compile:
         raise UserError("recipe keys 'train.compile' and 'train.fsdp' together are not supported yet; set "
                         "train.compile: false")
-    if recipe.optim.single_backward:
-        logger.info("train.fsdp: optim.single_backward is switched off (the layer rules would see gathered weights "
+    if recipe.optim.one_backward:
+        logger.info("train.fsdp: optim.one_backward is switched off (the layer rules would see gathered weights "
                     "and bypass FSDP's reduce-scatter); the exact two-backward path runs (same update)")
 
 

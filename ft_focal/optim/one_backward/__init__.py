@@ -6,14 +6,14 @@ One backward of the total ``sum_j t_j l_j / B`` gives ``G_total``; the part weig
     G_part(theta) = sum_j r_j J_theta(sample j)^T delta_j,   r_j = part_j / total_j,
 
 which every covered layer forms inside the same backward from its input and its output gradient
-delta (single_backward_rules.py); ``G_rest = G_total - G_part``. ``SingleBackward`` is the strategy
+delta (one_backward/rules.py); ``G_rest = G_total - G_part``. ``OneBackward`` is the strategy
 the optimizer owns: ``plan`` decides whether every trainable parameter is covered, ``install`` gives
 each covering module a rule-aware forward (its class is swapped for a subclass: state_dict keys and
 behaviour outside the armed forward are unchanged), ``armed`` sets the per-sample ratio for one
 forward, ``collect`` returns the part gradients after the backward.
 
 Covered (rules): ``nn.Linear`` (LoRA A / B, adapter down / up, linear heads), ``nn.LayerNorm`` and
-open_clip's LayerNorm classes, and modules that declare ``single_backward_rule``: ``"cosine"`` (a
+open_clip's LayerNorm classes, and modules that declare ``one_backward_rule``: ``"cosine"`` (a
 cosine head: ``weight``, a float ``scale``) or ``"scale"`` (forward ``self.scale * self.unscaled(x)``
 with a one-element ``scale``, e.g. AdaptFormer's bottleneck). Rules need no re-run, no RNG replay, no
 tensor hooks: the compiled model has no graph break, and no host read is added.
@@ -26,7 +26,7 @@ when a trainable parameter has no rule or a BatchNorm is in training mode (it mi
 ``nn.MultiheadAttention`` calling ``out_proj.weight`` functionally, or no batch dimension); the
 optimizer then back-propagates the part weighting exactly and switches the mechanism off. The first
 step is also compared with that exact backward (catches tied weights used outside the layer and
-operations mixing samples; skip with ``single_backward_check=False``): element by element, the
+operations mixing samples; skip with ``one_backward_check=False``): element by element, the
 rule's part gradient must match the exact one up to the rounding of the sum it is, i.e. relative
 to the magnitude of the summed per-sample terms (``compare`` states the formula), not to the
 (possibly cancelling) result.
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import single_backward_rules as rules
+from . import rules
 
 
 class ArmedState:
@@ -78,22 +78,22 @@ class ArmedState:
 
 def _batch_dim(module, x, n):
     cands = [d for d in range(max(x.dim() - 1, 1)) if x.shape[d] == n]
-    seen = getattr(module, "split_batch_dim", None)
+    seen = getattr(module, "one_backward_batch_dim", None)
     if len(cands) == 1 and seen in (None, cands[0]):
         if seen is None:
-            module.split_batch_dim = cands[0]
+            module.one_backward_batch_dim = cands[0]
         return cands[0]
     if len(cands) > 1 and seen in cands:
         return seen
     if not torch.compiler.is_compiling():
-        module.split_state.problems[module] = (
+        module.one_backward_state.problems[module] = (
             f"cannot find the batch dimension (size {n}) of {tuple(x.shape)} at a {type(module).__name__} layer")
     return None
 
 
 def _armed(module, x):
     """(state, batch dim) when the module should split this call, else None."""
-    st = module.split_state
+    st = module.one_backward_state
     if st.ratios is None:
         return None
     d = _batch_dim(module, x, st.n)
@@ -105,8 +105,8 @@ def _linear_forward(self, x):
     if armed is None:
         return F.linear(x, self.weight, self.bias)
     st, d = armed
-    tw, tb = self.split_twins
-    mw, mb = self.split_mags if st.check else (None, None)
+    tw, tb = self.one_backward_twins
+    mw, mb = self.one_backward_mags if st.check else (None, None)
     dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     if dt in (torch.float16, torch.bfloat16):
         st.low_precision = True
@@ -116,23 +116,23 @@ def _linear_forward(self, x):
 def _layer_norm_forward(self, x):
     armed = _armed(self, x)
     if armed is None:
-        return self.split_plain_forward(x)
+        return self.one_backward_plain_forward(x)
     st, d = armed
-    tw, tb = self.split_twins
-    mw, mb = self.split_mags if st.check else (None, None)
-    upcast = getattr(self, "split_upcast", False)
+    tw, tb = self.one_backward_twins
+    mw, mb = self.one_backward_mags if st.check else (None, None)
+    upcast = getattr(self, "one_backward_upcast", False)
     dt = torch.float32 if upcast or torch.is_autocast_enabled(x.device.type) else x.dtype
     out = rules.layer_norm(x, self.weight, self.bias, tw, tb, st.pair(dt, x.dim(), d), self.eps, upcast, mw, mb)
-    return out.to(x.dtype) if getattr(self, "split_cast_back", False) else out
+    return out.to(x.dtype) if getattr(self, "one_backward_cast_back", False) else out
 
 
 def _cosine_forward(self, features):
     armed = _armed(self, features)
     if armed is None:
-        return self.split_plain_forward(features)
+        return self.one_backward_plain_forward(features)
     st, d = armed
-    (tw,) = self.split_twins
-    (mw,) = self.split_mags if st.check else (None,)
+    (tw,) = self.one_backward_twins
+    (mw,) = self.one_backward_mags if st.check else (None,)
     dt = torch.promote_types(features.dtype, self.weight.dtype)   # as CosineHead: no autocast
     with torch.autocast(features.device.type, enabled=False):
         fn, wn = F.normalize(features.to(dt), dim=-1), F.normalize(self.weight.to(dt), dim=-1)
@@ -147,8 +147,8 @@ def _scale_forward(self, x):
     if armed is None:
         return self.scale * u
     st, d = armed
-    (ts,) = self.split_twins
-    (ms,) = self.split_mags if st.check else (None,)
+    (ts,) = self.one_backward_twins
+    (ms,) = self.one_backward_mags if st.check else (None,)
     return rules.scale(self.scale, u, ts, st.ratio(torch.promote_types(self.scale.dtype, u.dtype)), d, ms)
 
 
@@ -157,18 +157,22 @@ _OPEN_CLIP_NORMS = {("open_clip.transformer", "LayerNorm"): False, ("open_clip.t
 
 def rule_of(module: nn.Module):
     """(rule name, own parameter names it covers) or None."""
-    cls = getattr(type(module), "split_base", type(module))   # the original class once swapped
+    cls = getattr(type(module), "one_backward_base", type(module))   # the original class once swapped
     if cls is nn.Linear:
         return "linear", ("weight", "bias")
     if cls is nn.LayerNorm or (cls.__module__, cls.__name__) in _OPEN_CLIP_NORMS:
         return "layer_norm", ("weight", "bias")
-    declared = getattr(cls, "single_backward_rule", None)
+    declared = getattr(cls, "one_backward_rule", None)
     if declared == "cosine":
         return "cosine", ("weight",)
     if declared == "scale":   # the rule sums over every non-batch dim: a one-element scale only
         return ("scale", ("scale",)) if module.scale.numel() == 1 else None
     return None
 
+
+#: What the strategy sets on a covered module instance (remove() takes each away again).
+_MODULE_ATTRIBUTES = ("one_backward_state", "one_backward_twins", "one_backward_mags", "one_backward_batch_dim",
+                      "one_backward_upcast", "one_backward_cast_back")
 
 _FORWARDS = {"linear": _linear_forward, "layer_norm": _layer_norm_forward, "cosine": _cosine_forward,
              "scale": _scale_forward}
@@ -177,21 +181,21 @@ _SUBCLASSES = {}
 
 def _swap_class(module, rule):
     cls = type(module)
-    if getattr(cls, "split_base", None) is not None:
+    if getattr(cls, "one_backward_base", None) is not None:
         return
     sub = _SUBCLASSES.get(cls)
     if sub is None:
         sub = _SUBCLASSES[cls] = type(cls.__name__, (cls,), {
-            "forward": _FORWARDS[rule], "split_base": cls, "split_plain_forward": cls.forward,
-            "__module__": __name__, "__qualname__": f"SingleBackward{cls.__name__}"})
+            "forward": _FORWARDS[rule], "one_backward_base": cls, "one_backward_plain_forward": cls.forward,
+            "__module__": __name__, "__qualname__": f"OneBackward{cls.__name__}"})
     module.__class__ = sub
     if rule == "layer_norm":
         key = (cls.__module__, cls.__name__)
-        module.split_upcast = _OPEN_CLIP_NORMS.get(key, False)
-        module.split_cast_back = key in _OPEN_CLIP_NORMS
+        module.one_backward_upcast = _OPEN_CLIP_NORMS.get(key, False)
+        module.one_backward_cast_back = key in _OPEN_CLIP_NORMS
 
 
-class SingleBackward:
+class OneBackward:
     """The one-backward strategy of an optimizer (see the module docstring)."""
 
     def __init__(self, model: nn.Module):
@@ -259,7 +263,7 @@ class SingleBackward:
         """Point the covered modules at this strategy (another optimizer of the same model may
         have taken them over since)."""
         for m, twins, mags in self._bound:
-            m.split_state, m.split_twins, m.split_mags = self.state, twins, mags
+            m.one_backward_state, m.one_backward_twins, m.one_backward_mags = self.state, twins, mags
 
     # ----------------------------------------------------------------- one forward / backward
     @contextlib.contextmanager
@@ -267,7 +271,7 @@ class SingleBackward:
         """The covered layers split the next forward: ``ratio[j]`` = part_j / total_j ([n]);
         ``check``: the rules also fill the magnitude twins (``magnitudes``, for ``compare``)."""
         st = self.state
-        if self._bound and self._bound[0][0].split_state is not st:
+        if self._bound and self._bound[0][0].one_backward_state is not st:
             self._bind()
         st.ratios, st.pairs = {None: ratio, ratio.dtype: ratio}, {}
         st.n, st.problems, st.low_precision, st.check = n, {}, False, check
@@ -350,3 +354,17 @@ class SingleBackward:
         self.state.ratios, self.state.pairs, self.state.check = None, {}, False
         for t in (*self._twins.values(), *self._mags.values()):
             t.grad = None
+
+    def remove(self) -> None:
+        """Give the covered modules back their own classes and drop every attribute the strategy set
+        on them; the strategy is switched off for good (the optimizer then runs the exact path).
+        The model's parameters, buffers and state_dict are untouched: only the forward changes back."""
+        for m, _, _ in self._bound:
+            base = getattr(type(m), "one_backward_base", None)
+            if base is not None:
+                m.__class__ = base
+            for name in _MODULE_ATTRIBUTES:
+                m.__dict__.pop(name, None)
+        self.reset()
+        self._bound, self._twins, self._mags, self._key = [], {}, {}, None
+        self.disabled = "removed (OneBackward.remove)"

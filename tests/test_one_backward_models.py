@@ -20,7 +20,7 @@ COUNTS = [100, 50, 20, 10, 5, 2]
     # in-projection functionally: the exact three-backward step, same update
     ("open_clip", "full", 3),
 ])
-def test_single_backward_equals_default_on_real_models(family, method, expected_backward):
+def test_one_backward_equals_default_on_real_models(family, method, expected_backward):
     assert_one_backward_matches_exact(_tiny(family, method, torch.float64), expected_backward)
 
 
@@ -46,8 +46,8 @@ def assert_one_backward_matches_exact(model, backward):
         params = [p for p in m.parameters() if p.requires_grad]
         start = [p.detach().clone() for p in params]
         opt = FocalSAM(params, torch.optim.SGD, rho=0.05, gamma=1.0, lam=0.8, class_counts=COUNTS, lr=0.1,
-                       momentum=0.9, model=m, single_backward=single)
-        for _ in range(3):  # the first single-backward step is checked against the exact path
+                       momentum=0.9, model=m, one_backward=single)
+        for _ in range(3):  # the first one-backward step is checked against the exact path
             opt.step(lambda m=m: criterion(m(x), y), targets=y)
         runs.append(([p.detach() - s for p, s in zip(params, start)], dict(opt.last_pass_counts)))
     (fast, fast_passes), (slow, slow_passes) = runs
@@ -78,7 +78,7 @@ def _run(model, single, steps=3, autocast=None, scaler=None, compile_backend=Non
         torch._dynamo.reset()   # dynamo ignores hooks added after a compile: start clean, as the loop does
     forward = torch.compile(model, backend=compile_backend) if compile_backend else model
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = cls(params, torch.optim.SGD, class_counts=COUNTS, lr=0.1, model=model, single_backward=single,
+    opt = cls(params, torch.optim.SGD, class_counts=COUNTS, lr=0.1, model=model, one_backward=single,
               scaler=scaler, **(settings or FOCAL))
 
     def closure():
@@ -93,7 +93,7 @@ def _run(model, single, steps=3, autocast=None, scaler=None, compile_backend=Non
 
 
 @pytest.mark.parametrize("family,method", [("open_clip", "lora"), ("open_clip", "adaptformer"), ("hf_clip", "lora")])
-def test_single_backward_under_bf16_autocast(family, method):
+def test_one_backward_under_bf16_autocast(family, method):
     """Mixed precision: the hook gradients come from bf16 activations, like autograd's own; the
     update matches the default path to bf16 rounding (relative to the update's size)."""
     model = _tiny(family, method)
@@ -107,7 +107,7 @@ def test_single_backward_under_bf16_autocast(family, method):
 
 
 @pytest.mark.parametrize("family,method", [("open_clip", "lora"), ("open_clip", "adaptformer")])
-def test_single_backward_with_grad_scaler(family, method):
+def test_one_backward_with_grad_scaler(family, method):
     """fp16-style loss scaling: the hook part is unscaled like every other gradient; same update."""
     model = _tiny(family, method)
     twin = copy.deepcopy(model)
@@ -125,7 +125,7 @@ def test_single_backward_with_grad_scaler(family, method):
 
 @pytest.mark.parametrize("family,method", [
     ("open_clip", "lora"), pytest.param("hf_clip", "adaptformer", marks=pytest.mark.slow)])
-def test_single_backward_under_torch_compile(family, method):
+def test_one_backward_under_torch_compile(family, method):
     """torch.compile (dynamo + AOT autograd, no C++ toolchain needed): the hooks still see every
     layer (dynamo breaks the graph around the hooked calls), the update is the default path's."""
     model = _tiny(family, method)
@@ -144,7 +144,7 @@ def test_single_backward_under_torch_compile(family, method):
     ("imbsam", dict(tail_threshold=15, tail_weight=1.0)),
     ("imbsam", dict(tail_threshold=15, tail_weight=2.0)),   # the official x2
 ])
-def test_single_backward_settings_on_open_clip_lora(method, settings):
+def test_one_backward_settings_on_open_clip_lora(method, settings):
     """Several gamma / lam (Focal-SAM) and tail weights (ImbSAM): one backward, default update."""
     model = _tiny("open_clip", "lora", torch.float64)
     twin = copy.deepcopy(model)

@@ -1,4 +1,4 @@
-"""The one-backward path's first-step check (ft_focal/optim/single_backward.py `compare`): rounding
+"""The one-backward path's first-step check (ft_focal/optim/one_backward/__init__.py `compare`): rounding
 never switches the fast path off, a wrong rule is always caught.
 
 The tolerance scales with the magnitude of the terms each part gradient sums (the same GEMM on
@@ -22,11 +22,11 @@ from ft_focal.config import ModelConfig, TuningConfig
 from ft_focal.models import build_classifier, tiny_model_config
 from ft_focal.models.classifier import tiny_variant
 from ft_focal.optim import FocalSAM
-from ft_focal.optim import single_backward as sb
-from ft_focal.optim import single_backward_rules as rules
+from ft_focal.optim import one_backward as sb
+from ft_focal.optim.one_backward import rules  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_single_backward_models import COUNTS, adapters_away_from_zero_  # noqa: E402
+from test_one_backward_models import COUNTS, adapters_away_from_zero_  # noqa: E402
 
 TIMM = ["vit_base_patch16_clip_224.openai", "vit_base_patch16_224.augreg_in21k", "vit_base_patch14_dinov2",
         "eva02_base_patch14_224.mim_in22k", "vit_base_patch16_siglip_224"]   # the timm recipes' architectures
@@ -57,7 +57,7 @@ def steps(model: torch.nn.Module, bf16: bool, seed: int, labels: list[int], coun
     y = torch.tensor(labels)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = FocalSAM(params, torch.optim.SGD, class_counts=COUNTS, lr=0.1, momentum=0.9, rho=0.05, gamma=1.0, lam=0.8,
-                   model=model, single_backward=True)
+                   model=model, one_backward=True)
 
     def closure():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -158,4 +158,4 @@ def test_a_wrong_rule_is_caught_by_the_first_step_check(family, name, class_mean
     assert opt.one_backward.disabled is not None, wrong
     assert "layer-rule gradients differ from the exact ones" in opt.one_backward.disabled
     assert passes[-1] == {"forward": 2, "backward": 3}   # the exact path from then on
-    assert "single_backward switched off" in caplog.text
+    assert "one_backward switched off" in caplog.text

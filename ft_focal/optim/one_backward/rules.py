@@ -3,7 +3,7 @@ parameters under the total weighting AND under the part weighting.
 
 The optimizer back-propagates ``sum_j t_j l_j / B`` once. A covered layer receives, for sample j,
 the output gradient ``delta_j`` of that loss; the part weighting's gradient of its parameters is the
-same sum with ``delta_j`` scaled by ``r_j = part_j / total_j`` (see single_backward.py). Each rule is
+same sum with ``delta_j`` scaled by ``r_j = part_j / total_j`` (see one_backward/__init__.py). Each rule is
 an ``autograd.Function`` whose backward returns the ordinary gradients for the parameters and the
 part gradients for *twins*: ``p.detach().requires_grad_()`` leaves that share p's storage (no copy),
 so autograd accumulates the part gradient in ``twin.grad`` with no hooks and no side effects, which
@@ -19,7 +19,7 @@ Rules (closed forms, no module is re-run):
 Under autocast the GEMMs run in the autocast dtype, as autograd's own weight-gradient GEMMs do;
 LayerNorm runs in float32, as autocast runs it.
 
-Magnitudes (the first-step check only, single_backward.py ``SingleBackward.compare``): each rule
+Magnitudes (the first-step check only, one_backward/__init__.py ``OneBackward.compare``): each rule
 also takes *magnitude twins*; when given, their gradient is the sum of the ABSOLUTE per-sample
 terms of the part gradient, ``M = sum_j |r_j| |J_j^T delta_j|`` elementwise: the same GEMM / sum on
 absolute values (linear: ``(|r| |delta|)^T |x|``; layer_norm: ``|r|`` against ``[|delta xhat|, |delta|]``;

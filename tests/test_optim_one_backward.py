@@ -1,4 +1,4 @@
-"""single_backward=True: the exact Focal-SAM / ImbSAM / SSE-SAM update from one backward at w."""
+"""one_backward=True: the exact Focal-SAM / ImbSAM / SSE-SAM update from one backward at w."""
 import logging
 import os
 import sys
@@ -57,12 +57,12 @@ def tokens(seed, T, B=12, d=6, batch_first=True):
 
 
 def compare(build, x, y=LABELS, method="focal_sam", steps=2, params=None, **kw):
-    """Run the default and the single-backward path from the same start; return (diff, opts, models)."""
+    """Run the default and the one-backward path from the same start; return (diff, opts, models)."""
     models, opts = [], []
     for sb in (False, True):
         m = build()
         ps = params(m) if params else [p for p in m.parameters() if p.requires_grad]
-        opt = METHODS[method](ps, single_backward=sb, model=m, **kw)
+        opt = METHODS[method](ps, one_backward=sb, model=m, **kw)
         torch.manual_seed(123)   # same dropout masks in both runs
         for _ in range(steps):
             opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"), targets=y)
@@ -84,14 +84,14 @@ def test_mlp_exact_and_cheaper(method):
 def test_pass_counts_focal():
     x = torch.randn(12, 5, dtype=torch.float64)
     m = mlp(0)
-    opt = METHODS["focal_sam"](m.parameters(), single_backward=True, model=m)
+    opt = METHODS["focal_sam"](m.parameters(), one_backward=True, model=m)
     cl = lambda: F.cross_entropy(m(x), LABELS, reduction="none")  # noqa: E731
     opt.step(cl, targets=LABELS)
     assert opt.last_pass_counts == {"forward": 2, "backward": 3}   # first step: checked against the exact path
     opt.step(cl, targets=LABELS)
     assert opt.last_pass_counts == {"forward": 2, "backward": 2}   # 2F + 2B, like SAM
     m = mlp(0)
-    opt = METHODS["focal_sam"](m.parameters(), single_backward=True, single_backward_check=False, model=m)
+    opt = METHODS["focal_sam"](m.parameters(), one_backward=True, one_backward_check=False, model=m)
     opt.step(cl, targets=LABELS)
     assert opt.last_pass_counts == {"forward": 2, "backward": 2}
 
@@ -114,7 +114,7 @@ def test_ambiguous_batch_dim_falls_back(caplog):
 
 def test_batch_dim_remembered_when_ambiguous_later():
     m = _seeded(Tokens, batch_first=False)
-    opt = METHODS["focal_sam"](m.parameters(), single_backward=True, model=m)
+    opt = METHODS["focal_sam"](m.parameters(), one_backward=True, model=m)
     x1, x2 = tokens(4, T=5, batch_first=False), tokens(5, T=12, batch_first=False)
     for x in (x1, x2, x2):
         opt.step(lambda: F.cross_entropy(m(x), LABELS, reduction="none"), targets=LABELS)
@@ -143,7 +143,7 @@ class Adapter(nn.Module):
     """AdaptFormer branch s * up(dropout(relu(down(x)))) with a learnable scale s, declaring the
     "scale" rule (forward = scale * unscaled(x))."""
 
-    single_backward_rule = "scale"
+    one_backward_rule = "scale"
 
     def __init__(self, d, r=3, p=0.2):
         super().__init__()
@@ -200,7 +200,7 @@ def test_parameter_without_rule_falls_back(caplog):
     diff, (_, sb), _ = compare(lambda: _seeded(Tokens, scalar=True), x)
     assert diff < 1e-12
     assert "parameter s belongs to Tokens, which has no one-backward rule" in caplog.text
-    assert caplog.text.count("single_backward:") == 1   # logged once, not every step
+    assert caplog.text.count("one_backward:") == 1   # logged once, not every step
     assert sb.last_pass_counts == {"forward": 2, "backward": 3}
 
 
@@ -250,7 +250,7 @@ def test_late_fallback_recomputes_with_same_dropout(caplog, check):
     models, opts = [], []
     for sb in (False, True):
         m = _seeded(Switching)
-        opt = METHODS["focal_sam"](m.parameters(), single_backward=sb, single_backward_check=check, model=m)
+        opt = METHODS["focal_sam"](m.parameters(), one_backward=sb, one_backward_check=check, model=m)
         torch.manual_seed(7)
         for step in range(3):
             m.functional = step >= 1   # the hooks stop seeing `mid` from the second step on
@@ -293,7 +293,7 @@ def test_batchnorm_in_training_mode_falls_back(caplog):
 
 def test_needs_model():
     with pytest.raises(ValueError, match="model="):
-        FocalSAM(mlp().parameters(), torch.optim.SGD, class_counts=COUNTS, single_backward=True, lr=0.1)
+        FocalSAM(mlp().parameters(), torch.optim.SGD, class_counts=COUNTS, one_backward=True, lr=0.1)
 
 
 class Attn(nn.Module):
@@ -339,8 +339,58 @@ def test_two_optimizers_on_one_model_each_split_their_own_steps():
     x = tokens(13, T=3)
     m = _seeded(AdaptNet)
     ps = [p for p in m.parameters() if p.requires_grad]
-    opts = [METHODS[k](ps, single_backward=True, model=m) for k in ("focal_sam", "imbsam")]
+    opts = [METHODS[k](ps, one_backward=True, model=m) for k in ("focal_sam", "imbsam")]
     for _ in range(2):
         for opt in opts:
             opt.step(lambda: F.cross_entropy(m(x), LABELS, reduction="none"), targets=LABELS)
     assert all(o.one_backward.disabled is None and o.last_pass_counts == {"forward": 2, "backward": 2} for o in opts)
+
+
+def test_remove_gives_the_layers_back_and_the_optimizer_runs_the_exact_path():
+    """OneBackward.remove(): every covered module has its own class again and none of the strategy's
+    attributes; the state_dict is unchanged, and the next steps equal those of an optimizer that
+    never had the one-backward path."""
+    x = torch.randn(12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    m, plain = mlp(0), mlp(0)
+    keys = list(m.state_dict())
+    opt = METHODS["focal_sam"](m.parameters(), one_backward=True, model=m)
+    assert type(m[0]) is not nn.Linear and isinstance(m[0], nn.Linear)   # swapped at construction
+    opt.one_backward.remove()
+    assert [type(layer) for layer in m] == [type(layer) for layer in plain]
+    assert not [k for layer in m for k in vars(layer) if k.startswith("one_backward")]
+    assert list(m.state_dict()) == keys
+    ref = METHODS["focal_sam"](plain.parameters(), model=plain)
+    for model, o in ((m, opt), (plain, ref)):
+        for _ in range(2):
+            o.step(lambda: F.cross_entropy(model(x), LABELS, reduction="none"), targets=LABELS)
+    assert max_diff(m, weights(plain)) == 0.0
+    assert opt.last_pass_counts == ref.last_pass_counts == {"forward": 2, "backward": 3}
+
+
+def test_the_old_keyword_names_still_work_with_a_deprecation_warning():
+    from ft_focal.optim import build_optimizer
+
+    m = mlp(0)
+    with pytest.warns(DeprecationWarning, match="single_backward= is now one_backward="):
+        opt = METHODS["focal_sam"](m.parameters(), single_backward=True, model=m)
+    assert opt.one_backward is not None
+    with pytest.warns(DeprecationWarning, match="single_backward_check= is now one_backward_check="):
+        opt = build_optimizer("imbsam", list(m.parameters()), COUNTS, single_backward=True,
+                              single_backward_check=False, model=m, lr=0.1)
+    assert opt.one_backward is not None and opt.one_backward.validated   # check off: trusted from the start
+
+
+def test_a_state_dict_with_the_old_key_names_restores_the_one_backward_state():
+    """Checkpoints written before the rename hold "sb_validated" / "sb_disabled" in the wrapper state."""
+    m = mlp(0)
+    opt = METHODS["focal_sam"](m.parameters(), one_backward=True, model=m)
+    x = torch.randn(12, 5, dtype=torch.float64)
+    opt.step(lambda: F.cross_entropy(m(x), LABELS, reduction="none"), targets=LABELS)
+    state = opt.state_dict()
+    wrapper = state["wrapper"]
+    old = dict(wrapper, sb_validated=wrapper.pop("one_backward_validated"), sb_disabled="a reason")
+    del old["one_backward_disabled"]
+    fresh = METHODS["focal_sam"](mlp(0).parameters(), one_backward=True, model=mlp(0))
+    assert not fresh.one_backward.validated
+    fresh.load_state_dict({"base_optimizer": state["base_optimizer"], "wrapper": old})
+    assert fresh.one_backward.validated and fresh.one_backward.disabled == "a reason"
