@@ -28,14 +28,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = {   # name -> (paths to mutate, tests that exercise them)
-    "metrics": (["ft_focal/metrics.py"], ["tests/test_metrics.py", "tests/test_boundaries.py",
-                                          "tests/test_imagenet_c.py"]),
-    "losses": (["ft_focal/losses.py"], ["tests/test_losses.py", "tests/test_recipe_wiring.py"]),
-    "optim": (["ft_focal/optim/"], ["tests/test_optim_methods.py", "tests/test_optim_mechanics.py",
-                                    "tests/test_optim_one_backward.py", "tests/test_boundaries.py",
-                                    "tests/test_registry.py"]),
-    "checkpoint": (["ft_focal/training/checkpoint.py"], ["tests/test_checkpoint.py", "tests/test_resume.py"]),
-    "builders": (["ft_focal/training/builders.py"], ["tests/test_recipe_wiring.py", "tests/test_train.py"]),
+    "metrics": (["ft_focal/metrics.py"], ["tests/test_metrics.py", "tests/optim/test_boundaries.py",
+                                          "tests/fixtures/test_imagenet_c.py"]),
+    "losses": (["ft_focal/losses.py"], ["tests/test_losses.py", "tests/training/test_recipe_wiring.py"]),
+    "optim": (["ft_focal/optim/"], ["tests/optim/test_optim_methods.py", "tests/optim/test_optim_mechanics.py",
+                                    "tests/optim/test_optim_one_backward.py", "tests/optim/test_boundaries.py",
+                                    "tests/optim/test_registry.py"]),
+    "checkpoint": (["ft_focal/training/checkpoint.py"], ["tests/training/test_checkpoint.py", "tests/training/test_resume.py"]),
+    "builders": (["ft_focal/training/builders.py"], ["tests/training/test_recipe_wiring.py", "tests/training/test_train.py"]),
 }
 
 

@@ -58,7 +58,7 @@ def test_memory_benchmark_projection_counts_parameters_on_the_meta_device():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import memory_fsdp as bench
 
     p = bench.count_params("ViT-L-14")

@@ -8,7 +8,7 @@ import pytest
 
 from ft_focal.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "recipes/demo/digits_lt_focal_sam.yaml")
 FAST = ["train.epochs=1", "train.max_steps=4", "train.eval_every_epochs=1", "data.num_workers=0"]
 

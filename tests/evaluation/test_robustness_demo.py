@@ -12,7 +12,7 @@ from PIL import ImageFilter
 
 from ft_focal.cli import main as cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "demo" / "digits_lt_focal_sam.yaml"
 SUITE = ROOT / "eval" / "digits_blur.yaml"
 

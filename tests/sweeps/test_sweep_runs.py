@@ -16,7 +16,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_RECIPE = str(REPO / "recipes/demo/digits_lt_focal_sam.yaml")
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 from step_cost import peak_step_memory  # noqa: E402
 from step_cost_gpu import OpCounter, graph_breaks, make_optimizers  # noqa: E402
 

@@ -38,7 +38,7 @@ from ft_focal.evaluation import (
 )
 from ft_focal.metrics import ALEXNET_CLEAN_ERROR, BENCHMARK_CORRUPTIONS, load_alexnet_errors
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # model label order deliberately NOT alphabetical: label i = WNIDS[i]
 WNIDS = ["n03000000", "n01000000", "n02000000"]
 PER_CLASS = 2

@@ -23,7 +23,7 @@ from ft_focal.sweeps.pruning import PRUNED_EXIT_CODE, PRUNED_MARKER, TRIAL_ENV, 
 from ft_focal.sweeps.spec import load_sweep
 from ft_focal.sweeps.study import CRASHED, DUPLICATE_OF, StudyBudget, counts_toward_budget, find_duplicate
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_RECIPE = str(REPO / "recipes/demo/digits_lt_focal_sam.yaml")
 
 

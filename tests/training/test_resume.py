@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from ft_focal.config import recipe_from_dict
 from ft_focal.training import checkpoint as ckpt
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 MODEL = {  # the demo recipe's model block, plus patch dropout (a random op in every training forward)
     "family": "open_clip",
@@ -333,7 +333,7 @@ def test_too_many_consecutive_non_finite_updates_stop_with_a_checkpoint(tmp_path
 
     def recording_step(self, *args, **kwargs):
         loss = original_step(self, *args, **kwargs)
-        snapshots[len(snapshots) + 1] = {n: p.detach().clone() for n, p in self.model.named_parameters()
+        snapshots[len(snapshots) + 1] = {n: p.detach().clone() for n, p in self.runtime.model.named_parameters()
                                          if p.requires_grad}
         return loss
 
@@ -417,7 +417,7 @@ def _kill_when(recipe: Path, out: Path, ready, timeout: float = 300, command=_co
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 assert not (out / "metrics.json").exists()  # really interrupted before the end
-                return _steps_on_disk(out)
+                return steps_on_disk(out)
             time.sleep(0.01)
         return None
     finally:
@@ -426,17 +426,17 @@ def _kill_when(recipe: Path, out: Path, ready, timeout: float = 300, command=_co
             proc.wait()
 
 
-def _steps_on_disk(out: Path) -> list[int]:
+def steps_on_disk(out: Path) -> list[int]:
     return [ckpt.checkpoint_step(p) for p in ckpt.checkpoint_dirs(out / "checkpoints")]
 
 
 KILL_POINTS = {
     # the first checkpoint appears (possibly while it is being renamed / pruned)
-    "first_checkpoint": lambda out: len(_steps_on_disk(out)) >= 1,
+    "first_checkpoint": lambda out: len(steps_on_disk(out)) >= 1,
     # mid-epoch 1 (updates 9..15), after the epoch-0 evaluation
-    "mid_epoch": lambda out: any(8 < s < 16 for s in _steps_on_disk(out)),
+    "mid_epoch": lambda out: any(8 < s < 16 for s in steps_on_disk(out)),
     # right after the epoch-1 evaluation (its checkpoint, the one after the evaluation, appears)
-    "after_epoch_eval": lambda out: 16 in _steps_on_disk(out),
+    "after_epoch_eval": lambda out: 16 in steps_on_disk(out),
     # while a checkpoint is being written (its temporary directory exists)
     "during_save": lambda out: any((out / "checkpoints").glob("step_0000001*.tmp")),
 }

@@ -15,7 +15,7 @@ from ft_focal.config import load_recipe, recipe_from_dict
 from ft_focal.errors import UserError
 from ft_focal.models import tiny_model_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "recipes" / "demo" / "digits_lt_focal_sam.yaml"
 
 

@@ -5,8 +5,12 @@ checked on every rank (N, N)" only after every rank checked each trainable param
 (ft_focal.training.sharding.assert_sharded).
 """
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_resume import (  # noqa: E402
+    ENV,
     KILL_POINTS,
     _command_two_processes,
     _kill_when,
@@ -23,6 +28,7 @@ from test_resume import (  # noqa: E402
     final_weights,
     history_epochs,
     raw_recipe,
+    steps_on_disk,
 )
 
 from ft_focal.training import checkpoint as ckpt  # noqa: E402
@@ -81,3 +87,47 @@ def test_fsdp2_run_killed_mid_epoch_reruns_bitwise_and_matches_ddp(tmp_path):
     model = load_model(str(reference / "final"), plain=True)
     assert all(type(p) is torch.nn.Parameter for p in model.parameters())
     assert not list((reference / "final").glob("*.distcp"))
+
+
+def _command_processes(n: int):
+    def command(recipe: Path, out: Path) -> list[str]:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "-m", "ft_focal.train", str(recipe), f"output_dir={out}"]
+    return command
+
+
+@pytest.mark.slow
+def test_fsdp2_sigterm_writes_a_checkpoint_and_a_rerun_on_four_processes_reshards_it(tmp_path):
+    """SLURM preemption under FSDP2: SIGTERM to every process of the job step; each rank finishes its
+    update, the sharded checkpoint is written and the run stops with one line. Rerun with another
+    process count (4; the batch of 64 must divide by it): DCP reshards the weights and optimizer state,
+    the run says so and finishes."""
+    recipe = _recipe(tmp_path, fsdp=True)
+    out = tmp_path / "terminated"
+    proc = subprocess.Popen(_command_two_processes(recipe, out), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline and not steps_on_disk(out):
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run finished before the signal"
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stop = re.search(r"stopped by SIGTERM at update (\d+) of 16: a checkpoint is written in (\S+);", err)
+    assert stop and stop.group(2) == str(out / "checkpoints"), err[-3000:]
+    step = int(stop.group(1))
+    assert step in steps_on_disk(out) and not (out / "metrics.json").exists()
+    last = ckpt.checkpoint_dirs(out / "checkpoints")[-1]
+    assert ckpt.verify(last) is None and {"__0_0.distcp", "__1_0.distcp"} <= {p.name for p in last.iterdir()}
+
+    done = _run_to_end(recipe, out, _command_processes(4))
+    assert f"resumed from {out / 'checkpoints' / f'step_{step:08d}'}" in done.stderr
+    assert "was written by 2 process(es), this run has 4: the weights and optimizer state were resharded" in done.stderr
+    assert re.search(r"FSDP2 over 4 process\(es\): (\d+) .* on every rank \(\1, \1, \1, \1\)", done.stderr)
+    assert json.loads((out / "metrics.json").read_text())
+    assert history_epochs(out) == [0, 1]

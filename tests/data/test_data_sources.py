@@ -316,7 +316,7 @@ def test_check_data_lists_every_problem(tmp_path):
 
 # The public ImageNet-LT test split list (Liu et al. 2019, OLTR's ImageNet_LT_test.txt), shipped with
 # the tests (gzip, 0.2 MB) so that this check runs everywhere.
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "imagenet_lt", "ImageNet_LT_test.txt.gz")
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "imagenet_lt", "ImageNet_LT_test.txt.gz")
 
 
 def test_real_imagenet_lt_test_list_matches_shipped_classnames():

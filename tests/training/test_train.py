@@ -16,7 +16,7 @@ from ft_focal.config import recipe_from_dict
 from ft_focal.models import tiny_model_config
 from ft_focal.training.trainer import train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_recipe(tmp_path, family="open_clip", tuning="lora", optim="focal_sam", **extra):

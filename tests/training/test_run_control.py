@@ -1,7 +1,7 @@
 """Nothing is lost when a run stops or restarts (ft_focal/training/run_control.py): unverifiable checkpoints
 stop the run instead of being rotated away, `--restart` moves them aside, the non-finite stop's
 advice works when followed, a changed recipe is named key by key, and SIGTERM / SIGUSR1 write a
-checkpoint from which a rerun continues bitwise exactly (the harness of tests/test_resume.py)."""
+checkpoint from which a rerun continues bitwise exactly (the harness of tests/training/test_resume.py)."""
 
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ from test_resume import (  # noqa: E402
     ENV,
     _command,
     _run_to_end,
-    _steps_on_disk,
     _tiny_synthetic,
     _write_recipe,
     assert_bitwise_equal,
     final_weights,
     history_epochs,
     raw_recipe,
+    steps_on_disk,
 )
 
 from ft_focal.config import recipe_from_dict
@@ -38,7 +38,7 @@ from ft_focal.training.run_control import PREEMPTED_EXIT_CODE, Preempted
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
-    """The uninterrupted run of tests/test_resume.py's recipe."""
+    """The uninterrupted run of tests/training/test_resume.py's recipe."""
     from ft_focal.training.trainer import train
 
     out = tmp_path_factory.mktemp("uninterrupted") / "reference"
@@ -174,7 +174,7 @@ def test_sigusr1_writes_a_checkpoint_and_the_rerun_is_bitwise_exact(reference_ru
         with pytest.raises(Preempted, match=r"stopped by SIGUSR1 at update 5 of 16: a checkpoint is written in"):
             train(recipe_from_dict(raw_recipe(run)))
     assert signal.getsignal(signal.SIGUSR1) is previous_handler   # handlers restored
-    assert _steps_on_disk(run) == [3, 5] and not (run / "metrics.json").exists()
+    assert steps_on_disk(run) == [3, 5] and not (run / "metrics.json").exists()
     metrics = train(recipe_from_dict(raw_recipe(run)))
     assert_bitwise_equal(final_weights(run), final_weights(ref))
     assert metrics["history"] == ref_metrics["history"] and history_epochs(run) == [0, 1]
@@ -193,7 +193,7 @@ def test_sigterm_to_a_real_process_checkpoints_exits_75_and_the_rerun_is_bitwise
                             text=True, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while proc.poll() is None and time.time() < deadline and not _steps_on_disk(out):
+        while proc.poll() is None and time.time() < deadline and not steps_on_disk(out):
             time.sleep(0.01)
         assert proc.poll() is None, "the run finished before the signal"
         if workers:
@@ -209,7 +209,7 @@ def test_sigterm_to_a_real_process_checkpoints_exits_75_and_the_rerun_is_bitwise
     assert "Traceback" not in err
     stop = re.search(r"stopped by SIGTERM at update (\d+) of 24: a checkpoint is written in (\S+);", err)
     assert stop and stop.group(2) == str(out / "checkpoints"), err[-2000:]
-    assert int(stop.group(1)) in _steps_on_disk(out) and not (out / "metrics.json").exists()
+    assert int(stop.group(1)) in steps_on_disk(out) and not (out / "metrics.json").exists()
     done = _run_to_end(recipe, out)
     assert f"resumed from {out / 'checkpoints' / f'step_{int(stop.group(1)):08d}'}" in done.stderr
     assert_bitwise_equal(final_weights(out), final_weights(reference))

@@ -61,7 +61,7 @@ def test_hf_trainer_nan_in_every_sample_stops_after_max_bad_steps(tmp_path, capl
 
 
 def _fit_poisoned(bad: list[int], steps: int) -> tuple:
-    """Lightning manual optimization (tests/test_integrations_lightning.py's module) on 50 samples."""
+    """Lightning manual optimization (tests/integrations/test_integrations_lightning.py's module) on 50 samples."""
     L = pytest.importorskip("lightning")
     from test_integrations_lightning import Classifier, mlp
 

@@ -29,7 +29,7 @@ from ft_focal.evaluation.shifts import (
 )
 from ft_focal.evaluation.suites import load_eval_suite
 
-EVAL = Path(__file__).resolve().parent.parent / "eval"
+EVAL = Path(__file__).resolve().parents[2] / "eval"
 
 
 def _image(path: Path, size: int = 12, color=(40, 80, 120), border=None) -> None:
@@ -64,7 +64,7 @@ def _suite(name: str, **over: str) -> dict:
 @pytest.mark.parametrize("name", ["imagenet_r", "imagenet_a"])
 def test_r_a_index_lists_match_the_imagenet_synsets(name):
     wnids, indices = subset_classes(name)
-    shipped = Path(__file__).resolve().parent.parent / "ft_focal/resources/imagenet_lt/classnames.txt"
+    shipped = Path(__file__).resolve().parents[2] / "ft_focal/resources/imagenet_lt/classnames.txt"
     synsets = [line.split()[0] for line in shipped.read_text().splitlines()]
     assert len(wnids) == len(indices) == 200 == len(set(wnids))
     assert [synsets[i] for i in indices] == list(wnids)

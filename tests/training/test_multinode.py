@@ -12,7 +12,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from test_resume import ENV, _command_two_processes, _run_to_end, assert_bitwise_equal, final_weights, raw_recipe  # noqa: E402
 
-SBATCH = Path(__file__).parent.parent / "examples" / "slurm" / "train_multinode.sbatch"
+SBATCH = Path(__file__).resolve().parents[2] / "examples" / "slurm" / "train_multinode.sbatch"
 
 
 def _stub(folder: Path, name: str, body: str) -> None:

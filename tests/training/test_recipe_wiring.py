@@ -38,7 +38,7 @@ from ft_focal.models import preprocess_for, tiny_variant
 from ft_focal.models.tuning import AdaptFormerMLP
 from ft_focal.training.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
 NUM_CLASSES = {"imagenet_lt": 1000, "inat2018": 8142, "places_lt": 365, "cifar100_lt": 100, "cifar10_lt": 10}
 # Counts sitting on and around the thresholds the recipes use (tail 20 / 100, shot groups 100 / 20,

@@ -15,7 +15,7 @@ import ft_focal
 from ft_focal.cli import main
 from ft_focal.version import __version__
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "recipes/demo/digits_lt_focal_sam.yaml")
 IMAGENET = str(REPO / "recipes/imagenet_lt/clip_vit_b16_adaptformer_focal_sam.yaml")
 FAST = ["train.epochs=1", "train.max_steps=2", "data.num_workers=0"]
