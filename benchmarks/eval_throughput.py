@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
 
         # ---- rendering: 1 vs 2 workers (separate folders, identical bytes); best of --repeats
         render = {}
-        for rep in range(args.repeats):
+        for _ in range(args.repeats):
             for w in (1, 2):
                 out = work / f"render_w{w}"
                 shutil.rmtree(out, ignore_errors=True)
@@ -123,7 +123,7 @@ def main(argv=None) -> dict:
         ds = ImageNetCDataset(samples, transform)
         results["images"] = n
         best = {"preloaded": 0.0, "decode": 0.0, 0: None, 2: None}
-        for rep in range(args.repeats):  # interleaved, best of: the machine may be shared
+        for _ in range(args.repeats):  # interleaved, best of: the machine may be shared
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # as in a DataLoader worker
             t = time.perf_counter()

@@ -132,7 +132,7 @@ def run_gpu(args):
             else:
                 forward = model
 
-            def closure():
+            def closure(forward=forward, x=x, y=y):
                 with torch.autocast(dev.type, dtype=torch.bfloat16):
                     logits = forward(x)
                 return F.cross_entropy(logits.float(), y, reduction="none")
@@ -158,7 +158,7 @@ def run_gpu(args):
                     peaks[name].append(torch.cuda.max_memory_allocated() - base if dev.type == "cuda" else 1)
             sam = times["SAM"]
             for name in opts:
-                ratio = statistics.median(a / b for a, b in zip(times[name], sam))
+                ratio = statistics.median(a / b for a, b in zip(times[name], sam, strict=True))
                 passes = getattr(opts[name], "last_pass_counts", {"forward": 2, "backward": 2})
                 row = dict(workload=wl, mode=mode, optimizer=name, ms=1e3 * statistics.median(times[name]),
                            ratio=ratio, peak_gib=max(peaks[name]) / 2 ** 30,
@@ -191,7 +191,7 @@ def proxies(family="open_clip"):
             opt = make_optimizers(model, [100, 50, 20, 10, 5, 2])[name]
             x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5, 0, 5])
 
-            def closure():
+            def closure(model=model, x=x, y=y):
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     logits = model(x)
                 return F.cross_entropy(logits.float(), y, reduction="none")
@@ -199,7 +199,7 @@ def proxies(family="open_clip"):
                 opt.step(closure, targets=y)
             with OpCounter() as counter:
                 opt.step(closure, targets=y)
-            peak = peak_step_memory(lambda: opt.step(closure, targets=y))
+            peak = peak_step_memory(lambda opt=opt, closure=closure, y=y: opt.step(closure, targets=y))
             row = dict(method=method, optimizer=name, **counter.summary(), peak=peak,
                        breaks=graph_breaks(model, opt, x))
             rows.append(row)

@@ -214,7 +214,7 @@ def from_hf(cfg, seed: int) -> RawData:
     first = dd[cfg.hf_train_split]
     for k in ("image_key", "label_key"):
         col = getattr(cfg, k)
-        for split, key in wanted.items():
+        for key in wanted.values():
             if key is not None and col not in dd[key].column_names:
                 raise UserError(f"data.{k}: column '{col}' not in split '{key}' of {cfg.hf_path} "
                                 f"(columns: {', '.join(dd[key].column_names)})")

@@ -256,7 +256,7 @@ class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
                 self.one_backward.reset()
         self.last_skipped = skip
         if on_device or not skip:
-            for p, g in zip(st.params, final):
+            for p, g in zip(st.params, final, strict=True):
                 p.grad = g if g is None else as_param_grad(p, g)
             if on_device:
                 self._base_step_unless(skip)
@@ -330,7 +330,7 @@ class SharpnessOptimizer(PassesMixin, torch.optim.Optimizer):
             self._warn_once("sharded-no-sync", "sharded=True: gradients are shards reduced by FSDP / ZeRO "
                             "in every backward; no_sync is ignored (under DeepSpeed ZeRO-2/3 it is a no-op)")
         device = params[0].device if params else torch.device("cpu")
-        st = StepState(micro_batches=list(zip(closures, targets)), sizes=sizes,
+        st = StepState(micro_batches=list(zip(closures, targets, strict=True)), sizes=sizes,
                        batch_size=float(sum(sizes)) if None not in sizes else None, params=params,
                        weights=local_weights(params), device=device, world=world, manual_sync=manual,
                        can_skip=not (world > 1 and not manual), single_backward=self._plan_single_backward(params),

@@ -42,7 +42,7 @@ class ImbSAM(SharpnessOptimizer):
     def _compute(self, st: StepState) -> list:
         head, tail = split_head_tail(self, st, self.tail_weight)
         total = [None if h is None and t is None else
-                 (1.0 if self.tail_weight == 1.0 else sum_optional(h, t)) for h, t in zip(head, tail)]
+                 (1.0 if self.tail_weight == 1.0 else sum_optional(h, t)) for h, t in zip(head, tail, strict=True)]
         g_head, g_tail = self._split_pass(st, head, tail, total=total)
         g_tail = self._sync_perturbation_grads(st, g_tail)
         self._perturb_sam(st, g_tail, self.rho)

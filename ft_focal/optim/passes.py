@@ -131,7 +131,7 @@ class PassesMixin:
         if not st.single_backward:
             return self._grad_pass(st, [rest, part])
         if total is None:
-            total = [nm.sum_optional(r, p) for r, p in zip(rest, part)]
+            total = [nm.sum_optional(r, p) for r, p in zip(rest, part, strict=True)]
         return self._one_backward_pass(st, rest, part, total)
 
     def _sync_perturbation_grads(self, st, grads):
