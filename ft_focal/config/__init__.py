@@ -280,47 +280,54 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+_REJECTED = object()  # a value of the wrong type (None can be a valid value)
+
+
+def _coerce_to(value: Any, annotation: Any, origin: Any) -> Any:
+    """`value` as the non-union type `annotation`, or _REJECTED."""
+    if annotation is bool:
+        return value if isinstance(value, bool) else _REJECTED
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        return int(value) if isinstance(value, float) and value.is_integer() else _REJECTED
+    if annotation is float:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _REJECTED
+    if annotation is str:
+        return value if isinstance(value, str) else _REJECTED
+    if annotation is list or origin is list:
+        return value if isinstance(value, list) else _REJECTED
+    if annotation is dict or origin is dict:
+        return value if isinstance(value, dict) else _REJECTED
+    return value  # pragma: no cover - every field uses one of the types above
+
+
+def _coerce_union(key: str, value: Any, annotation: Any) -> Any:
+    args = typing.get_args(annotation)
+    if value is None and type(None) in args:
+        return None
+    inner = [a for a in args if a is not type(None)]
+    for alternative in inner[1:]:  # Union[str, list]: the first type that accepts the value
+        try:
+            return _coerce(key, value, alternative)
+        except UserError:
+            pass
+    return _coerce(key, value, inner[0])
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check `value` against the field type; ints are accepted where floats are expected."""
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        for alternative in inner[1:]:  # Union[str, list]: the first type that accepts the value
-            try:
-                return _coerce(key, value, alternative)
-            except UserError:
-                pass
-        return _coerce(key, value, inner[0])
+        return _coerce_union(key, value, annotation)
     if value is None:
         raise UserError(f"recipe key '{key}': null is not allowed here (expected {_type_name(annotation)})")
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
-    elif annotation is list or origin is list:
-        if isinstance(value, list):
-            return value
-    elif annotation is dict or origin is dict:
-        if isinstance(value, dict):
-            return value
-    else:  # pragma: no cover - every field uses one of the types above
-        return value
-    raise UserError(
-        f"recipe key '{key}': expected {_type_name(annotation)}, got {type(value).__name__} {value!r}"
-    )
+    coerced = _coerce_to(value, annotation, origin)
+    if coerced is _REJECTED:
+        raise UserError(
+            f"recipe key '{key}': expected {_type_name(annotation)}, got {type(value).__name__} {value!r}"
+        )
+    return coerced
 
 
 def _type_name(annotation: Any) -> str:
