@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # (name, file in ft_focal/, exact text, its replacement, the default tests that must fail)
 BUGS = [
-    ("builders drop optim.gamma", "builders.py",
+    ("builders drop optim.gamma", "training/builders.py",
      "method = {key: getattr(cfg, key) for key in METHOD_KEYS if getattr(cfg, key) is not None}",
      "method = {key: getattr(cfg, key) for key in METHOD_KEYS if getattr(cfg, key) is not None and key != 'gamma'}",
      ["tests/test_recipe_wiring.py", "-k", "update and cifar10_lt/clip_vit_b16_adaptformer_focal_sam"]),
@@ -29,13 +29,13 @@ BUGS = [
      "self.is_tail = (counts < self.tail_threshold).to(float)",
      "self.is_tail = (counts <= self.tail_threshold).to(float)",
      ["tests/test_boundaries.py", "-k", "sse_sam"]),
-    ("default eval.many_threshold 50", "config.py",
+    ("default eval.many_threshold 50", "config/__init__.py",
      "    many_threshold: int = 100\n", "    many_threshold: int = 50\n",
      ["tests/test_boundaries.py", "-k", "eval_config"]),
-    ("checkpoint skips the optimizer's load_state_dict", "checkpoint.py",
+    ("checkpoint skips the optimizer's load_state_dict", "training/checkpoint.py",
      "    optimizer.load_state_dict(torch.load(path / \"optimizer.pt\", weights_only=True))\n", "",
      ["tests/test_checkpoint.py"]),
-    ("checkpoint skips the scheduler's load_state_dict", "checkpoint.py",
+    ("checkpoint skips the scheduler's load_state_dict", "training/checkpoint.py",
      "    scheduler.load_state_dict(torch.load(path / \"scheduler.pt\", weights_only=True))\n", "",
      ["tests/test_checkpoint.py"]),
 ]

@@ -131,7 +131,7 @@ def test_resume_after_simulated_crashes_is_bitwise_exact(reference_run, tmp_path
         def dying(*args, **kwargs):
             raise KeyboardInterrupt("killed")
 
-        patch.setattr(ft_focal.evaluate, "evaluate_split", dying)
+        patch.setattr(ft_focal.evaluation.evaluate, "evaluate_split", dying)
         with pytest.raises(KeyboardInterrupt):
             train(recipe_from_dict(raw_recipe(run)))
     assert ft_focal.evaluation.evaluate.evaluate_split is original
