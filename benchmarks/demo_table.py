@@ -63,7 +63,7 @@ def rows_from_log(text: str) -> list[dict]:
         if found:
             recipe, seed, *values, wall = found.groups()
             rows.append({"recipe": recipe, "seed": int(seed), "wall_s": float(wall),
-                         **{g: float(v) for g, v in zip(GROUPS, values)}})
+                         **{g: float(v) for g, v in zip(GROUPS, values, strict=True)}})
     return rows
 
 

@@ -227,15 +227,15 @@ def bare_run(recipe: Recipe, bundle: Any, method: str, steps: int) -> dict:
                 g = grad(criterion(model(x).float(), y).mean())
             elif method == "sam":
                 g = grad(criterion(model(x).float(), y).mean())
-                g = grad_at_perturbed(g, lambda: criterion(model(x).float(), y).mean())
+                g = grad_at_perturbed(g, lambda x=x, y=y: criterion(model(x).float(), y).mean())
             else:  # focal_sam, official 2F+3B (ft_focal/optim/focal_sam.py): g1 + g3, eps from g2
                 a = coef[y]
                 losses = criterion(model(x).float(), y)
                 g1 = grad(((1.0 - a) * losses).mean(), retain=True)
                 g2 = grad((a * losses).mean())
-                g3 = grad_at_perturbed(g2, lambda: (a * criterion(model(x).float(), y)).mean())
-                g = [u + v for u, v in zip(g1, g3)]
-            for p, gi in zip(params, g):
+                g3 = grad_at_perturbed(g2, lambda a=a, x=x, y=y: (a * criterion(model(x).float(), y)).mean())
+                g = [u + v for u, v in zip(g1, g3, strict=True)]
+            for p, gi in zip(params, g, strict=True):
                 p.grad = gi
             opt.step()
             scheduler.step()
@@ -256,7 +256,7 @@ def print_tables(results: dict[str, dict[str, list[dict]]]) -> None:
     print("\nPer-step time, median over repeats; ratio = toolkit / bare\n" + head + "\n" + "-" * len(head))
     for method, r in results.items():
         tk, bare, dflt = r["toolkit"], r["bare"], r["default"]
-        per = " ".join(f"{t['s'] / b['s']:.2f}" for t, b in zip(tk, bare))
+        per = " ".join(f"{t['s'] / b['s']:.2f}" for t, b in zip(tk, bare, strict=True))
         default = f"{ms(med(dflt, 's'))} ({dflt[-1]['passes']})" if dflt else "-"
         print(f"{method:<10} {ms(med(tk, 's')):>10} {ms(med(bare, 's')):>8} {med(tk, 's') / med(bare, 's'):>6.2f}  "
               f"{per:<20}{med(tk, 'cpu') / med(bare, 'cpu'):>9.2f} {med(tk, 'excl'):>7.2f}  {tk[-1]['passes']:<7} "

@@ -75,7 +75,7 @@ def _bare_update(method: str, model: torch.nn.Module, criterion: Any, opt: torch
             g1 = torch.autograd.grad(((1.0 - a) * per_sample).mean(), params, retain_graph=True)
             g2 = torch.autograd.grad((a * per_sample).mean(), params)
             grads = torch._foreach_add(g1, perturbed_grad(list(g2), a))
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             p.grad = g
         opt.step()
 

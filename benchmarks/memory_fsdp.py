@@ -111,7 +111,7 @@ def _worker(rank: int, port: int, out: str) -> None:
                 g = torch.Generator().manual_seed(rank)
                 x = torch.randn(BATCH, 3, 64, 64, generator=g)
                 y = torch.randint(0, NUM_CLASSES, (BATCH,), generator=g)
-                opt.step(lambda: F.cross_entropy(wrapped(x), y, reduction="none"), targets=y)
+                opt.step(lambda wrapped=wrapped, x=x, y=y: F.cross_entropy(wrapped(x), y, reduction="none"), targets=y)
                 state = [t for s in opt.base_optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
                 rows[(tuning, mode)] = {
                     "params": sum(_local_bytes(p) for p in model.parameters()),

@@ -168,15 +168,15 @@ def bench(kind: str, names: list, args: argparse.Namespace) -> tuple:
         with FlopCounterMode(display=False) as fc:
             opt.step(closure, targets=y)
         flops = fc.get_total_flops()
-        mem = float("nan") if args.no_memory else peak_step_memory(lambda: opt.step(closure, targets=y))
+        mem = float("nan") if args.no_memory else peak_step_memory(lambda opt=opt, closure=closure: opt.step(closure, targets=y))
         pc = opt.last_pass_counts
         sb = getattr(opt, "one_backward", None)
         note = (sb.disabled or ("fallback" if pc["backward"] > 2 else "")) if sb is not None else ""
-        paired = [a / b for a, b in zip(wall[name], wall[ref])]
+        paired = [a / b for a, b in zip(wall[name], wall[ref], strict=True)]
         rows.append(dict(name=name, passes=f"{pc['forward']}F+{pc['backward']}B", flops=flops, mem=mem,
                          wall=statistics.median(wall[name]), cpu=statistics.median(cpu[name]),
                          ratio=median_ci(paired, boot),
-                         cpu_ratio=statistics.median(a / b for a, b in zip(cpu[name], cpu[ref])), note=note))
+                         cpu_ratio=statistics.median(a / b for a, b in zip(cpu[name], cpu[ref], strict=True)), note=note))
     return n_train, ref, rows
 
 

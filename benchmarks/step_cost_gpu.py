@@ -27,6 +27,7 @@ import random
 import statistics
 import sys
 import time
+from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -107,7 +108,60 @@ class BareSAM:
         return loss.detach()
 
 
-def run_gpu(args):
+def bf16_closure(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                 device_type: str) -> Callable[[], torch.Tensor]:
+    """Per-sample losses of one fixed batch, forward under bf16 autocast."""
+
+    def closure() -> torch.Tensor:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            logits = forward(x)
+        return F.cross_entropy(logits.float(), y, reduction="none")
+
+    return closure
+
+
+def time_steps(opts: dict, closure: Callable[[], torch.Tensor], y: torch.Tensor, rounds: int, dev: torch.device,
+               sync: Callable[[], None]) -> tuple[float, dict, dict]:
+    """-> (warm-up seconds, step seconds per optimizer, peak bytes per optimizer); rounds in shuffled order."""
+    t0 = time.time()
+    for opt in opts.values():   # warm-up (and compile)
+        for _ in range(3):
+            opt.step(closure, targets=y)
+    sync()
+    warm = time.time() - t0
+    times, peaks = collections.defaultdict(list), collections.defaultdict(list)
+    for _ in range(rounds):
+        order = list(opts)
+        random.shuffle(order)
+        for name in order:
+            sync()
+            base = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            opts[name].step(closure, targets=y)
+            sync()
+            times[name].append(time.perf_counter() - t)
+            peaks[name].append(torch.cuda.max_memory_allocated() - base if dev.type == "cuda" else 1)
+    return warm, times, peaks
+
+
+def mode_rows(wl: str, mode: str, opts: dict, warm: float, times: dict, peaks: dict) -> list[dict]:
+    rows = []
+    sam = times["SAM"]
+    for name in opts:
+        ratio = statistics.median(a / b for a, b in zip(times[name], sam, strict=True))
+        passes = getattr(opts[name], "last_pass_counts", {"forward": 2, "backward": 2})
+        row = dict(workload=wl, mode=mode, optimizer=name, ms=1e3 * statistics.median(times[name]),
+                   ratio=ratio, peak_gib=max(peaks[name]) / 2 ** 30,
+                   peak_ratio=max(peaks[name]) / max(peaks["SAM"]), warmup_s=warm,
+                   passes=f"{passes['forward']}F+{passes['backward']}B")
+        rows.append(row)
+        print_row(row)
+    return rows
+
+
+def run_gpu(args: argparse.Namespace) -> list[dict]:
     dev = torch.device("cpu" if args.smoke else "cuda")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     counts = imagenet_lt_counts(1000)
@@ -131,41 +185,9 @@ def run_gpu(args):
                 forward = torch.compile(model)
             else:
                 forward = model
-
-            def closure():
-                with torch.autocast(dev.type, dtype=torch.bfloat16):
-                    logits = forward(x)
-                return F.cross_entropy(logits.float(), y, reduction="none")
-            t0 = time.time()
-            for opt in opts.values():   # warm-up (and compile)
-                for _ in range(3):
-                    opt.step(closure, targets=y)
-            sync()
-            warm = time.time() - t0
-            times, peaks = collections.defaultdict(list), collections.defaultdict(list)
-            for _ in range(args.rounds):
-                order = list(opts)
-                random.shuffle(order)
-                for name in order:
-                    sync()
-                    base = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
-                    if dev.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
-                    t = time.perf_counter()
-                    opts[name].step(closure, targets=y)
-                    sync()
-                    times[name].append(time.perf_counter() - t)
-                    peaks[name].append(torch.cuda.max_memory_allocated() - base if dev.type == "cuda" else 1)
-            sam = times["SAM"]
-            for name in opts:
-                ratio = statistics.median(a / b for a, b in zip(times[name], sam))
-                passes = getattr(opts[name], "last_pass_counts", {"forward": 2, "backward": 2})
-                row = dict(workload=wl, mode=mode, optimizer=name, ms=1e3 * statistics.median(times[name]),
-                           ratio=ratio, peak_gib=max(peaks[name]) / 2 ** 30,
-                           peak_ratio=max(peaks[name]) / max(peaks["SAM"]), warmup_s=warm,
-                           passes=f"{passes['forward']}F+{passes['backward']}B")
-                results.append(row)
-                print_row(row)
+            closure = bf16_closure(forward, x, y, dev.type)
+            warm, times, peaks = time_steps(opts, closure, y, args.rounds, dev, sync)
+            results += mode_rows(wl, mode, opts, warm, times, peaks)
             if mode == "compiled":
                 torch._dynamo.reset()
         del model, opts
@@ -191,7 +213,7 @@ def proxies(family="open_clip"):
             opt = make_optimizers(model, [100, 50, 20, 10, 5, 2])[name]
             x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5, 0, 5])
 
-            def closure():
+            def closure(model=model, x=x, y=y):
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     logits = model(x)
                 return F.cross_entropy(logits.float(), y, reduction="none")
@@ -199,7 +221,7 @@ def proxies(family="open_clip"):
                 opt.step(closure, targets=y)
             with OpCounter() as counter:
                 opt.step(closure, targets=y)
-            peak = peak_step_memory(lambda: opt.step(closure, targets=y))
+            peak = peak_step_memory(lambda opt=opt, closure=closure, y=y: opt.step(closure, targets=y))
             row = dict(method=method, optimizer=name, **counter.summary(), peak=peak,
                        breaks=graph_breaks(model, opt, x))
             rows.append(row)

@@ -252,7 +252,35 @@ def _check_clean(value: float | None, what: str) -> float | None:
     return v
 
 
-# Over 80 lines only through its docstring, which defines CE / mCE / relative mCE (docs/metrics.md).
+def _resolve_baseline(
+    baseline: str | Mapping[str, Sequence[float]], baseline_clean_error: float | None
+) -> tuple[dict[str, np.ndarray], float | None]:
+    """Baseline errors per corruption and the baseline's clean error (unchecked)."""
+    if isinstance(baseline, str):
+        if baseline.lower() != "alexnet":
+            raise ValueError(f"unknown baseline {baseline!r}; use 'alexnet' or a dict of errors")
+        base = _validate_errors(load_alexnet_errors(), "alexnet table")
+        return base, ALEXNET_CLEAN_ERROR if baseline_clean_error is None else baseline_clean_error
+    return _validate_errors(baseline, "baseline"), baseline_clean_error
+
+
+def _corruption_error(err: np.ndarray, base: np.ndarray, name: str) -> float:
+    denom = base.sum()
+    if denom <= 0:
+        raise ValueError(f"baseline errors of corruption {name!r} sum to 0; CE undefined")
+    return float(100.0 * err.sum() / denom)
+
+
+def _relative_corruption_error(err: np.ndarray, base: np.ndarray, name: str, clean: float, base_clean: float) -> float:
+    denom = float((base - base_clean).sum())
+    if denom <= 0:
+        raise ValueError(
+            f"corruption {name!r}: baseline corrupted errors do not exceed its clean error "
+            f"({base_clean}); relative CE undefined"
+        )
+    return float(100.0 * (err - clean).sum() / denom)
+
+
 def mean_corruption_error(
     errors: Mapping[str, Sequence[float]],
     baseline: str | Mapping[str, Sequence[float]] = "alexnet",
@@ -292,33 +320,17 @@ def mean_corruption_error(
     corruption, and when a relative-CE denominator is not positive.
     """
     errs = _validate_errors(errors, "errors")
-    if isinstance(baseline, str):
-        if baseline.lower() != "alexnet":
-            raise ValueError(f"unknown baseline {baseline!r}; use 'alexnet' or a dict of errors")
-        base = _validate_errors(load_alexnet_errors(), "alexnet table")
-        base_clean = ALEXNET_CLEAN_ERROR if baseline_clean_error is None else baseline_clean_error
-    else:
-        base = _validate_errors(baseline, "baseline")
-        base_clean = baseline_clean_error
+    base, base_clean = _resolve_baseline(baseline, baseline_clean_error)
     clean = _check_clean(clean_error, "clean_error")
     base_clean = _check_clean(base_clean, "baseline_clean_error")
     if clean is not None and base_clean is None:
         raise ValueError("relative mCE with a custom baseline needs baseline_clean_error")
 
     def ce(name: str) -> float:
-        denom = base[name].sum()
-        if denom <= 0:
-            raise ValueError(f"baseline errors of corruption {name!r} sum to 0; CE undefined")
-        return float(100.0 * errs[name].sum() / denom)
+        return _corruption_error(errs[name], base[name], name)
 
     def rel_ce(name: str) -> float:
-        denom = float((base[name] - base_clean).sum())
-        if denom <= 0:
-            raise ValueError(
-                f"corruption {name!r}: baseline corrupted errors do not exceed its clean error "
-                f"({base_clean}); relative CE undefined"
-            )
-        return float(100.0 * (errs[name] - clean).sum() / denom)
+        return _relative_corruption_error(errs[name], base[name], name, clean, base_clean)
 
     bench = [c for c in BENCHMARK_CORRUPTIONS if c in errs and c in base]
     missing = [c for c in BENCHMARK_CORRUPTIONS if c not in bench]

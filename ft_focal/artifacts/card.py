@@ -159,92 +159,91 @@ def _fmt_value(value: Any) -> str:
     return str(value)
 
 
-# Over 80 lines on purpose: a document template, one `add` per line of the card in the card's own
-# order, so the code reads like the README it writes; split up, the card's layout would be scattered.
-def render_card(recipe: Any, metrics: dict, eval_result: Optional[dict], info: dict) -> str:
-    """README.md text: YAML front matter + body. `recipe` is the recipe the run was TRAINED with.
-
-    info keys: base_model, trained_tuning, merged_lora, adapter (bool), adapter_module,
-    parameter_counts, preprocess, files, transforms (text), repo_id (optional)."""
-    meta = front_matter(recipe, metrics, eval_result, info)
-    versions = framework_versions()
+def _intro_section(recipe: Any, metrics: dict, info: dict, versions: dict[str, str]) -> list[str]:
     tuning = info.get("trained_tuning", recipe.tuning.method)
-    opt = recipe.optim
-    opt_label = _optimizer_tag(opt.name)
     data_name, _ = dataset_info(recipe)
     family_label = FAMILIES.get(recipe.model.family, (recipe.model.family, []))[0]
-    test = (metrics or {}).get("test") or {}
-    val = (metrics or {}).get("val") or {}
-    lines: list[str] = []
-    add = lines.append
-
-    add(f"# {recipe.name}")
-    add("")
     base = info.get("base_model")
     backbone = f"{family_label} `{recipe.model.name}`" + (f" (pretrained: [{base}](https://huggingface.co/{base}))"
                                                           if base else "")
+    lines = [f"# {recipe.name}", ""]
     if zero_shot.metrics_are_zero_shot(metrics):
-        add(zero_shot.card_intro(data_name, backbone, recipe.model.head,
-                                info.get("head_init", recipe.model.head_init), versions["ft_focal"]))
+        lines.append(zero_shot.card_intro(data_name, backbone, recipe.model.head,
+                                          info.get("head_init", recipe.model.head_init), versions["ft_focal"]))
     else:
-        add(f"An image classifier fine-tuned on **{data_name}** from {backbone} with **{TUNING.get(tuning, (tuning,))[0]}** "
-            f"under the **{opt_label}** optimizer, trained and exported with "
-            f"ft_focal {versions['ft_focal']}.")
+        lines.append(f"An image classifier fine-tuned on **{data_name}** from {backbone} with "
+                     f"**{TUNING.get(tuning, (tuning,))[0]}** under the **{_optimizer_tag(recipe.optim.name)}** "
+                     f"optimizer, trained and exported with ft_focal {versions['ft_focal']}.")
     if info.get("merged_lora"):
-        add("")
-        add("The LoRA adapter was **merged** into the backbone weights: `model.safetensors` is a plain model "
-            "(its `recipe.yaml` says `tuning.method: full` so that it rebuilds without peft; it was trained "
-            "with LoRA, see the training section).")
-    add("")
+        lines += ["", "The LoRA adapter was **merged** into the backbone weights: `model.safetensors` is a plain model "
+                  "(its `recipe.yaml` says `tuning.method: full` so that it rebuilds without peft; it was trained "
+                  "with LoRA, see the training section)."]
+    lines.append("")
+    return lines
 
-    # ---- results
-    add("## Results")
-    add("")
-    add(f"Top-1 accuracy (%) on the **{recipe.eval.test_split}** split; shot groups from the training counts "
+
+def _results_section(recipe: Any, metrics: dict, eval_result: Optional[dict]) -> list[str]:
+    test = (metrics or {}).get("test") or {}
+    val = (metrics or {}).get("val") or {}
+    lines = [
+        "## Results",
+        "",
+        f"Top-1 accuracy (%) on the **{recipe.eval.test_split}** split; shot groups from the training counts "
         f"(many: n > {recipe.eval.many_threshold}, few: n < {recipe.eval.few_threshold}, medium otherwise); "
-        "group accuracies are means of per-class accuracies.")
-    add("")
-    add("| split | overall | many | medium | few | ECE (%) |")
-    add("|---|---|---|---|---|---|")
+        "group accuracies are means of per-class accuracies.",
+        "",
+        "| split | overall | many | medium | few | ECE (%) |",
+        "|---|---|---|---|---|---|",
+    ]
     rows = [(recipe.eval.test_split, test)]
     if val and recipe.eval.test_split != "val":
         rows.insert(0, ("val", val))
     for name, res in rows:
         ece = res.get("ece")
-        add(f"| {name} | {_pct(res.get('overall'))} | {_pct(res.get('many'))} | {_pct(res.get('medium'))} | "
-            f"{_pct(res.get('few'))} | {'n/a' if ece is None else f'{100 * ece:.2f}'} |")
+        lines.append(f"| {name} | {_pct(res.get('overall'))} | {_pct(res.get('many'))} | {_pct(res.get('medium'))} | "
+                     f"{_pct(res.get('few'))} | {'n/a' if ece is None else f'{100 * ece:.2f}'} |")
     corruption = (eval_result or {}).get("corruption") or {}
     if corruption.get("mCE") is not None:
-        add("")
-        add(f"ImageNet-C: **{describe_mce(corruption, '%')}** (normalised by the {corruption.get('baseline', 'alexnet')} "
-            f"errors; {corruption.get('mCE_corruptions', len(corruption.get('CE') or {}))} of the 15 benchmark "
-            "corruptions x 5 severities).")
+        lines += ["", f"ImageNet-C: **{describe_mce(corruption, '%')}** (normalised by the "
+                  f"{corruption.get('baseline', 'alexnet')} errors; "
+                  f"{corruption.get('mCE_corruptions', len(corruption.get('CE') or {}))} of the 15 benchmark "
+                  "corruptions x 5 severities)."]
     lines += robustness_report.card_lines(eval_result)  # eval.json of `ft-focal eval --suite`, when run
-    add("")
+    lines.append("")
+    return lines
 
-    # ---- training
-    add("## Training")
-    add("")
-    add(f"- **Optimizer**: {opt_label} (`optim.name: {opt.name}`) wrapping {opt.base.upper()} with lr {opt.lr:g}"
-        + (f", momentum {opt.momentum:g}" + (" (Nesterov)" if opt.nesterov else "") if opt.base == "sgd" else "")
-        + f", weight decay {opt.weight_decay:g}.")
+
+def _optimizer_lines(opt: Any) -> list[str]:
+    opt_label = _optimizer_tag(opt.name)
+    lines = [f"- **Optimizer**: {opt_label} (`optim.name: {opt.name}`) wrapping {opt.base.upper()} with lr {opt.lr:g}"
+             + (f", momentum {opt.momentum:g}" + (" (Nesterov)" if opt.nesterov else "") if opt.base == "sgd" else "")
+             + f", weight decay {opt.weight_decay:g}."]
     method = [f"`{k}` = {_fmt_value(getattr(opt, k))}" for k in METHOD_KEYS
               if getattr(opt, k, None) is not None and k not in ("sync_perturbation", "one_backward")]
     if method:
-        add(f"- **{opt_label} hyperparameters**: " + ", ".join(method) + ".")
-    loss = recipe.loss
+        lines.append(f"- **{opt_label} hyperparameters**: " + ", ".join(method) + ".")
+    return lines
+
+
+def _loss_line(loss: Any) -> str:
     loss_info = LOSSES.get(loss.name)
     loss_args = [f"`{k}` = {_fmt_value(getattr(loss, k))}" for k, _ in (loss_info.recipe_keys if loss_info else ())
                  if getattr(loss, k, None) is not None]
-    add(f"- **Loss**: {loss_info.display if loss_info else loss.name} (`loss.name: {loss.name}`"
-        + ("; " + ", ".join(loss_args) if loss_args else "") + ").")
-    tr = recipe.train
+    return (f"- **Loss**: {loss_info.display if loss_info else loss.name} (`loss.name: {loss.name}`"
+            + ("; " + ", ".join(loss_args) if loss_args else "") + ").")
+
+
+def _schedule_line(tr: Any, metrics: dict) -> str:
     length = f"{tr.max_steps} updates (train.max_steps)" if tr.max_steps else f"{tr.epochs} epochs"
     updates = metrics.get("updates") if metrics else None
-    add(f"- **Schedule**: {length}" + (f", {updates} updates run" if updates is not None else "")
-        + f"; global batch {tr.batch_size} (gradient accumulation {tr.grad_accum_steps}); "
-        f"{tr.scheduler} learning-rate schedule, {tr.warmup_steps} warm-up steps"
-        + (f"; gradient clipping {tr.grad_clip:g}" if tr.grad_clip else "") + ".")
+    return (f"- **Schedule**: {length}" + (f", {updates} updates run" if updates is not None else "")
+            + f"; global batch {tr.batch_size} (gradient accumulation {tr.grad_accum_steps}); "
+            f"{tr.scheduler} learning-rate schedule, {tr.warmup_steps} warm-up steps"
+            + (f"; gradient clipping {tr.grad_clip:g}" if tr.grad_clip else "") + ".")
+
+
+def _tuning_line(recipe: Any, info: dict) -> str:
+    tuning = info.get("trained_tuning", recipe.tuning.method)
     tun = recipe.tuning
     detail = ""
     if tuning == "lora":
@@ -258,86 +257,122 @@ def render_card(recipe: Any, metrics: dict, eval_result: Optional[dict], info: d
     if counts.get("total"):
         count_text = (f"; {counts['trainable']:,} trainable of {counts['total']:,} parameters "
                       f"({100 * counts['trainable'] / counts['total']:.2f}%)")
-    add(f"- **Tuning**: {TUNING.get(tuning, (tuning,))[0]}{detail}; head: {recipe.model.head} "
-        f"(scale {recipe.model.head_scale:g}) initialised from `{info.get('head_init', recipe.model.head_init)}`"
-        + ("" if tun.train_head else ", frozen") + f"{count_text}.")
-    add(f"- **Precision**: `{tr.mixed_precision}` mixed precision"
-        if tr.mixed_precision != "no" else "- **Precision**: float32 (no mixed precision).")
+    return (f"- **Tuning**: {TUNING.get(tuning, (tuning,))[0]}{detail}; head: {recipe.model.head} "
+            f"(scale {recipe.model.head_scale:g}) initialised from `{info.get('head_init', recipe.model.head_init)}`"
+            + ("" if tun.train_head else ", frozen") + f"{count_text}.")
+
+
+def _run_lines(recipe: Any, metrics: dict) -> list[str]:
+    tr = recipe.train
     world = metrics.get("world_size") if metrics else None
-    add(f"- **Processes**: {world if world is not None else 'unknown'} (Accelerate)"
+    return [
+        f"- **Precision**: `{tr.mixed_precision}` mixed precision"
+        if tr.mixed_precision != "no" else "- **Precision**: float32 (no mixed precision).",
+        f"- **Processes**: {world if world is not None else 'unknown'} (Accelerate)"
         + (f"; training took {metrics['train_seconds']:.0f} s" if metrics and metrics.get("train_seconds") else "")
         + (f"; {metrics['skipped_steps']} updates skipped (non-finite)" if metrics and metrics.get("skipped_steps")
-           else "") + ".")
-    add(f"- **Seed**: {recipe.seed}.")
-    add("")
+           else "") + ".",
+        f"- **Seed**: {recipe.seed}.",
+    ]
 
-    # ---- evaluation protocol
-    add("## Evaluation protocol")
-    add("")
-    add(f"- **Test split**: `{recipe.eval.test_split}` of {data_name}"
-        + (f" ({test.get('num_samples')} images)" if test.get("num_samples") is not None else "") + ".")
-    add(f"- **Transforms**: {info.get('transforms', 'see preprocess.json')}"
-        + ("; test-time five-crop ensemble (logits averaged)" if recipe.eval.five_crop else "") + ".")
+
+def _training_section(recipe: Any, metrics: dict, info: dict) -> list[str]:
+    return ["## Training", "", *_optimizer_lines(recipe.optim), _loss_line(recipe.loss),
+            _schedule_line(recipe.train, metrics), _tuning_line(recipe, info), *_run_lines(recipe, metrics), ""]
+
+
+def _evaluation_section(recipe: Any, metrics: dict, eval_result: Optional[dict], info: dict) -> list[str]:
+    data_name, _ = dataset_info(recipe)
+    test = (metrics or {}).get("test") or {}
     selected = (metrics or {}).get("selected", "unknown")
     note = ("selected on the validation split; the test split was not used for selection"
             if str(selected).startswith("best on val") else
             "the last weights of training (no selection)" if selected == "last" else str(selected))
-    add(f"- **Model selection**: `{selected}` — {note}.")
+    lines = [
+        "## Evaluation protocol",
+        "",
+        f"- **Test split**: `{recipe.eval.test_split}` of {data_name}"
+        + (f" ({test.get('num_samples')} images)" if test.get("num_samples") is not None else "") + ".",
+        f"- **Transforms**: {info.get('transforms', 'see preprocess.json')}"
+        + ("; test-time five-crop ensemble (logits averaged)" if recipe.eval.five_crop else "") + ".",
+        f"- **Model selection**: `{selected}` — {note}.",
+    ]
+    corruption = (eval_result or {}).get("corruption") or {}
     if corruption:
-        add(f"- **ImageNet-C**: {(eval_result or {}).get('preprocessing', 'same transforms')}; "
-            f"baseline {corruption.get('baseline', 'alexnet')}.")
-    add("")
+        lines.append(f"- **ImageNet-C**: {(eval_result or {}).get('preprocessing', 'same transforms')}; "
+                     f"baseline {corruption.get('baseline', 'alexnet')}.")
+    lines.append("")
+    return lines
 
-    # ---- files and use
-    add("## Files")
-    add("")
-    for name, what in info.get("files", []):
-        add(f"- `{name}`: {what}")
-    add("")
-    add("## How to use")
-    add("")
+
+def _files_section(info: dict) -> list[str]:
+    return ["## Files", "", *(f"- `{name}`: {what}" for name, what in info.get("files", [])), ""]
+
+
+def _usage_section(info: dict) -> list[str]:
     source = info.get("repo_id") or "EXPORT_DIR_OR_REPO_ID"
-    add("```python")
-    add("import ft_focal")
-    add("from PIL import Image")
-    add("")
-    add(f'm = ft_focal.load_model("{source}")   # a folder or a Hub repo id (uses the local cache offline)')
-    add('print(m.predict([Image.open("image.jpg")]))   # class names; m.logits(...) / m.predict_proba(...)')
-    add("model, transform = m.model, m.transform()   # torch module (eval mode) and its test transform")
-    add("```")
-    add("")
-    add("Evaluate it again (from a local copy of this folder): `ft-focal eval EXPORT_DIR` "
-        "(reads `recipe.yaml` for the data; override paths with `data.root=...`).")
+    lines = [
+        "## How to use",
+        "",
+        "```python",
+        "import ft_focal",
+        "from PIL import Image",
+        "",
+        f'm = ft_focal.load_model("{source}")   # a folder or a Hub repo id (uses the local cache offline)',
+        'print(m.predict([Image.open("image.jpg")]))   # class names; m.logits(...) / m.predict_proba(...)',
+        "model, transform = m.model, m.transform()   # torch module (eval mode) and its test transform",
+        "```",
+        "",
+        "Evaluate it again (from a local copy of this folder): `ft-focal eval EXPORT_DIR` "
+        "(reads `recipe.yaml` for the data; override paths with `data.root=...`).",
+    ]
     if info.get("adapter"):
-        add("")
-        add(f"The LoRA adapter alone is in peft's format (`adapter_config.json`, `adapter_model.safetensors`); it "
+        lines += [
+            "",
+            f"The LoRA adapter alone is in peft's format (`adapter_config.json`, `adapter_model.safetensors`); it "
             f"applies to `{info.get('adapter_module', 'model.backbone')}`, the backbone wrapper of ft_focal "
-            "without the head:")
-        add("")
-        add("```python")
-        add("from peft import PeftModel")
-        add("backbone = PeftModel.from_pretrained(plain_backbone, EXPORT_DIR)   # plain_backbone: the same "
-            "wrapper without LoRA")
-        add("```")
-        add("")
-        add("The head and every other trained tensor outside the adapter are in `trained_tensors.safetensors`.")
-    add("")
+            "without the head:",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "backbone = PeftModel.from_pretrained(plain_backbone, EXPORT_DIR)   # plain_backbone: the same "
+            "wrapper without LoRA",
+            "```",
+            "",
+            "The head and every other trained tensor outside the adapter are in `trained_tensors.safetensors`.",
+        ]
+    lines.append("")
+    return lines
 
-    # ---- versions and citations
-    add("## Framework versions")
-    add("")
-    add("At export time:")
-    add("")
-    for name, version in versions.items():
-        add(f"- {name} {version}")
-    add("")
-    add("## Citation")
-    add("")
-    keys = ["focal_sam"] + [k for k in (METHODS[opt.name].cite if opt.name in METHODS else ()) if k != "focal_sam"]
-    add("```bibtex")
-    add("\n\n".join(METHODS[k].bibtex for k in dict.fromkeys(keys)))
-    add("```")
-    add("")
+
+def _versions_section(versions: dict[str, str]) -> list[str]:
+    return ["## Framework versions", "", "At export time:", "",
+            *(f"- {name} {version}" for name, version in versions.items()), ""]
+
+
+def _citation_section(optimizer: str) -> list[str]:
+    cited = METHODS[optimizer].cite if optimizer in METHODS else ()
+    keys = ["focal_sam"] + [k for k in cited if k != "focal_sam"]
+    return ["## Citation", "", "```bibtex", "\n\n".join(METHODS[k].bibtex for k in dict.fromkeys(keys)), "```", ""]
+
+
+def render_card(recipe: Any, metrics: dict, eval_result: Optional[dict], info: dict) -> str:
+    """README.md text: YAML front matter + body. `recipe` is the recipe the run was TRAINED with.
+
+    info keys: base_model, trained_tuning, merged_lora, adapter (bool), adapter_module,
+    parameter_counts, preprocess, files, transforms (text), repo_id (optional)."""
+    meta = front_matter(recipe, metrics, eval_result, info)
+    versions = framework_versions()
+    lines = [
+        *_intro_section(recipe, metrics, info, versions),
+        *_results_section(recipe, metrics, eval_result),
+        *_training_section(recipe, metrics, info),
+        *_evaluation_section(recipe, metrics, eval_result, info),
+        *_files_section(info),
+        *_usage_section(info),
+        *_versions_section(versions),
+        *_citation_section(recipe.optim.name),
+    ]
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
     return f"---\n{front}---\n\n" + "\n".join(lines)
 

@@ -34,7 +34,7 @@ from typing import Any, Optional
 import torch
 
 from ft_focal.artifacts.provenance import base_model_id
-from ft_focal.artifacts.saved import WEIGHTS, load_model_dir, save_model_dir, trained_head_init
+from ft_focal.artifacts.saved import WEIGHTS, SavedModel, load_model_dir, save_model_dir, trained_head_init
 from ft_focal.data.transforms import describe_test_transform, preprocessor_config
 from ft_focal.errors import UserError
 from ft_focal.files import save_safetensors, write_json
@@ -125,21 +125,8 @@ def _adapter_module_path(model: torch.nn.Module) -> str:
 # ----------------------------------------------------------------------------- export
 
 
-# Over 80 lines on purpose: one ordered sequence in a temporary folder (rebuild and check the model,
-# weights, adapter, card, metadata) ending in one atomic swap; every step uses what the earlier ones made.
-def export_run(run_dir: str | os.PathLike, export_dir: str | os.PathLike, merge_lora: bool = False,
-               repo_id: Optional[str] = None) -> Path:
-    """Write a Hub-ready export of a run (or of a final/ folder) into `export_dir`; returns it.
-
-    `merge_lora`: merge the LoRA adapter into the backbone and export a plain model instead of
-    the adapter form. `repo_id` only fills the model card's loading example. No network.
-    An existing `export_dir` is replaced only if it is empty or a previous export.
-    """
-    from ft_focal.artifacts import card
-    from ft_focal.models import build_classifier
-
-    source = resolve_model_dir(run_dir)
-    export_dir = Path(export_dir)
+def _check_destination(source: Path, export_dir: Path) -> None:
+    """Refuse an export folder that overlaps the model folder or holds something other than an export."""
     src_abs, out_abs = source.resolve(), export_dir.resolve()
     if out_abs == src_abs:
         raise UserError(f"{export_dir}: is the model folder itself; choose a new folder for the export")
@@ -154,6 +141,42 @@ def export_run(run_dir: str | os.PathLike, export_dir: str | os.PathLike, merge_
         if any(export_dir.iterdir()) and not (export_dir / EXPORT_INFO).is_file():
             raise UserError(f"{export_dir}: exists, is not empty and is not an ft_focal export (choose a new folder)")
 
+
+@dataclasses.dataclass
+class _ExportBuild:
+    """The loaded run and everything derived from it before any file is written."""
+
+    source: Path
+    run_root: Path
+    saved: SavedModel               # as trained
+    model: torch.nn.Module          # the trained model (LoRA merged into it when merge_lora)
+    to_save: torch.nn.Module        # what model.safetensors holds
+    export_recipe: Any              # rebuilds the architecture without any weights file
+    metrics: dict
+    eval_result: Optional[dict]
+    probe: torch.Tensor
+    reference: torch.Tensor         # logits of the trained model on `probe`, before any merge
+    counts: Optional[dict]
+    adapter_path: str
+    base_model: Optional[str]
+    merge_lora: bool
+
+    @property
+    def recipe(self) -> Any:
+        return self.saved.recipe
+
+    @property
+    def method(self) -> str:
+        return self.saved.recipe.tuning.method
+
+    @property
+    def adapter(self) -> bool:
+        return self.method == "lora" and not self.merge_lora
+
+
+def _build_export(source: Path, merge_lora: bool) -> _ExportBuild:
+    from ft_focal.models import build_classifier
+
     saved = load_model_dir(source)
     recipe = saved.recipe  # as trained (the card describes this)
     model = saved.model
@@ -167,7 +190,6 @@ def export_run(run_dir: str | os.PathLike, export_dir: str | os.PathLike, merge_
         metrics = {}
     eval_result = _read_json_optional(source / "eval.json", run_root / "eval.json")
 
-    # The exported recipe rebuilds the architecture without any weights file.
     export_recipe = copy.deepcopy(recipe)
     rebuild = getattr(model, "rebuild_config", None)
     if rebuild is not None:
@@ -187,73 +209,123 @@ def export_run(run_dir: str | os.PathLike, export_dir: str | os.PathLike, merge_
             to_save.load_state_dict(model.state_dict(), strict=True)
         except RuntimeError as exc:  # the merged model must have the plain parameter names
             raise RuntimeError(f"merged LoRA weights do not fit a plain model: {str(exc).splitlines()[0]}") from None
+    return _ExportBuild(source=source, run_root=run_root, saved=saved, model=model, to_save=to_save,
+                        export_recipe=export_recipe, metrics=metrics, eval_result=eval_result, probe=probe,
+                        reference=reference, counts=counts, adapter_path=adapter_path,
+                        base_model=base_model_id(recipe.model), merge_lora=merge_lora)
 
-    base_model = base_model_id(recipe.model)
+
+def _write_model_files(tmp: Path, build: _ExportBuild) -> list[tuple[str, str]]:
+    """Weights, recipe, class metadata, adapter and metrics; the (file, description) list for the card."""
+    saved = build.saved
+    save_model_dir(tmp, build.to_save, build.export_recipe, saved.classnames, saved.class_counts, saved.preprocess,
+                   saved.wnids)
+    files = [
+        (WEIGHTS, "the whole classifier (backbone + adapters + head), read by `ft_focal.load_model`"),
+        ("recipe.yaml", "the resolved recipe (architecture without a weights file, tuning, data, protocol)"),
+        ("classnames.json", "class names in label order"),
+        ("class_counts.json", "training images per class (defines the many / medium / few groups)"),
+        ("preprocess.json", "image size, mean / std, interpolation (ft_focal)"),
+        ("preprocessor_config.json", "the same test transform as a transformers image-processor config"),
+    ]
+    if saved.wnids:
+        files.append(("wnids.json", "ImageNet synset ids in label order (maps ImageNet-C class folders)"))
+    if build.adapter:
+        _write_adapter(tmp, build.model, build.base_model)
+        files += [(ADAPTER_CONFIG, "the LoRA configuration (peft)"),
+                  (ADAPTER_WEIGHTS, "the LoRA weights (peft format)")]
+    if build.method in ("lora", "adaptformer", "head") and not build.merge_lora:
+        _write_trained_tensors(tmp, build.model)
+        files.append((TRAINED_TENSORS, "the head and every other trained tensor outside the LoRA adapter"
+                      if build.adapter else "every trained tensor (the PEFT modules and the head)"))
+    write_json(tmp / "preprocessor_config.json", preprocessor_config(saved.preprocess, build.recipe.data))
+    write_json(tmp / "metrics.json", build.metrics)
+    files.append(("metrics.json", "metrics of the training run (validation / test accuracy by shot group)"))
+    if build.eval_result is not None:
+        write_json(tmp / "eval.json", build.eval_result)
+        files.append(("eval.json", "a later `ft-focal eval` of this model (e.g. ImageNet-C)"))
+    return files
+
+
+def _write_export_info(tmp: Path, build: _ExportBuild) -> dict:
+    from ft_focal.artifacts import card
+
+    source, recipe = build.source, build.recipe
+    info = {
+        "format": "ft_focal-export",
+        "format_version": 1,
+        "ft_focal_version": card.framework_versions()["ft_focal"],
+        "source": source.name if source.name != "final" else f"{build.run_root.name}/final",
+        "trained_tuning": build.method,
+        "merged_lora": bool(build.merge_lora),
+        "adapter": build.adapter,
+        "base_model": build.base_model,
+        "trained_model_config": dataclasses.asdict(recipe.model),
+        "head_init": trained_head_init(source, recipe.model.head_init),
+    }
+    write_json(tmp / EXPORT_INFO, info)
+    return info
+
+
+def _write_card(tmp: Path, build: _ExportBuild, info: dict, files: list[tuple[str, str]],
+                repo_id: Optional[str]) -> None:
+    from ft_focal.artifacts import card
+
+    card_info = {
+        **info,
+        "adapter_module": build.adapter_path,
+        "parameter_counts": build.counts,
+        "transforms": describe_test_transform(build.saved.preprocess, build.recipe.data),
+        "files": [("README.md", "this model card")] + files,
+        "repo_id": repo_id,
+    }
+    (tmp / "README.md").write_text(card.render_card(build.recipe, build.metrics, build.eval_result, card_info))
+
+
+def _write_export(tmp: Path, build: _ExportBuild, repo_id: Optional[str]) -> None:
+    files = _write_model_files(tmp, build)
+    info = _write_export_info(tmp, build)
+    files.append((EXPORT_INFO, "what was exported from what"))
+    _write_card(tmp, build, info, files, repo_id)
+
+
+def _verify_export(tmp: Path, build: _ExportBuild) -> None:
+    """The folder must reload to the same logits (catches a bad rebuild config or merge)."""
+    reloaded = load_model_dir(tmp)
+    _check_same(build.reference, _logits(reloaded.model, build.probe),
+                "merging LoRA" if build.merge_lora else "reloading")
+    bad = pickle_files(tmp)
+    if bad:  # pragma: no cover - nothing above writes one
+        raise RuntimeError(f"export would contain pickle files: {[p.name for p in bad]}")
+
+
+def _swap_in(tmp: Path, export_dir: Path) -> None:
+    if export_dir.exists():
+        _replace_previous_export(export_dir, tmp)
+    os.replace(tmp, export_dir)
+
+
+def export_run(run_dir: str | os.PathLike, export_dir: str | os.PathLike, merge_lora: bool = False,
+               repo_id: Optional[str] = None) -> Path:
+    """Write a Hub-ready export of a run (or of a final/ folder) into `export_dir`; returns it.
+
+    `merge_lora`: merge the LoRA adapter into the backbone and export a plain model instead of
+    the adapter form. `repo_id` only fills the model card's loading example. No network.
+    An existing `export_dir` is replaced only if it is empty or a previous export.
+    """
+    source = resolve_model_dir(run_dir)
+    export_dir = Path(export_dir)
+    _check_destination(source, export_dir)
+    build = _build_export(source, merge_lora)
+    # Everything is written to a sibling folder first so that a failed export never leaves a half-written one.
     tmp = export_dir.parent / f".{export_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
-        save_model_dir(tmp, to_save, export_recipe, saved.classnames, saved.class_counts, saved.preprocess,
-                       saved.wnids)
-        files = [
-            (WEIGHTS, "the whole classifier (backbone + adapters + head), read by `ft_focal.load_model`"),
-            ("recipe.yaml", "the resolved recipe (architecture without a weights file, tuning, data, protocol)"),
-            ("classnames.json", "class names in label order"),
-            ("class_counts.json", "training images per class (defines the many / medium / few groups)"),
-            ("preprocess.json", "image size, mean / std, interpolation (ft_focal)"),
-            ("preprocessor_config.json", "the same test transform as a transformers image-processor config"),
-        ]
-        if saved.wnids:
-            files.append(("wnids.json", "ImageNet synset ids in label order (maps ImageNet-C class folders)"))
-        adapter = method == "lora" and not merge_lora
-        if adapter:
-            _write_adapter(tmp, model, base_model)
-            files += [(ADAPTER_CONFIG, "the LoRA configuration (peft)"),
-                      (ADAPTER_WEIGHTS, "the LoRA weights (peft format)")]
-        if method in ("lora", "adaptformer", "head") and not merge_lora:
-            _write_trained_tensors(tmp, model)
-            files.append((TRAINED_TENSORS, "the head and every other trained tensor outside the LoRA adapter"
-                          if adapter else "every trained tensor (the PEFT modules and the head)"))
-        write_json(tmp / "preprocessor_config.json", preprocessor_config(saved.preprocess, recipe.data))
-        write_json(tmp / "metrics.json", metrics)
-        files.append(("metrics.json", "metrics of the training run (validation / test accuracy by shot group)"))
-        if eval_result is not None:
-            write_json(tmp / "eval.json", eval_result)
-            files.append(("eval.json", "a later `ft-focal eval` of this model (e.g. ImageNet-C)"))
-        info = {
-            "format": "ft_focal-export",
-            "format_version": 1,
-            "ft_focal_version": card.framework_versions()["ft_focal"],
-            "source": source.name if source.name != "final" else f"{run_root.name}/final",
-            "trained_tuning": method,
-            "merged_lora": bool(merge_lora),
-            "adapter": adapter,
-            "base_model": base_model,
-            "trained_model_config": dataclasses.asdict(recipe.model),
-            "head_init": trained_head_init(source, recipe.model.head_init),
-        }
-        write_json(tmp / EXPORT_INFO, info)
-        files.append((EXPORT_INFO, "what was exported from what"))
-        card_info = {
-            **info,
-            "adapter_module": adapter_path,
-            "parameter_counts": counts,
-            "transforms": describe_test_transform(saved.preprocess, recipe.data),
-            "files": [("README.md", "this model card")] + files,
-            "repo_id": repo_id,
-        }
-        (tmp / "README.md").write_text(card.render_card(recipe, metrics, eval_result, card_info))
-
-        # The folder must reload to the same logits (catches a bad rebuild config or merge).
-        reloaded = load_model_dir(tmp)
-        _check_same(reference, _logits(reloaded.model, probe), "merging LoRA" if merge_lora else "reloading")
-        bad = pickle_files(tmp)
-        if bad:  # pragma: no cover - nothing above writes one
-            raise RuntimeError(f"export would contain pickle files: {[p.name for p in bad]}")
-        if export_dir.exists():
-            _replace_previous_export(export_dir, tmp)
-        os.replace(tmp, export_dir)
+        _write_export(tmp, build, repo_id)
+        _verify_export(tmp, build)
+        _swap_in(tmp, export_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,7 +9,6 @@ closest valid key suggested), so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import types
 import typing
@@ -20,12 +19,11 @@ from typing import Any, Optional, Union
 import yaml
 
 from ft_focal.config.overrides import apply_overrides, closest, parse_override, read_yaml  # noqa: F401 (public here too)
+from ft_focal.config.renamed import renamed_override, renamed_section
 from ft_focal.errors import UserError
 from ft_focal.losses import RECIPE_LOSSES
 from ft_focal.optim import BASE_OPTIMIZERS
 from ft_focal.optim.registry import METHODS
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -284,80 +282,58 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+_REJECTED = object()  # a value of the wrong type (None can be a valid value)
+
+
+def _coerce_to(value: Any, annotation: Any, origin: Any) -> Any:
+    """`value` as the non-union type `annotation`, or _REJECTED."""
+    if annotation is bool:
+        return value if isinstance(value, bool) else _REJECTED
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        return int(value) if isinstance(value, float) and value.is_integer() else _REJECTED
+    if annotation is float:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _REJECTED
+    if annotation is str:
+        return value if isinstance(value, str) else _REJECTED
+    if annotation is list or origin is list:
+        return value if isinstance(value, list) else _REJECTED
+    if annotation is dict or origin is dict:
+        return value if isinstance(value, dict) else _REJECTED
+    return value  # pragma: no cover - every field uses one of the types above
+
+
+def _coerce_union(key: str, value: Any, annotation: Any) -> Any:
+    args = typing.get_args(annotation)
+    if value is None and type(None) in args:
+        return None
+    inner = [a for a in args if a is not type(None)]
+    for alternative in inner[1:]:  # Union[str, list]: the first type that accepts the value
+        try:
+            return _coerce(key, value, alternative)
+        except UserError:
+            pass
+    return _coerce(key, value, inner[0])
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check `value` against the field type; ints are accepted where floats are expected."""
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        for alternative in inner[1:]:  # Union[str, list]: the first type that accepts the value
-            try:
-                return _coerce(key, value, alternative)
-            except UserError:
-                pass
-        return _coerce(key, value, inner[0])
+        return _coerce_union(key, value, annotation)
     if value is None:
         raise UserError(f"recipe key '{key}': null is not allowed here (expected {_type_name(annotation)})")
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
-    elif annotation is list or origin is list:
-        if isinstance(value, list):
-            return value
-    elif annotation is dict or origin is dict:
-        if isinstance(value, dict):
-            return value
-    else:  # pragma: no cover - every field uses one of the types above
-        return value
-    raise UserError(
-        f"recipe key '{key}': expected {_type_name(annotation)}, got {type(value).__name__} {value!r}"
-    )
+    coerced = _coerce_to(value, annotation, origin)
+    if coerced is _REJECTED:
+        raise UserError(
+            f"recipe key '{key}': expected {_type_name(annotation)}, got {type(value).__name__} {value!r}"
+        )
+    return coerced
 
 
 def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
-
-
-#: Keys that were renamed: old -> new. The old name still works, with one deprecation line.
-RENAMED_KEYS = {"optim.single_backward": "optim.one_backward"}
-
-
-def _renamed(section: str, values: dict) -> dict:
-    """``values`` with every old key of RENAMED_KEYS under its new name (one warning line each)."""
-    out = dict(values)
-    for old, new in RENAMED_KEYS.items():
-        old_section, old_key = old.split(".", 1)
-        if old_section != section or old_key not in out:
-            continue
-        new_key = new.split(".", 1)[1]
-        if new_key in out:
-            raise UserError(f"recipe keys '{old}' and '{new}' are the same key (renamed): keep '{new}' only")
-        logger.warning("recipe key '%s' is now '%s'; the old name still works but will be removed", old, new)
-        out = {new_key if k == old_key else k: v for k, v in out.items()}
-    return out
-
-
-def _renamed_override(text: str) -> str:
-    """A `key=value` override with an old key of RENAMED_KEYS under its new name (one warning line)."""
-    key, sep, value = text.partition("=")
-    new = RENAMED_KEYS.get(key.strip())
-    if not sep or new is None:
-        return text
-    logger.warning("recipe key '%s' is now '%s'; the old name still works but will be removed", key.strip(), new)
-    return f"{new}={value}"
 
 
 def _build_section(cls: type, section: str, values: dict) -> Any:
@@ -365,7 +341,7 @@ def _build_section(cls: type, section: str, values: dict) -> Any:
         raise UserError(f"recipe section '{section}' must be a mapping, got {type(values).__name__}")
     types_ = _field_types(cls)
     kwargs = {}
-    for key, value in _renamed(section, values).items():
+    for key, value in renamed_section(section, values).items():
         full = f"{section}.{key}"
         if key not in types_:
             raise UserError(f"unknown recipe key '{full}'" + closest(key, list(types_), f"{section}."))
@@ -438,8 +414,8 @@ def load_recipe(path: str | os.PathLike, overrides: Optional[list[str]] = None) 
     """Read a recipe YAML, apply `key=value` overrides, validate. Raises UserError."""
     raw = read_yaml(path)
     if isinstance(raw, dict):   # old key names in the file first, so that an override with either name wins
-        raw = {k: _renamed(k, v) if isinstance(v, dict) else v for k, v in raw.items()}
-    raw = apply_overrides(raw, [_renamed_override(text) for text in overrides or []])
+        raw = {k: renamed_section(k, v) if isinstance(v, dict) else v for k, v in raw.items()}
+    raw = apply_overrides(raw, [renamed_override(text) for text in overrides or []])
     recipe = recipe_from_dict(raw, source=str(path))
     if "name" not in raw:
         recipe.name = Path(path).stem

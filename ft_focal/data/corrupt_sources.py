@@ -65,7 +65,7 @@ def sources_from_arrays(images: Sequence[np.ndarray], labels: Sequence[int], cla
     if len(images) != len(labels):
         raise UserError(f"{len(images)} images but {len(labels)} labels")
     out = []
-    for i, (img, y) in enumerate(zip(images, labels)):
+    for i, (img, y) in enumerate(zip(images, labels, strict=True)):
         d = class_dirs[int(y)] if class_dirs is not None else str(int(y))
         out.append((f"{d}/{prefix}_{i:06d}", np.asarray(img)))
     return out

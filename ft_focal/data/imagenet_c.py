@@ -183,6 +183,39 @@ def _check_request(corruptions: Sequence[str], severities: Sequence[int]) -> Non
         raise UserError(f"severities requested twice: {list(severities)}")
 
 
+def _check_subset_folders(root: Path, corruptions: Sequence[str], severities: Sequence[int]) -> None:
+    missing: list[str] = []
+    for c in corruptions:
+        if not (root / c).is_dir():
+            missing.append(f"{c}/")
+            continue
+        missing.extend(f"{c}/{s}/" for s in severities if not (root / c / str(s)).is_dir())
+    if missing:
+        raise UserError(
+            f"{root}: missing {len(missing)} ImageNet-C folder(s): {', '.join(missing)}"
+        )
+
+
+def _scan_subset(root: Path, c: str, s: int, class_to_label: dict[str, int], unknown: list[str]) -> list[Sample]:
+    """The samples of one `<corruption>/<severity>/` folder; class folders not in the class list go to `unknown`."""
+    samples: list[Sample] = []
+    with os.scandir(root / c / str(s)) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            continue  # stray files next to class folders (e.g. a README) are ignored
+        if entry.name not in class_to_label:
+            unknown.append(f"{c}/{s}/{entry.name}")
+            continue
+        label = int(class_to_label[entry.name])
+        with os.scandir(entry.path) as files:
+            names = sorted(f.name for f in files if _is_image(f.name) and f.is_file())
+        samples.extend((c, int(s), os.path.join(entry.path, n), label) for n in names)
+    return samples
+
+
 def scan_imagenet_c(
     root: str | os.PathLike,
     corruptions: Sequence[str],
@@ -209,39 +242,16 @@ def scan_imagenet_c(
         raise UserError(f"{root}: ImageNet-C root folder not found")
 
     subsets = subset_list(corruptions, severities)
-    missing: list[str] = []
-    for c in corruptions:
-        if not (root / c).is_dir():
-            missing.append(f"{c}/")
-            continue
-        missing.extend(f"{c}/{s}/" for s in severities if not (root / c / str(s)).is_dir())
-    if missing:
-        raise UserError(
-            f"{root}: missing {len(missing)} ImageNet-C folder(s): {', '.join(missing)}"
-        )
+    _check_subset_folders(root, corruptions, severities)
 
     samples: list[Sample] = []
     unknown: list[str] = []
     empty: list[str] = []
     for c, s in subsets:
-        sub = root / c / str(s)
-        n_before = len(samples)
-        with os.scandir(sub) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            if not entry.is_dir():
-                continue  # stray files next to class folders (e.g. a README) are ignored
-            if entry.name not in class_to_label:
-                unknown.append(f"{c}/{s}/{entry.name}")
-                continue
-            label = int(class_to_label[entry.name])
-            with os.scandir(entry.path) as files:
-                names = sorted(f.name for f in files if _is_image(f.name) and f.is_file())
-            samples.extend((c, int(s), os.path.join(entry.path, n), label) for n in names)
-        if len(samples) == n_before:
+        found = _scan_subset(root, c, s, class_to_label, unknown)
+        if not found:
             empty.append(f"{c}/{s}")
+        samples.extend(found)
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise UserError(

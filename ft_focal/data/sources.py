@@ -121,33 +121,27 @@ def _class_dirs(split_dir: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
 
 
-def from_image_folder(cfg, seed: int) -> RawData:
-    """root/<split>/<class>/... ; classes = sorted class folders of train (or a classnames file)."""
-    root = require_root(cfg, "image_folder")
-    if not (root / "train").is_dir():
-        raise UserError(f"data.root: {root} has no 'train' directory (expected root/train/<class>/<image>)")
-    folders = _class_dirs(root / "train")
-    if not folders:
-        raise UserError(f"{root / 'train'}: no class folders")
+def _folder_classes(cfg, root: Path, folders: list[str]) -> tuple[dict[str, int], list[str], Optional[list[str]]]:
+    """-> (class folder -> label, class names, wnids or None) from the train folders and data.classnames."""
     names = _load_classnames(cfg)
     if names is not None and names.ids is not None:
         index = {w: i for i, w in enumerate(names.ids)}
         unknown = [f for f in folders if f not in index]
         if unknown:
             raise UserError(f"{root / 'train' / unknown[0]}: class folder not in {names.source} ({len(unknown)} such folders)")
-        classnames, wnids = names.names, names.ids
-    elif names is not None:
+        return index, names.names, names.ids
+    index = {f: i for i, f in enumerate(folders)}
+    if names is not None:
         if len(names.names) != len(folders):
             raise UserError(f"{names.source}: {len(names.names)} class names for {len(folders)} class folders in "
                             f"{root / 'train'}")
-        index = {f: i for i, f in enumerate(folders)}
-        classnames, wnids = names.names, None
-    else:
-        index = {f: i for i, f in enumerate(folders)}
-        classnames = list(folders)
-        wnids = list(folders) if all(WNID_RE.match(f) for f in folders) else None
+        return index, names.names, None
+    wnids = list(folders) if all(WNID_RE.match(f) for f in folders) else None
+    return index, list(folders), wnids
 
-    split_dirs = {"train": root / "train", "val": root / "val", "test": root / "test"}
+
+def _folder_split_dirs(root: Path) -> dict[str, Optional[Path]]:
+    split_dirs: dict[str, Optional[Path]] = {"train": root / "train", "val": root / "val", "test": root / "test"}
     if not split_dirs["test"].is_dir():
         if split_dirs["val"].is_dir():
             log.warning("%s has no 'test' directory: using 'val' as the test split (no validation split)", root)
@@ -156,22 +150,35 @@ def from_image_folder(cfg, seed: int) -> RawData:
             raise UserError(f"data.root: {root} has neither a 'test' nor a 'val' directory")
     elif not split_dirs["val"].is_dir():
         split_dirs["val"] = None
+    return split_dirs
+
+
+def _folder_split(cfg, d: Path, index: dict[str, int], split: str) -> FileListDataset:
+    paths, labels = [], []
+    for folder in _class_dirs(d):
+        if folder not in index:
+            raise UserError(f"{d / folder}: class folder not among the training classes")
+        files = _scan_class_dir(d / folder)
+        paths += [p.encode("utf-8") for p in files]
+        labels += [index[folder]] * len(files)
+    if not paths:
+        raise UserError(f"{d}: no images found (extensions {', '.join(IMG_EXTENSIONS)})")
+    return FileListDataset("", np.array(paths, dtype=np.bytes_), labels, skip_bad=_skip(cfg), name=split)
+
+
+def from_image_folder(cfg, seed: int) -> RawData:
+    """root/<split>/<class>/... ; classes = sorted class folders of train (or a classnames file)."""
+    root = require_root(cfg, "image_folder")
+    if not (root / "train").is_dir():
+        raise UserError(f"data.root: {root} has no 'train' directory (expected root/train/<class>/<image>)")
+    folders = _class_dirs(root / "train")
+    if not folders:
+        raise UserError(f"{root / 'train'}: no class folders")
+    index, classnames, wnids = _folder_classes(cfg, root, folders)
     ds, sources = {}, {}
-    for split, d in split_dirs.items():
-        if d is None:
-            ds[split], sources[split] = None, None
-            continue
-        paths, labels = [], []
-        for folder in _class_dirs(d):
-            if folder not in index:
-                raise UserError(f"{d / folder}: class folder not among the training classes")
-            files = _scan_class_dir(d / folder)
-            paths += [p.encode("utf-8") for p in files]
-            labels += [index[folder]] * len(files)
-        if not paths:
-            raise UserError(f"{d}: no images found (extensions {', '.join(IMG_EXTENSIONS)})")
-        ds[split] = FileListDataset("", np.array(paths, dtype=np.bytes_), labels, skip_bad=_skip(cfg), name=split)
-        sources[split] = str(d)
+    for split, d in _folder_split_dirs(root).items():
+        ds[split] = _folder_split(cfg, d, index, split) if d is not None else None
+        sources[split] = str(d) if d is not None else None
     info = {"dataset": "image_folder", "root": str(root), "sources": sources}
     return RawData(ds["train"], ds["val"], ds["test"], classnames, wnids, info)
 
@@ -202,33 +209,35 @@ def load_hf(path: str):
     return obj
 
 
-def from_hf(cfg, seed: int) -> RawData:
-    if not cfg.hf_path:
-        raise UserError("data.dataset=hf needs 'data.hf_path' (a dataset saved with save_to_disk, or a local dataset directory)")
-    dd = load_hf(cfg.hf_path)
+def _check_hf_splits(cfg, dd, wanted: dict[str, Optional[str]]) -> None:
     available = list(dd.keys())
-    wanted = {"train": cfg.hf_train_split, "val": cfg.hf_val_split, "test": cfg.hf_test_split}
     for split, key in wanted.items():
         if key is not None and key not in dd:
             raise UserError(f"data.hf_{split}_split: split '{key}' not in {cfg.hf_path} (available: {', '.join(available)})")
-    first = dd[cfg.hf_train_split]
+
+
+def _check_hf_columns(cfg, dd, wanted: dict[str, Optional[str]]) -> None:
     for k in ("image_key", "label_key"):
         col = getattr(cfg, k)
-        for split, key in wanted.items():
+        for key in wanted.values():
             if key is not None and col not in dd[key].column_names:
                 raise UserError(f"data.{k}: column '{col}' not in split '{key}' of {cfg.hf_path} "
                                 f"(columns: {', '.join(dd[key].column_names)})")
-    feature = first.features.get(cfg.label_key)
+
+
+def _hf_classnames(cfg, feature) -> tuple[Optional[list[str]], Optional[list[str]]]:
+    """-> (class names, wnids): data.classnames, else the ClassLabel's names, else data.num_classes; None if unknown."""
     names = _load_classnames(cfg)
-    wnids = None
     if names is not None:
-        classnames, wnids = names.names, names.ids
-    elif hasattr(feature, "names") and feature.names:
-        classnames = list(feature.names)
-    elif _declared(cfg) is not None:
-        classnames = [f"class_{c}" for c in range(_declared(cfg))]
-    else:
-        classnames = None
+        return names.names, names.ids
+    if hasattr(feature, "names") and feature.names:
+        return list(feature.names), None
+    if _declared(cfg) is not None:
+        return [f"class_{c}" for c in range(_declared(cfg))], None
+    return None, None
+
+
+def _hf_labels(cfg, dd, wanted: dict[str, Optional[str]]) -> dict[str, np.ndarray]:
     labels = {}
     for split, key in wanted.items():
         if key is None:
@@ -237,17 +246,35 @@ def from_hf(cfg, seed: int) -> RawData:
         if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer):
             raise UserError(f"data.label_key: column '{cfg.label_key}' of split '{key}' is not an integer class label")
         labels[split] = lab.astype(np.int64)
-    if classnames is None:
-        n = 1 + max(int(lab.max(initial=-1)) for lab in labels.values())
-        classnames = [f"class_{c}" for c in range(n)]
-        log.warning("%s: the label column has no class names (not a ClassLabel) and data.classnames is not "
-                    "set: %d classes named class_0..", cfg.hf_path, n)
+    return labels
+
+
+def _check_hf_label_range(cfg, wanted: dict[str, Optional[str]], labels: dict[str, np.ndarray],
+                          classnames: list[str]) -> None:
     for split, lab in labels.items():
         bad = np.flatnonzero((lab < 0) | (lab >= len(classnames)))
         if bad.size:
             i = int(bad[0])
             raise UserError(f"{cfg.hf_path}: split '{wanted[split]}' row {i}: label {int(lab[i])} out of range for "
                             f"{len(classnames)} classes ({bad.size} such rows)")
+
+
+def from_hf(cfg, seed: int) -> RawData:
+    if not cfg.hf_path:
+        raise UserError("data.dataset=hf needs 'data.hf_path' (a dataset saved with save_to_disk, or a local dataset directory)")
+    dd = load_hf(cfg.hf_path)
+    wanted = {"train": cfg.hf_train_split, "val": cfg.hf_val_split, "test": cfg.hf_test_split}
+    _check_hf_splits(cfg, dd, wanted)
+    first = dd[cfg.hf_train_split]
+    _check_hf_columns(cfg, dd, wanted)
+    classnames, wnids = _hf_classnames(cfg, first.features.get(cfg.label_key))
+    labels = _hf_labels(cfg, dd, wanted)
+    if classnames is None:
+        n = 1 + max(int(lab.max(initial=-1)) for lab in labels.values())
+        classnames = [f"class_{c}" for c in range(n)]
+        log.warning("%s: the label column has no class names (not a ClassLabel) and data.classnames is not "
+                    "set: %d classes named class_0..", cfg.hf_path, n)
+    _check_hf_label_range(cfg, wanted, labels, classnames)
     ds = {split: (HFImageDataset(dd[key], cfg.image_key, labels[split], skip_bad=_skip(cfg),
                                  name=f"{cfg.hf_path}[{key}]") if key is not None else None)
           for split, key in wanted.items()}

@@ -184,13 +184,9 @@ def _dense(path: Path, items: dict[int, str]) -> list[str]:
     return [items[i] for i in range(n)]
 
 
-def parse_classnames(path: Path) -> ClassNames:
-    """Parse a class-name file (text `<id> <name>` lines or JSON); see the module docstring."""
-    lines = read_text_lines(path)
-    text = "\n".join(lines)
-    if path.name.endswith((".json", ".json.gz")) or text.lstrip()[:1] in ("[", "{"):
-        return _parse_json_classnames(path, text)
-    entries = []  # (line number, id or None, name)
+def _classname_entries(lines: list[str]) -> list[tuple[int, Optional[str], str]]:
+    """(line number, id or None, name) of every line that is neither blank nor a comment."""
+    entries = []
     for n, line in enumerate(lines, start=1):
         s = line.strip()
         if not s or s.startswith("#"):
@@ -200,22 +196,27 @@ def parse_classnames(path: Path) -> ClassNames:
             entries.append((n, None, parts[0]))
         else:
             entries.append((n, parts[0], parts[1].strip()))
-    if not entries:
-        raise UserError(f"{path}: the class-name file is empty")
+    return entries
+
+
+def _numbered_classnames(path: Path, entries: list[tuple[int, Optional[str], str]]) -> ClassNames:
+    items: dict[int, str] = {}
+    for n, i, name in entries:
+        if int(i) in items:
+            raise UserError(f"{path}:{n}: class id {i} appears twice")
+        if int(i) < 0:
+            raise UserError(f"{path}:{n}: class id {i} is negative")
+        items[int(i)] = name
+    n_cls = len(items)
+    for n, i, _ in entries:
+        if int(i) >= n_cls:
+            raise UserError(f"{path}:{n}: class id {i} out of range: ids must be 0..{n_cls - 1}, each once")
+    return ClassNames(_dense(path, items), None, str(path))
+
+
+def _named_classnames(path: Path, entries: list[tuple[int, Optional[str], str]]) -> ClassNames:
+    """Names in line order; the first column is kept as wnids when every line has a WordNet id."""
     ids = [e[1] for e in entries]
-    if all(i is not None and re.fullmatch(r"-?\d+", i) for i in ids):
-        items: dict[int, str] = {}
-        for n, i, name in entries:
-            if int(i) in items:
-                raise UserError(f"{path}:{n}: class id {i} appears twice")
-            if int(i) < 0:
-                raise UserError(f"{path}:{n}: class id {i} is negative")
-            items[int(i)] = name
-        n_cls = len(items)
-        for n, i, _ in entries:
-            if int(i) >= n_cls:
-                raise UserError(f"{path}:{n}: class id {i} out of range: ids must be 0..{n_cls - 1}, each once")
-        return ClassNames(_dense(path, items), None, str(path))
     names = [e[2] for e in entries]
     wnids = ids if all(i is not None and WNID_RE.match(i) for i in ids) else None
     if wnids is not None:
@@ -225,6 +226,20 @@ def parse_classnames(path: Path) -> ClassNames:
                 raise UserError(f"{path}:{n}: WordNet id {i} appears twice (first on line {seen[i]})")
             seen[i] = n
     return ClassNames(names, wnids, str(path))
+
+
+def parse_classnames(path: Path) -> ClassNames:
+    """Parse a class-name file (text `<id> <name>` lines or JSON); see the module docstring."""
+    lines = read_text_lines(path)
+    text = "\n".join(lines)
+    if path.name.endswith((".json", ".json.gz")) or text.lstrip()[:1] in ("[", "{"):
+        return _parse_json_classnames(path, text)
+    entries = _classname_entries(lines)
+    if not entries:
+        raise UserError(f"{path}: the class-name file is empty")
+    if all(i is not None and re.fullmatch(r"-?\d+", i) for _, i, _ in entries):
+        return _numbered_classnames(path, entries)
+    return _named_classnames(path, entries)
 
 
 def alphabetical_permutation(classnames: list[str]) -> np.ndarray:

@@ -89,7 +89,8 @@ def predict(
             label_parts.append(labels)
     model.train(was_training)
     num_classes = _num_outputs(model, [p for p in logits_parts if p is not None])
-    logits_parts = [torch.zeros(len(lab), num_classes) if p is None else p for p, lab in zip(logits_parts, label_parts)]
+    logits_parts = [torch.zeros(len(lab), num_classes) if p is None else p
+                    for p, lab in zip(logits_parts, label_parts, strict=True)]
     local_logits = torch.cat(logits_parts) if logits_parts else torch.zeros(0, num_classes)
     local_labels = torch.cat(label_parts) if label_parts else torch.zeros(0, dtype=torch.long)
     logits = gather_in_order(local_logits, accelerator, len(dataset))

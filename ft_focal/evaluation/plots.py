@@ -106,7 +106,7 @@ def plot_group_accuracy(
         vals = [results_by_run[run].get(k) for k in keys]
         heights = [100 * float(v) if _finite(v) else 0.0 for v in vals]
         bars = ax.bar(x - 0.4 + width * (i + 0.5), heights, width, label=run)
-        for bar, v in zip(bars, vals):
+        for bar, v in zip(bars, vals, strict=True):
             label = f"{100 * float(v):.1f}" if _finite(v) else "n/a"
             ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=7)
@@ -202,7 +202,7 @@ def plot_sharpness(
     fig, axes = _subplots(1, 3, figsize=(11, 3.8))
     panels = [("eigenvalues", "top Hessian eigenvalue"), ("trace", "Hessian trace (Hutchinson)"),
               ("sam_sharpness", "SAM sharpness L(w+e)-L(w)")]
-    for ax, (key, label) in zip(axes, panels):
+    for ax, (key, label) in zip(axes, panels, strict=True):
         vals = [get(group_results[n], key) for n in names]
         err = None
         if key == "trace":
@@ -246,7 +246,7 @@ def plot_trace_vs_count(
     fig, ax = _subplots(figsize=(7, 4))
     for g, color in _GROUP_COLORS.items():
         if pts[g]:
-            x, y, e = zip(*pts[g])
+            x, y, e = zip(*pts[g], strict=True)
             ax.errorbar(x, y, yerr=e, fmt="o", ms=4, color=color, alpha=0.8, capsize=2,
                         label=f"{g} ({len(x)})")
     for b in (few, many):
@@ -272,11 +272,11 @@ def plot_learning_curves(runs: Mapping[str, tuple[Sequence[dict], Sequence[dict]
         color = f"C{i % 10}"
         pts = [(r["update"], r["loss"]) for r in records if "update" in r and _finite(r.get("loss"))]
         if pts:
-            ax_loss.plot(*zip(*pts), color=color, lw=1.3, label=name)
+            ax_loss.plot(*zip(*pts, strict=True), color=color, lw=1.3, label=name)
         val = [(h["step"], 100 * h["val"]["overall"]) for h in history
                if _finite((h.get("val") or {}).get("overall"))]
         if val:
-            ax_val.plot(*zip(*val), color=color, marker="o", ms=3.5, lw=1.3, label=name)
+            ax_val.plot(*zip(*val, strict=True), color=color, marker="o", ms=3.5, lw=1.3, label=name)
     ax_loss.set(xlabel="update", ylabel="training loss (mean since previous log line)", title="Training loss")
     ax_val.set(xlabel="update", ylabel="validation accuracy, overall (%)", title="Validation accuracy")
     for ax in (ax_loss, ax_val):

@@ -169,8 +169,7 @@ def _reresolve_overrides(suite: dict, over: dict, schema: dict) -> None:
             suite[k] = os.path.abspath(os.path.expanduser(v))
 
 
-def _check_suite(suite: dict, where: str) -> None:
-    pre = suite["preprocessing"]
+def _check_preprocessing(pre: dict, where: str) -> None:
     for k in ("mean", "std"):
         v = pre[k]
         if v is not None and (len(v) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
@@ -180,16 +179,9 @@ def _check_suite(suite: dict, where: str) -> None:
     for k in ("resize", "crop", "five_crop_resize"):
         if pre[k] is not None and pre[k] < 1:
             raise UserError(f"{where}: key 'preprocessing.{k}' must be >= 1, got {pre[k]}")
-    if suite["batch_size"] < 1 or suite["num_workers"] < 0:
-        raise UserError(f"{where}: keys 'batch_size' must be >= 1 and 'num_workers' >= 0")
-    if suite["kind"] in SHIFT_KINDS:
-        return check_shift_suite(suite, where)
-    if suite["kind"] == "long_tail":
-        if suite["shots"]["few"] > suite["shots"]["many"]:
-            raise UserError(f"{where}: key 'shots.few' ({suite['shots']['few']}) exceeds 'shots.many' ({suite['shots']['many']})")
-        return
-    if pre["five_crop"]:
-        raise UserError(f"{where}: key 'preprocessing.five_crop' is not supported for ImageNet-C (224 px images)")
+
+
+def _check_corruption_names(suite: dict, where: str) -> None:
     known = set(BENCHMARK_CORRUPTIONS) | set(EXTRA_CORRUPTIONS)
     seen: set[str] = set()
     for key in ("corruptions", "extra_corruptions"):
@@ -199,10 +191,9 @@ def _check_suite(suite: dict, where: str) -> None:
             if c in seen:
                 raise UserError(f"{where}: key '{key}': corruption '{c}' listed twice")
             seen.add(c)
-    sev = suite["severities"]
-    if not sev or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 5 for s in sev) or len(set(sev)) != len(sev):
-        raise UserError(f"{where}: key 'severities' must be distinct integers in 1..5, got {sev!r}")
-    b = suite["baseline"]
+
+
+def _check_baseline(b: dict, where: str) -> None:
     if b["name"] != "alexnet" and b["table"] is None:
         raise UserError(f"{where}: key 'baseline.table' is required for baseline '{b['name']}'")
     if b["table"] is not None and not Path(b["table"]).is_file():
@@ -210,6 +201,29 @@ def _check_suite(suite: dict, where: str) -> None:
     ce = b["clean_error"]
     if ce is not None and not (0.0 <= float(ce) <= 1.0 and math.isfinite(float(ce))):
         raise UserError(f"{where}: key 'baseline.clean_error' must be a fraction in [0, 1], got {ce}")
+
+
+def _check_imagenet_c_suite(suite: dict, where: str) -> None:
+    if suite["preprocessing"]["five_crop"]:
+        raise UserError(f"{where}: key 'preprocessing.five_crop' is not supported for ImageNet-C (224 px images)")
+    _check_corruption_names(suite, where)
+    sev = suite["severities"]
+    if not sev or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 5 for s in sev) or len(set(sev)) != len(sev):
+        raise UserError(f"{where}: key 'severities' must be distinct integers in 1..5, got {sev!r}")
+    _check_baseline(suite["baseline"], where)
+
+
+def _check_suite(suite: dict, where: str) -> None:
+    _check_preprocessing(suite["preprocessing"], where)
+    if suite["batch_size"] < 1 or suite["num_workers"] < 0:
+        raise UserError(f"{where}: keys 'batch_size' must be >= 1 and 'num_workers' >= 0")
+    if suite["kind"] in SHIFT_KINDS:
+        return check_shift_suite(suite, where)
+    if suite["kind"] == "long_tail":
+        if suite["shots"]["few"] > suite["shots"]["many"]:
+            raise UserError(f"{where}: key 'shots.few' ({suite['shots']['few']}) exceeds 'shots.many' ({suite['shots']['many']})")
+        return
+    _check_imagenet_c_suite(suite, where)
 
 
 def suite_transform(suite: Mapping[str, Any], mean: Optional[Sequence[float]] = None,

@@ -48,11 +48,12 @@ def plot_wise_curve(out: dict, path: Path) -> Optional[Path]:
     if not rows or not rows[0]["shifts"]:
         return None
     fig, axes = plots._subplots(1, len(GROUPS), figsize=(4.2 * len(GROUPS), 4))
-    for ax, group in zip(np.atleast_1d(axes), GROUPS):
+    for ax, group in zip(np.atleast_1d(axes), GROUPS, strict=True):
         ids = [row[id_split].get(group) for row in rows]
         for k, shift in enumerate(rows[0]["shifts"]):
             ood = [row["shifts"][k]["result"].get(group) for row in rows]
-            pts = [(100 * x, 100 * y, row["alpha"]) for x, y, row in zip(ids, ood, rows) if x is not None and y is not None]
+            pts = [(100 * x, 100 * y, row["alpha"]) for x, y, row in zip(ids, ood, rows, strict=True)
+                   if x is not None and y is not None]
             if not pts:
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=shift["name"])

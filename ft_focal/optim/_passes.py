@@ -205,7 +205,7 @@ class Passes:
         if not st.one_backward:
             return self.grad(st, [rest, part])
         if total is None:
-            total = [nm.sum_optional(r, p) for r, p in zip(rest, part)]
+            total = [nm.sum_optional(r, p) for r, p in zip(rest, part, strict=True)]
         return self._one_backward_pass(st, rest, part, total)
 
     def sync_perturbation(self, st, grads):

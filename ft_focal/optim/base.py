@@ -71,6 +71,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -275,7 +276,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
                 self.one_backward.reset()
         self.last_skipped = skip
         if on_device or not skip:
-            for p, g in zip(st.params, final):
+            for p, g in zip(st.params, final, strict=True):
                 p.grad = g if g is None else as_param_grad(p, g)
             if on_device:
                 self._base_step_unless(skip)
@@ -319,7 +320,8 @@ class SharpnessOptimizer(torch.optim.Optimizer):
     def _trainable(self):
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
-    def _begin(self, closures, targets) -> StepState:
+    def _micro_batches(self, closures, targets) -> tuple[list, list]:
+        """step()'s closures / targets as two lists of equal length, one entry per micro-batch."""
         if closures is None:
             raise ValueError("step() needs a closure returning per-sample losses (or closures=[...])")
         if callable(closures):
@@ -337,9 +339,10 @@ class SharpnessOptimizer(torch.optim.Optimizer):
                 raise ValueError("micro-batch lists need targets=[y1, y2, ...] (to know the total batch size)")
             if type(self).requires_targets():
                 raise ValueError(f"{type(self).__name__}.step needs targets= (the labels of the batch)")
-        sizes = [len(t) if t is not None else None for t in targets]
-        params = self._trainable()
-        self._zero_param_grads()
+        return closures, targets
+
+    def _gradient_layout(self, params: list) -> tuple[int, Any, bool, bool]:
+        """-> (world size, shard group or None, sharded gradients, manual sync through no_sync)."""
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         group = shard_group(params)
         sharded = self.runtime.sharded or group is not None
@@ -349,8 +352,16 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         if world > 1 and sharded and self.runtime.no_sync is not None:
             self._warn_once("sharded-no-sync", "sharded=True: gradients are shards reduced by FSDP / ZeRO "
                             "in every backward; no_sync is ignored (under DeepSpeed ZeRO-2/3 it is a no-op)")
+        return world, group, sharded, manual
+
+    def _begin(self, closures, targets) -> StepState:
+        closures, targets = self._micro_batches(closures, targets)
+        sizes = [len(t) if t is not None else None for t in targets]
+        params = self._trainable()
+        self._zero_param_grads()
+        world, group, sharded, manual = self._gradient_layout(params)
         device = params[0].device if params else torch.device("cpu")
-        st = StepState(micro_batches=list(zip(closures, targets)), sizes=sizes,
+        st = StepState(micro_batches=list(zip(closures, targets, strict=True)), sizes=sizes,
                        batch_size=float(sum(sizes)) if None not in sizes else None, params=params,
                        weights=local_weights(params), device=device, world=world, manual_sync=manual,
                        can_skip=not (world > 1 and not manual), one_backward=self._plan_one_backward(params),

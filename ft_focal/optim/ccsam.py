@@ -94,7 +94,7 @@ class CCSAM(SharpnessOptimizer):
         k = sum(p.numel() for p in st.params)
         w_norm = float(self._norm(st, st.weights))
         acc = [None] * n
-        for c, g in zip(classes, grads):
+        for c, g in zip(classes, grads, strict=True):
             g = passes.sync_perturbation(st, g)
             gn = float(self._norm(st, g))
             rho_c = self.rho * math.sqrt(w_norm / (2 * gn + 1e-12)) * k ** -0.25 * self._shots(c) ** -0.25
@@ -114,7 +114,7 @@ class CCSAM(SharpnessOptimizer):
         ws += [Weighting(self._masks(st, c), denom=max(int(local[c]), 1), inputs=head) for c in classes]
         grads = passes.grad(st, ws)
         g_w, acc = grads[0], [None] * len(st.params)
-        for c, g in zip(classes, grads[1:]):
+        for c, g in zip(classes, grads[1:], strict=True):
             g = passes.sync_perturbation(st, g)
             for j in idx:   # each classifier tensor with its own norms
                 if g[j] is None:

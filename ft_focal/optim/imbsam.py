@@ -43,7 +43,7 @@ class ImbSAM(SharpnessOptimizer):
     def _compute(self, st: StepState, passes: Passes) -> list:
         head, tail = split_head_tail(self, st, self.tail_weight)
         total = [None if h is None and t is None else
-                 (1.0 if self.tail_weight == 1.0 else sum_optional(h, t)) for h, t in zip(head, tail)]
+                 (1.0 if self.tail_weight == 1.0 else sum_optional(h, t)) for h, t in zip(head, tail, strict=True)]
         g_head, g_tail = passes.split(st, head, tail, total=total)
         g_tail = passes.sync_perturbation(st, g_tail)
         passes.perturb_sam(st, g_tail, self.rho)

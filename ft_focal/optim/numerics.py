@@ -25,12 +25,12 @@ def sum_optional(a, b):
 def add(a: list, b: list, alpha: float = 1.0) -> list:
     """Elementwise a + alpha * b over gradient lists (None = zero); one foreach kernel for the pairs."""
     out = list(a)
-    both = [j for j, (x, y) in enumerate(zip(a, b)) if x is not None and y is not None]
+    both = [j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x is not None and y is not None]
     if both:
         summed = torch._foreach_add([a[j] for j in both], [b[j] for j in both], alpha=alpha)
-        for j, s in zip(both, summed):
+        for j, s in zip(both, summed, strict=True):
             out[j] = s
-    for j, (x, y) in enumerate(zip(a, b)):
+    for j, (x, y) in enumerate(zip(a, b, strict=True)):
         if x is None and y is not None:
             out[j] = y if alpha == 1.0 else y * alpha
     return out
@@ -123,7 +123,7 @@ def perturb_(params: list, directions: list, scale, backup: dict) -> None:
     fresh = [j for j in idx if j not in backup]
     if fresh:
         # one foreach kernel copies them all (x * 1.0 is exact)
-        for j, b in zip(fresh, torch._foreach_mul([params[j].detach() for j in fresh], 1.0)):
+        for j, b in zip(fresh, torch._foreach_mul([params[j].detach() for j in fresh], 1.0), strict=True):
             backup[j] = b
     ps = [params[j].detach() for j in idx]
     ds = [directions[j] if directions[j].dtype == ps[k].dtype else directions[j].to(ps[k].dtype)
@@ -153,7 +153,7 @@ def sam_direction(grads: list, params: list, device, adaptive: bool = False, eta
         tg = torch._foreach_mul([grads[j] for j in idx], t)
         norm = global_norm(tg, device, sharded_world, group)
         direction = [None] * len(grads)
-        for j, d in zip(idx, torch._foreach_mul(tg, t)):
+        for j, d in zip(idx, torch._foreach_mul(tg, t), strict=True):
             direction[j] = d
     else:
         norm, direction = global_norm(grads, device, sharded_world, group), grads

@@ -52,7 +52,7 @@ class SSESAM(SharpnessOptimizer):
 
     def _compute(self, st: StepState, passes: Passes) -> list:
         head, tail = split_head_tail(self, st)
-        total = [None if h is None and t is None else 1.0 for h, t in zip(head, tail)]
+        total = [None if h is None and t is None else 1.0 for h, t in zip(head, tail, strict=True)]
         g_head, g_tail = passes.split(st, head, tail, total=total)
         rho_head = 0.0 if self.switched else self.rho_head
         return add(self._group_update(st, passes, g_head, head, rho_head),

@@ -60,7 +60,65 @@ def _class_loss_fn(
     return loss_fn
 
 
-# Over 80 lines only through its docstring (what each group's entry holds and how it is measured).
+def _wanted_classes(per_class_trace: bool | Iterable[int] | None) -> set[int] | None:
+    """Classes that get their own trace; None means every class of every group."""
+    if per_class_trace is True:
+        return None
+    if per_class_trace is False or per_class_trace is None:
+        return set()
+    return {int(c) for c in per_class_trace}
+
+
+def _count_samples(data_batches: Batches, classes: set[int]) -> int:
+    ids = torch.tensor(sorted(classes), dtype=torch.long)
+    return sum(int(torch.isin(torch.as_tensor(b[1]).cpu(), ids).sum())
+               for b in iterate_batches(data_batches))
+
+
+def _per_class_traces(
+    model: nn.Module,
+    params: list[torch.Tensor],
+    data_batches: Batches,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    class_ids: list[int],
+    samples: int,
+    seed: int,
+    dev: torch.device,
+) -> dict[str, dict[str, Any]]:
+    pcs: dict[str, dict[str, Any]] = {}
+    for c in class_ids:
+        nc = _count_samples(data_batches, {c})
+        if nc == 0:
+            pcs[str(c)] = {"trace": None, "trace_stderr": None, "num_samples": 0}
+            continue
+        t, s = hutchinson_trace(_class_loss_fn(model, criterion, {c}, dev), params,
+                                data_batches, samples=samples, seed=seed)
+        pcs[str(c)] = {"trace": t, "trace_stderr": _nan_to_none(s), "num_samples": nc}
+    return pcs
+
+
+def _group_measures(
+    fn: LossFn,
+    params: list[torch.Tensor],
+    data_batches: Batches,
+    *,
+    k: int,
+    iters: int,
+    tol: float,
+    trace_samples: int,
+    rho: float,
+    seed: int,
+) -> dict[str, Any]:
+    """Eigenvalues, Hutchinson trace and first-order (SAM) terms of one group's loss."""
+    entry: dict[str, Any] = {}
+    entry["eigenvalues"] = top_hessian_eigenvalues(fn, params, data_batches, k=k, iters=iters, tol=tol, seed=seed)
+    tr, se = hutchinson_trace(fn, params, data_batches, samples=trace_samples, seed=seed)
+    entry["trace"], entry["trace_stderr"] = tr, _nan_to_none(se)
+    fo = first_order_terms(fn, params, data_batches, rho)
+    entry["sam_sharpness"], entry["loss"], entry["grad_norm"] = fo["sharpness"], fo["loss"], fo["grad_norm"]
+    return entry
+
+
 def group_sharpness(
     model: nn.Module,
     params: Sequence[torch.Tensor],
@@ -108,25 +166,14 @@ def group_sharpness(
     """
     params = check_params(params)
     dev = torch.device(device) if device is not None else params[0].device
-    if per_class_trace is True:
-        wanted: set[int] | None = None
-    elif per_class_trace is False or per_class_trace is None:
-        wanted = set()
-    else:
-        wanted = {int(c) for c in per_class_trace}
-
-    def count(classes: set[int]) -> int:
-        ids = torch.tensor(sorted(classes), dtype=torch.long)
-        return sum(int(torch.isin(torch.as_tensor(b[1]).cpu(), ids).sum())
-                   for b in iterate_batches(data_batches))
-
+    wanted = _wanted_classes(per_class_trace)
     was_training = model.training
     model.eval()
     results: dict[str, dict[str, Any]] = {}
     try:
         for name, classes in groups.items():
             classes = {int(c) for c in classes}
-            n = count(classes) if classes else 0
+            n = _count_samples(data_batches, classes) if classes else 0
             entry: dict[str, Any] = {"num_samples": n, "num_classes": len(classes)}
             if n == 0:
                 entry.update(eigenvalues=None, trace=None, trace_stderr=None,
@@ -134,25 +181,12 @@ def group_sharpness(
                 results[str(name)] = entry
                 continue
             fn = _class_loss_fn(model, criterion, classes, dev)
-            entry["eigenvalues"] = top_hessian_eigenvalues(
-                fn, params, data_batches, k=k, iters=iters, tol=tol, seed=seed)
-            tr, se = hutchinson_trace(fn, params, data_batches, samples=trace_samples, seed=seed)
-            entry["trace"], entry["trace_stderr"] = tr, _nan_to_none(se)
-            fo = first_order_terms(fn, params, data_batches, rho)
-            entry["sam_sharpness"], entry["loss"], entry["grad_norm"] = (
-                fo["sharpness"], fo["loss"], fo["grad_norm"])
+            entry.update(_group_measures(fn, params, data_batches, k=k, iters=iters, tol=tol,
+                                         trace_samples=trace_samples, rho=rho, seed=seed))
             per_class_ids = sorted(classes if wanted is None else classes & wanted)
             if per_class_ids:
-                pcs: dict[str, dict[str, Any]] = {}
-                for c in per_class_ids:
-                    nc = count({c})
-                    if nc == 0:
-                        pcs[str(c)] = {"trace": None, "trace_stderr": None, "num_samples": 0}
-                        continue
-                    t, s = hutchinson_trace(_class_loss_fn(model, criterion, {c}, dev), params,
-                                            data_batches, samples=per_class_samples, seed=seed)
-                    pcs[str(c)] = {"trace": t, "trace_stderr": _nan_to_none(s), "num_samples": nc}
-                entry["per_class_trace"] = pcs
+                entry["per_class_trace"] = _per_class_traces(model, params, data_batches, criterion, per_class_ids,
+                                                             per_class_samples, seed, dev)
             results[str(name)] = entry
     finally:
         model.train(was_training)

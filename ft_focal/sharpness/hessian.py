@@ -91,7 +91,7 @@ def _grads(
     outputs: torch.Tensor, params: list[torch.Tensor], create_graph: bool
 ) -> list[torch.Tensor]:
     gs = torch.autograd.grad(outputs, params, create_graph=create_graph, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params, strict=True)]
 
 
 def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -131,10 +131,10 @@ def hessian_vector_product(
     vector = list(vector)
     if len(vector) != len(params):
         raise ValueError(f"vector has {len(vector)} tensors, params has {len(params)}")
-    for i, (v, p) in enumerate(zip(vector, params)):
+    for i, (v, p) in enumerate(zip(vector, params, strict=True)):
         if v.shape != p.shape:
             raise ValueError(f"vector[{i}] has shape {tuple(v.shape)}, param {tuple(p.shape)}")
-    vector = [v.to(device=p.device, dtype=p.dtype) for v, p in zip(vector, params)]
+    vector = [v.to(device=p.device, dtype=p.dtype) for v, p in zip(vector, params, strict=True)]
     acc = [torch.zeros_like(p) for p in params]
     total = 0.0
     for batch in iterate_batches(batches):
@@ -142,12 +142,12 @@ def hessian_vector_product(
         if loss is None:
             continue
         g = _grads(loss, params, create_graph=True)
-        dot = sum((gi * vi).sum() for gi, vi in zip(g, vector))
+        dot = sum((gi * vi).sum() for gi, vi in zip(g, vector, strict=True))
         if dot.requires_grad:
             hv = _grads(dot, params, create_graph=False)
         else:  # gradient independent of params (loss linear in them): H = 0
             hv = [torch.zeros_like(p) for p in params]
-        for a, h in zip(acc, hv):
+        for a, h in zip(acc, hv, strict=True):
             a.add_(h.detach(), alpha=n)
         total += n
     if total == 0:
@@ -367,7 +367,7 @@ def _mean_grad(
         if loss is None:
             continue
         g = _grads(loss, params, create_graph=False)
-        for a, gi in zip(acc, g):
+        for a, gi in zip(acc, g, strict=True):
             a.add_(gi.detach(), alpha=n)
         total += n
         loss_sum += float(loss.detach()) * n
@@ -385,12 +385,12 @@ def first_order_terms(
     try:
         with torch.no_grad():
             scale = rho / (gnorm + 1e-12)
-            for p, g in zip(params, grads):
+            for p, g in zip(params, grads, strict=True):
                 p.add_(g, alpha=scale)
         loss_pert = _mean_loss(loss_fn, batches)
     finally:
         with torch.no_grad():
-            for p, b in zip(params, backup):
+            for p, b in zip(params, backup, strict=True):
                 p.copy_(b)
     return {"sharpness": loss_pert - loss0, "loss": loss0, "perturbed_loss": loss_pert,
             "grad_norm": gnorm}

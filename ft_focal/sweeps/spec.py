@@ -218,6 +218,31 @@ def _base_recipe(spec: SweepSpec) -> Recipe:
         raise UserError(f"{spec.source}: recipe {spec.recipe} with the sweep's fixed keys: {exc}") from None
 
 
+def _categorical_values(prefix: str, param: ParamSpec) -> list:
+    if not isinstance(param.choices, list) or not param.choices or param.low is not None or param.high is not None:
+        raise UserError(f"{prefix}: a categorical parameter needs a non-empty list 'choices' (and no low / high)")
+    return param.choices
+
+
+def _range_ends(prefix: str, param: ParamSpec) -> list:
+    """The two ends of a numeric range (int, float, log_float), after checking low / high / step."""
+    kind = param.type
+    if param.choices is not None:
+        raise UserError(f"{prefix}: 'choices' belongs to type categorical; {kind} takes low / high")
+    number = int if kind == "int" else (int, float)
+    for bound in ("low", "high") + (("step",) if param.step is not None else ()):
+        value = getattr(param, bound)
+        if not isinstance(value, number) or isinstance(value, bool):
+            raise UserError(f"{prefix}: '{bound}' must be {'an int' if kind == 'int' else 'a number'}, got {value!r}")
+    if not param.low < param.high:
+        raise UserError(f"{prefix}: 'low' ({param.low}) must be below 'high' ({param.high})")
+    if kind == "log_float" and param.low <= 0:
+        raise UserError(f"{prefix}: log_float needs 'low' > 0, got {param.low}")
+    if param.step is not None and (param.step <= 0 or kind == "log_float"):
+        raise UserError(f"{prefix}: 'step' must be > 0 and cannot be combined with log_float")
+    return [param.low, param.high]
+
+
 def _param(where: str, key: str, entry: Any, spec: SweepSpec) -> ParamSpec:
     """One search-space entry: a recipe key with {type, low, high[, step]} or {type: categorical, choices}."""
     prefix = f"{where}: space '{key}'"
@@ -231,25 +256,7 @@ def _param(where: str, key: str, entry: Any, spec: SweepSpec) -> ParamSpec:
     if kind not in PARAM_TYPES:
         raise UserError(f"{prefix}: type {kind!r} is not one of {', '.join(PARAM_TYPES)}")
     param = ParamSpec(key=key, type=kind, **{k: entry.get(k) for k in allowed[1:]})
-    if kind == "categorical":
-        if not isinstance(param.choices, list) or not param.choices or param.low is not None or param.high is not None:
-            raise UserError(f"{prefix}: a categorical parameter needs a non-empty list 'choices' (and no low / high)")
-        values = param.choices
-    else:
-        if param.choices is not None:
-            raise UserError(f"{prefix}: 'choices' belongs to type categorical; {kind} takes low / high")
-        number = int if kind == "int" else (int, float)
-        for bound in ("low", "high") + (("step",) if param.step is not None else ()):
-            value = getattr(param, bound)
-            if not isinstance(value, number) or isinstance(value, bool):
-                raise UserError(f"{prefix}: '{bound}' must be {'an int' if kind == 'int' else 'a number'}, got {value!r}")
-        if not param.low < param.high:
-            raise UserError(f"{prefix}: 'low' ({param.low}) must be below 'high' ({param.high})")
-        if kind == "log_float" and param.low <= 0:
-            raise UserError(f"{prefix}: log_float needs 'low' > 0, got {param.low}")
-        if param.step is not None and (param.step <= 0 or kind == "log_float"):
-            raise UserError(f"{prefix}: 'step' must be > 0 and cannot be combined with log_float")
-        values = [param.low, param.high]
+    values = _categorical_values(prefix, param) if kind == "categorical" else _range_ends(prefix, param)
     for value in values:  # the recipe itself must accept every value the sampler can draw at the ends
         try:
             spec.trial_recipe({key: value}, spec.seeds[0], spec.output_dir, spec.name)

@@ -40,10 +40,12 @@ def keep_freed_memory() -> bool:
         return False   # the user chose
     try:
         libc = ctypes.CDLL(None)        # the C library this process runs on
-        libc.gnu_get_libc_version       # only glibc has it (and glibc's mallopt options)
+        is_glibc = hasattr(libc, "gnu_get_libc_version")   # only glibc has it (and glibc's mallopt options)
         mallopt = libc.mallopt
     except (OSError, AttributeError, TypeError):
         return False   # not glibc (musl, macOS, Windows)
+    if not is_glibc:
+        return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
     if ok:

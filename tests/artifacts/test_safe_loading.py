@@ -53,46 +53,56 @@ def unsafe_calls(path: Path, allowed=ALLOWED) -> list[tuple[str, int, str]]:
     return unsafe_calls_in(path.read_text(), path.relative_to(PACKAGE).as_posix(), allowed)
 
 
+# Calls flagged whatever their arguments.
+UNSAFE_CALLS = frozenset({
+    "eval", "exec", "compile", "__import__",
+    "pickle.load", "pickle.loads", "pickle.Unpickler", "cPickle.load", "dill.load", "dill.loads",
+    "joblib.load", "marshal.loads", "shelve.open", "numpy.load", "torch.package.PackageImporter",
+    "yaml.load", "yaml.load_all", "yaml.unsafe_load", "yaml.full_load", "yaml.unsafe_load_all",
+    "torch.jit.load",
+})
+
+
+def _is_constant(value, expected) -> bool:
+    return isinstance(value, ast.Constant) and value.value is expected
+
+
+def _unsafe_by_name(call: ast.Call) -> list[str]:
+    name = _dotted(call.func)
+    if name in UNSAFE_CALLS:
+        return [name]
+    if name == "torch.load" and not _is_constant(_keyword(call, "weights_only"), True):
+        return ["torch.load without weights_only=True"]
+    if name in ("np.load", "numpy.load"):
+        value = _keyword(call, "allow_pickle")
+        if value is not None and not _is_constant(value, False):
+            return ["np.load(allow_pickle=...)"]
+    return []
+
+
+def _unsafe_keywords(call: ast.Call) -> list[str]:
+    found = []
+    value = _keyword(call, "weights_only")
+    if value is not None and not _is_constant(value, True):
+        found.append("weights_only other than True")
+    value = _keyword(call, "trust_remote_code")
+    if value is not None and not _is_constant(value, False):
+        found.append("trust_remote_code")
+    return found
+
+
+def _unsafe_constructs(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.ClassDef):
+        return ["pickle.Unpickler" for base in node.bases if _dotted(base) in ("pickle.Unpickler", "pickle._Unpickler")]
+    if isinstance(node, ast.Call):
+        return _unsafe_by_name(node) + _unsafe_keywords(node)
+    return []
+
+
 def unsafe_calls_in(source: str, rel: str, allowed=ALLOWED) -> list[tuple[str, int, str]]:
     tree = ast.parse(source, filename=rel)
-    found = []
-
-    def flag(node, what):
-        if (rel, what) not in allowed:
-            found.append((rel, node.lineno, what))
-
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef):
-            for base in node.bases:
-                if _dotted(base) in ("pickle.Unpickler", "pickle._Unpickler"):
-                    flag(node, "pickle.Unpickler")
-        if not isinstance(node, ast.Call):
-            continue
-        name = _dotted(node.func)
-        if name in ("eval", "exec", "compile", "__import__"):
-            flag(node, name)
-        elif name in ("pickle.load", "pickle.loads", "pickle.Unpickler", "cPickle.load", "dill.load", "dill.loads",
-                      "joblib.load", "marshal.loads", "shelve.open", "numpy.load", "torch.package.PackageImporter"):
-            flag(node, name)
-        elif name in ("yaml.load", "yaml.load_all", "yaml.unsafe_load", "yaml.full_load", "yaml.unsafe_load_all"):
-            flag(node, name)
-        elif name == "torch.jit.load":
-            flag(node, name)
-        elif name == "torch.load":
-            value = _keyword(node, "weights_only")
-            if not (isinstance(value, ast.Constant) and value.value is True):
-                flag(node, "torch.load without weights_only=True")
-        elif name in ("np.load", "numpy.load"):
-            value = _keyword(node, "allow_pickle")
-            if value is not None and not (isinstance(value, ast.Constant) and value.value is False):
-                flag(node, "np.load(allow_pickle=...)")
-        value = _keyword(node, "weights_only")
-        if value is not None and not (isinstance(value, ast.Constant) and value.value is True):
-            flag(node, "weights_only other than True")
-        value = _keyword(node, "trust_remote_code")
-        if value is not None and not (isinstance(value, ast.Constant) and value.value is False):
-            flag(node, "trust_remote_code")
-    return found
+    return [(rel, node.lineno, what) for node in ast.walk(tree) for what in _unsafe_constructs(node)
+            if (rel, what) not in allowed]
 
 
 def test_package_source_has_no_unsafe_loading_or_eval():

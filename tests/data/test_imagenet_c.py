@@ -446,5 +446,5 @@ def test_normalize_on_device_gives_identical_batches(tmp_path):
         res = evaluate_corruptions(predict, tmp_path, wnid_mapping(WNIDS), ["fog"], [1], transform=tf,
                                    batch_size=2, num_workers=0, progress=False, normalize_on_device=flag)
         assert res["preprocessing"].endswith("Normalize(mean=(0.48, 0.45, 0.4), std=(0.27, 0.26, 0.28))")
-    for a, b in zip(seen[True], seen[False]):
+    for a, b in zip(seen[True], seen[False], strict=True):
         assert a.dtype == torch.float32 and torch.equal(a, b)

@@ -62,7 +62,7 @@ def test_interpolation_is_exact_at_both_ends(method):
     zero = interpolate_model(model, method, 0.0, head0, backbone0 if method == "full" else None)
     one = interpolate_model(model, method, 1.0, head0, backbone0 if method == "full" else None)
     assert torch.equal(_logits(zero, x), initial_logits)
-    for (name, a), (_, b) in zip(one.state_dict().items(), model.state_dict().items()):
+    for (name, a), (_, b) in zip(one.state_dict().items(), model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     half = interpolate_model(model, method, 0.5, head0, backbone0 if method == "full" else None)
     w0, w1 = head0["head.weight"], model.head.weight
@@ -73,7 +73,8 @@ def test_interpolation_is_exact_at_both_ends(method):
     if method == "adaptformer":
         from ft_focal.models.tuning import BottleneckAdapter
 
-        scales = [(m.scale, h.scale) for m, h in zip(model.modules(), half.modules()) if isinstance(m, BottleneckAdapter)]
+        scales = [(m.scale, h.scale) for m, h in zip(model.modules(), half.modules(), strict=True)
+                  if isinstance(m, BottleneckAdapter)]
         assert scales and all(torch.equal(h, 0.5 * m) for m, h in scales)
 
 

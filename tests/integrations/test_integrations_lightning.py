@@ -38,7 +38,7 @@ class Classifier(SharpnessLightningMixin, L.LightningModule):
         x, y = batch
         x = x.to(next(self.net.parameters()).dtype)   # float32 net for the bf16 test
         xs, ys = x.chunk(self.micro), y.chunk(self.micro)
-        closures = [lambda a=a, b=b: F.cross_entropy(self.net(a), b, reduction="none") for a, b in zip(xs, ys)]
+        closures = [lambda a=a, b=b: F.cross_entropy(self.net(a), b, reduction="none") for a, b in zip(xs, ys, strict=True)]
         loss = self.sharpness_step(closures=closures, targets=list(ys))
         self.seen.append((x.clone(), y.clone(), [p.detach().clone() for p in self.net.parameters()]))
         self.log("train_loss", loss)
@@ -66,10 +66,10 @@ def test_lightning_updates_equal_own_step_float64(micro):
     own = copy.deepcopy(net0)
     opt = build_optimizer("focal_sam", list(own.parameters()), COUNTS, model=own, one_backward=True, **KW)
     for x, y, after in module.seen:
-        opt.step(lambda: F.cross_entropy(own(x), y, reduction="none"), targets=y)
-        err = max(float((p.detach() - q).abs().max()) for p, q in zip(own.parameters(), after))
+        opt.step(lambda x=x, y=y: F.cross_entropy(own(x), y, reduction="none"), targets=y)
+        err = max(float((p.detach() - q).abs().max()) for p, q in zip(own.parameters(), after, strict=True))
         assert err <= 1e-9, err
-    assert max(float((p.detach() - q).abs().max()) for p, q in zip(net0.parameters(), module.seen[-1][2])) > 1e-4
+    assert max(float((p.detach() - q).abs().max()) for p, q in zip(net0.parameters(), module.seen[-1][2], strict=True)) > 1e-4
 
 
 def test_lightning_bf16_mixed_equals_own_step_under_autocast():
@@ -81,12 +81,12 @@ def test_lightning_bf16_mixed_equals_own_step_under_autocast():
     own = copy.deepcopy(net0)
     opt = build_optimizer("focal_sam", list(own.parameters()), COUNTS, model=own, one_backward=True, **KW)
     for x, y, after in module.seen:
-        def closure():
+        def closure(x=x, y=y):
             with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):   # as Lightning's autocast
                 return F.cross_entropy(own(x), y, reduction="none")
 
         opt.step(closure, targets=y)
-        err = max(float((p.detach() - q).abs().max()) for p, q in zip(own.parameters(), after))
+        err = max(float((p.detach() - q).abs().max()) for p, q in zip(own.parameters(), after, strict=True))
         assert err <= 1e-6, err
 
 

@@ -68,7 +68,7 @@ class Recording(SharpnessTrainer):
 
 def max_diff(a, b) -> float:
     """max |a_i - b_i| over two parameter lists."""
-    return max(float((p.detach() - q.detach()).abs().max()) for p, q in zip(a, b))
+    return max(float((p.detach() - q.detach()).abs().max()) for p, q in zip(a, b, strict=True))
 
 
 def make_args(tmp_path, **kw) -> TrainingArguments:
@@ -101,7 +101,7 @@ def assert_replay_matches(trainer: Recording, model0: torch.nn.Module, method: s
     opt = replay_optimizer(trainer, model, method, kwargs)
     crit = loss_fn or (lambda logits, y: torch.nn.functional.cross_entropy(logits, y, reduction="none"))
     for k, (micro, params_after) in enumerate(trainer.updates):
-        for g, lr in zip(opt.param_groups, micro[-1][1]):
+        for g, lr in zip(opt.param_groups, micro[-1][1], strict=True):
             g["lr"] = lr
         if epochs_per_update is not None:
             opt.set_epoch(epochs_per_update[k], trainer.state.num_train_epochs)
@@ -166,11 +166,11 @@ def test_trainer_gradient_accumulation_is_exact_big_batch(tmp_path):
     big = copy.deepcopy(model0)
     opt = replay_optimizer(trainer, big, "focal_sam", kwargs)
     for micro, params_after in trainer.updates:
-        for g, lr in zip(opt.param_groups, micro[-1][1]):
+        for g, lr in zip(opt.param_groups, micro[-1][1], strict=True):
             g["lr"] = lr
         x = torch.cat([m["pixel_values"] for m, _ in micro])
         y = torch.cat([m["labels"] for m, _ in micro])
-        opt.step(lambda: torch.nn.functional.cross_entropy(big(pixel_values=x).logits, y, reduction="none"),
+        opt.step(lambda x=x, y=y: torch.nn.functional.cross_entropy(big(pixel_values=x).logits, y, reduction="none"),
                  targets=y)
         err = max_diff(big.parameters(), params_after)
         assert err <= 1e-9
@@ -248,11 +248,11 @@ def _mixed_precision_run(tmp_path, device: str, dtype: torch.dtype):
     autocast = trainer.accelerator.native_amp
     errs = []
     for micro, params_after in trainer.updates:
-        for g, lr in zip(opt.param_groups, micro[-1][1]):
+        for g, lr in zip(opt.param_groups, micro[-1][1], strict=True):
             g["lr"] = lr
         x, y = micro[0][0]["pixel_values"].to(device).float(), micro[0][0]["labels"].to(device)
 
-        def closure():
+        def closure(x=x, y=y):
             with torch.autocast(device, dtype=dtype, enabled=autocast):
                 logits = replay(pixel_values=x).logits
             return torch.nn.functional.cross_entropy(logits.float(), y, reduction="none")
@@ -321,12 +321,12 @@ def test_trainer_ddp_two_processes_equals_own_step_on_global_batch(tmp_path, met
     model = tiny_vit()
     opt = replay_optimizer(SharpnessTrainer(model=tiny_vit(), args=make_args(tmp_path / "r")), model,
                            method, METHODS[method])
-    for (m0, p0), (m1, _) in zip(ranks[0]["updates"], ranks[1]["updates"]):
-        for g, lr in zip(opt.param_groups, m0[-1][1]):
+    for (m0, p0), (m1, _) in zip(ranks[0]["updates"], ranks[1]["updates"], strict=True):
+        for g, lr in zip(opt.param_groups, m0[-1][1], strict=True):
             g["lr"] = lr
         x = torch.cat([m0[0][0]["pixel_values"], m1[0][0]["pixel_values"]])
         y = torch.cat([m0[0][0]["labels"], m1[0][0]["labels"]])
-        opt.step(lambda: torch.nn.functional.cross_entropy(model(pixel_values=x).logits, y, reduction="none"),
+        opt.step(lambda x=x, y=y: torch.nn.functional.cross_entropy(model(pixel_values=x).logits, y, reduction="none"),
                  targets=y)
         assert max_diff(model.parameters(), p0) <= 1e-9
 

@@ -49,10 +49,10 @@ def assert_one_backward_matches_exact(model, backward):
                        momentum=0.9, model=m, one_backward=single)
         for _ in range(3):  # the first one-backward step is checked against the exact path
             opt.step(lambda m=m: criterion(m(x), y), targets=y)
-        runs.append(([p.detach() - s for p, s in zip(params, start)], dict(opt.last_pass_counts)))
+        runs.append(([p.detach() - s for p, s in zip(params, start, strict=True)], dict(opt.last_pass_counts)))
     (fast, fast_passes), (slow, slow_passes) = runs
     assert max(float(d.abs().max()) for d in slow) > 1e-4
-    for a, b in zip(fast, slow):
+    for a, b in zip(fast, slow, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
     assert fast_passes == {"forward": 2, "backward": backward} and slow_passes["backward"] == 3
 
@@ -89,7 +89,7 @@ def _run(model, single, steps=3, autocast=None, scaler=None, compile_backend=Non
     start = [p.detach().clone() for p in params]
     for _ in range(steps):
         opt.step(closure, targets=y)
-    return [p.detach() - s for p, s in zip(params, start)], dict(opt.last_pass_counts), opt
+    return [p.detach() - s for p, s in zip(params, start, strict=True)], dict(opt.last_pass_counts), opt
 
 
 @pytest.mark.parametrize("family,method", [("open_clip", "lora"), ("open_clip", "adaptformer"), ("hf_clip", "lora")])
@@ -102,7 +102,7 @@ def test_one_backward_under_bf16_autocast(family, method):
     slow, _, _ = _run(twin, False, autocast=torch.bfloat16)
     assert opt.one_backward.disabled is None and passes == {"forward": 2, "backward": 2}
     scale = max(float(d.abs().max()) for d in slow)
-    worst = max(float((a - b).abs().max()) for a, b in zip(fast, slow))
+    worst = max(float((a - b).abs().max()) for a, b in zip(fast, slow, strict=True))
     assert scale > 1e-4 and worst <= 0.05 * scale
 
 
@@ -119,7 +119,7 @@ def test_one_backward_with_grad_scaler(family, method):
         passes.append(counts["backward"])
         assert opt.skipped_steps == 0
     assert passes == [2, 3]
-    for a, b in zip(*updates):
+    for a, b in zip(*updates, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
@@ -133,7 +133,7 @@ def test_one_backward_under_torch_compile(family, method):
     fast, passes, opt = _run(model, True, compile_backend="aot_eager")
     slow, _, _ = _run(twin, False)
     assert opt.one_backward.disabled is None and passes == {"forward": 2, "backward": 2}
-    for a, b in zip(fast, slow):
+    for a, b in zip(fast, slow, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -153,5 +153,5 @@ def test_one_backward_settings_on_open_clip_lora(method, settings):
     updates = [delta for delta, _, _ in runs]
     assert [counts["backward"] for _, counts, _ in runs] == [2, 3]
     assert max(float(d.abs().max()) for d in updates[1]) > 1e-4
-    for a, b in zip(*updates):
+    for a, b in zip(*updates, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

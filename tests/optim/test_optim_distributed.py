@@ -52,7 +52,7 @@ def _worker(rank, world, port, out):
             ns = ddp.no_sync if name in USES_NO_SYNC else None
             opt = make(ddp.parameters(), ddp, ns)
             for _ in range(STEPS):
-                opt.step(lambda: F.cross_entropy(ddp(xr), yr, reduction="none"), targets=yr)
+                opt.step(lambda ddp=ddp: F.cross_entropy(ddp(xr), yr, reduction="none"), targets=yr)
             res[name] = weights(model)
         # sharded global norm: sqrt(all_reduce(sum of local squares))
         res["sharded_norm"] = float(global_norm([torch.full((3,), rank + 1.0, dtype=torch.float64)],

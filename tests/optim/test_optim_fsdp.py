@@ -63,7 +63,7 @@ def global_batch(labels, dtype=torch.float64):
 
 def run_steps(opt, model, x, y, micro: int) -> None:
     xs, ys = x.chunk(micro), y.chunk(micro)
-    closures = [(lambda a=a, b=b: F.cross_entropy(model(a), b, reduction="none")) for a, b in zip(xs, ys)]
+    closures = [(lambda a=a, b=b: F.cross_entropy(model(a), b, reduction="none")) for a, b in zip(xs, ys, strict=True)]
     for _ in range(STEPS):
         opt.step(closures=closures, targets=list(ys))
 

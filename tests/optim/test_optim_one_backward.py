@@ -65,7 +65,7 @@ def compare(build, x, y=LABELS, method="focal_sam", steps=2, params=None, **kw):
         opt = METHODS[method](ps, one_backward=sb, model=m, **kw)
         torch.manual_seed(123)   # same dropout masks in both runs
         for _ in range(steps):
-            opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"), targets=y)
+            opt.step(lambda m=m: F.cross_entropy(m(x), y, reduction="none"), targets=y)
         models.append(m)
         opts.append(opt)
     return max_diff(models[1], weights(models[0])), opts, models
@@ -117,7 +117,7 @@ def test_batch_dim_remembered_when_ambiguous_later():
     opt = METHODS["focal_sam"](m.parameters(), one_backward=True, model=m)
     x1, x2 = tokens(4, T=5, batch_first=False), tokens(5, T=12, batch_first=False)
     for x in (x1, x2, x2):
-        opt.step(lambda: F.cross_entropy(m(x), LABELS, reduction="none"), targets=LABELS)
+        opt.step(lambda x=x: F.cross_entropy(m(x), LABELS, reduction="none"), targets=LABELS)
     assert opt.one_backward.disabled is None and opt.last_pass_counts["backward"] == 2
 
 
@@ -254,7 +254,7 @@ def test_late_fallback_recomputes_with_same_dropout(caplog, check):
         torch.manual_seed(7)
         for step in range(3):
             m.functional = step >= 1   # the hooks stop seeing `mid` from the second step on
-            opt.step(lambda: F.cross_entropy(m(x), LABELS, reduction="none"), targets=LABELS)
+            opt.step(lambda m=m: F.cross_entropy(m(x), LABELS, reduction="none"), targets=LABELS)
             if sb and step == 1:
                 assert opt.last_pass_counts == {"forward": 3, "backward": 3}   # recomputed forward
         models.append(m)
@@ -362,7 +362,7 @@ def test_remove_gives_the_layers_back_and_the_optimizer_runs_the_exact_path():
     ref = METHODS["focal_sam"](plain.parameters(), model=plain)
     for model, o in ((m, opt), (plain, ref)):
         for _ in range(2):
-            o.step(lambda: F.cross_entropy(model(x), LABELS, reduction="none"), targets=LABELS)
+            o.step(lambda model=model: F.cross_entropy(model(x), LABELS, reduction="none"), targets=LABELS)
     assert max_diff(m, weights(plain)) == 0.0
     assert opt.last_pass_counts == ref.last_pass_counts == {"forward": 2, "backward": 3}
 

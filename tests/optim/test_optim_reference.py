@@ -58,7 +58,7 @@ def grad(model, w, x, y, wts, B=None, only=None):
     keys = [k for k in leaves if only is None or k in only]
     gs = torch.autograd.grad(loss, [leaves[k] for k in keys], allow_unused=True)
     out = {k: torch.zeros_like(w[k]) for k in w}
-    out.update({k: (g if g is not None else torch.zeros_like(w[k])) for k, g in zip(keys, gs)})
+    out.update({k: (g if g is not None else torch.zeros_like(w[k])) for k, g in zip(keys, gs, strict=True)})
     return out
 
 

@@ -91,13 +91,13 @@ def test_one_backward_peak_memory_against_sam():
         opt = make_optimizers(model, COUNTS)[name]
         x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5, 0, 5])
 
-        def closure():
+        def closure(model=model, x=x, y=y):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 logits = model(x)
             return torch.nn.functional.cross_entropy(logits.float(), y, reduction="none")
         for _ in range(3):
             opt.step(closure, targets=y)
-        peaks[name] = peak_step_memory(lambda: opt.step(closure, targets=y))
+        peaks[name] = peak_step_memory(lambda opt=opt, closure=closure, y=y: opt.step(closure, targets=y))
     if peaks["SAM"] != peaks["SAM"]:   # NaN: the profiler's private memory API is unavailable
         pytest.skip("torch.profiler memory timeline unavailable")
     assert 0 < peaks["Focal-SAM 1-bwd"] <= 1.05 * peaks["SAM"]

@@ -198,7 +198,7 @@ def test_weights_round_trip_through_model_pretrained_of_a_saved_backbone(tmp_pat
     save_file(clf.backbone.model.state_dict(), str(path))
     loaded = build("head", seed=2, model_kw={"pretrained": str(path)}).eval()
     assert all(torch.equal(a, b) for a, b in zip(loaded.backbone.state_dict().values(),
-                                                  clf.backbone.state_dict().values()))
+                                                  clf.backbone.state_dict().values(), strict=True))
 
 
 def test_pretrained_dinov2_style_file_is_resampled_to_the_model_img_size(tmp_path):

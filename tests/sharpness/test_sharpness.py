@@ -104,7 +104,7 @@ def _full_hessian(model, x, y, mask=None):
 
     def f(theta):
         params, i = {}, 0
-        for n, s in zip(names, shapes):
+        for n, s in zip(names, shapes, strict=True):
             k = int(np.prod(s))
             params[n] = theta[i:i + k].view(s)
             i += k
@@ -147,7 +147,7 @@ def test_group_sharpness_matches_direct_computation():
                           trace_samples=5, rho=0.05, seed=0, per_class_trace=[1, 2],
                           per_class_samples=3)
     assert model.training  # mode restored
-    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before, strict=True))
     json.dumps(res)
     assert res["a"]["num_samples"] == 4 and res["bc"]["num_samples"] == 6
     assert res["none"]["num_samples"] == 0 and res["none"]["trace"] is None

@@ -30,7 +30,7 @@ def test_round_trip_restores_model_optimizer_scheduler_and_rng(tmp_path):
             p.add_(1.0)
     trainer = ckpt.load_checkpoint(path, model2, opt2, sched2)
     assert trainer["step"] == 3 and trainer["best"] == 0.5
-    for (n, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
+    for (n, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items(), strict=True):
         if n != "0.bias":  # frozen: not stored, rebuilt from the recipe in a real run
             assert torch.equal(a, b), n
     assert opt2.state_dict()["state"][0]["momentum_buffer"].equal(opt.state_dict()["state"][0]["momentum_buffer"])
@@ -124,16 +124,16 @@ def test_load_restores_each_part_into_a_run_in_a_different_state(tmp_path):
     saved_opt, other_opt = opt.state_dict(), opt2.state_dict()
     momentum = [s["momentum_buffer"] for s in saved_opt["base_optimizer"]["state"].values()]
     other_momentum = [s["momentum_buffer"] for s in other_opt["base_optimizer"]["state"].values()]
-    assert not any(torch.equal(a, b) for a, b in zip(momentum, other_momentum))   # the states differ before
+    assert not any(torch.equal(a, b) for a, b in zip(momentum, other_momentum, strict=True))   # the states differ before
     assert sched2.last_epoch != sched.last_epoch and scaler2.get_scale() != scaler.get_scale()
     assert opt2.switched != opt.switched and opt2.skipped_steps != opt.skipped_steps
 
     ckpt.load_checkpoint(path, model2, opt2, sched2, scaler=scaler2)
 
-    for (name, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     loaded = [s["momentum_buffer"] for s in opt2.state_dict()["base_optimizer"]["state"].values()]
-    assert all(torch.equal(a, b) for a, b in zip(momentum, loaded))                      # momentum
+    assert all(torch.equal(a, b) for a, b in zip(momentum, loaded, strict=True))                      # momentum
     assert sched2.last_epoch == sched.last_epoch == 3                                     # scheduler step
     assert sched2.get_last_lr() == sched.get_last_lr() and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
     assert scaler2.get_scale() == scaler.get_scale()                                      # GradScaler

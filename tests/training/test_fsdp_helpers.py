@@ -37,7 +37,7 @@ def test_activation_checkpointing_gives_the_same_focal_sam_step_and_keeps_parame
         opt = FocalSAM(model.parameters(), torch.optim.SGD, rho=0.05, class_counts=COUNTS, lr=0.1, momentum=0.9,
                        model=model)
         for _ in range(2):
-            opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"), targets=y)
+            opt.step(lambda model=model: F.cross_entropy(model(x), y, reduction="none"), targets=y)
         results.append({n: p.detach().clone() for n, p in model.named_parameters()})
     assert all(torch.allclose(results[0][k], results[1][k], rtol=0, atol=1e-12) for k in results[0])
 

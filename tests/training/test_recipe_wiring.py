@@ -109,7 +109,7 @@ class Reference:
         leaves = {k: v.clone().requires_grad_(True) for k, v in w.items()}
         loss = (self.losses(leaves) * weights).sum() / (denominator or len(self.y))
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        return {k: torch.zeros_like(w[k]) if g is None else g for k, g in zip(leaves, grads)}
+        return {k: torch.zeros_like(w[k]) if g is None else g for k, g in zip(leaves, grads, strict=True)}
 
 
 def _norm(g: dict) -> torch.Tensor:

@@ -12,7 +12,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -99,70 +99,87 @@ def _instantiate_open_clip_visual(cfg: dict):
         raise UserError(f"model.config: not a valid open_clip model config ({one_line(exc)})") from None
 
 
+def _resolve_local_dir(pretrained: str, load_weights: bool) -> tuple[dict, Optional[str], dict, Optional[str]]:
+    """An open_clip model folder (``local-dir:PATH``): open_clip_config.json plus a weights file."""
+    directory = Path(os.path.expanduser(pretrained[len("local-dir:"):]))
+    if not directory.is_dir():
+        raise UserError(f"model.pretrained: directory not found: {directory}")
+    cfg_path = directory / "open_clip_config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"model.pretrained: {cfg_path} not found (a local-dir: needs open_clip_config.json)")
+    try:
+        raw = json.loads(cfg_path.read_text())
+        cfg = raw["model_cfg"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{cfg_path}: not a valid open_clip config ({one_line(exc)})") from None
+    preprocess_over = dict(raw.get("preprocess_cfg") or {})
+    found = _open_clip_checkpoint_in_dir(directory)
+    if found is None and load_weights:
+        raise UserError(f"model.pretrained: no weights (*.safetensors, *.bin, *.pth) in {directory}")
+    checkpoint = str(found) if found is not None else None
+    return cfg, checkpoint, preprocess_over, "local-dir:" + str(directory)
+
+
+def _resolve_pretrained(model_cfg, cfg: dict, preprocess_over: dict, load_weights: bool) -> Optional[str]:
+    """The checkpoint of a built-in architecture: a file, or an open_clip tag (``tag:NAME``).
+
+    A tag's own settings (quick_gelu, normalisation) are written into ``cfg`` / ``preprocess_over``."""
+    import open_clip
+
+    pretrained = model_cfg.pretrained
+    path = Path(os.path.expanduser(pretrained))
+    if path.is_file():
+        return str(path)
+    if path.is_dir() and load_weights:
+        raise UserError(
+            f"model.pretrained: {pretrained} is a directory; use 'local-dir:{pretrained}' for an open_clip "
+            "model folder (open_clip_config.json + weights) or give the weights file"
+        )
+    tag_cfg = open_clip.pretrained.get_pretrained_cfg(model_cfg.name.replace("/", "-"), pretrained)
+    if tag_cfg and not looks_like_path(pretrained) and not path.exists():
+        if "quick_gelu" in tag_cfg:
+            cfg["quick_gelu"] = bool(tag_cfg["quick_gelu"])
+        for key in ("mean", "std", "interpolation", "resize_mode"):
+            if key in tag_cfg:
+                preprocess_over[key] = tag_cfg[key]
+        return "tag:" + pretrained
+    if not load_weights:
+        return None  # rebuilding: the file is not needed
+    raise UserError(f"model.pretrained: file not found: {pretrained}")
+
+
+def _resolve_named(model_cfg, load_weights: bool) -> tuple[dict, Optional[str], dict, Optional[str]]:
+    """A built-in open_clip architecture (``model.name``), or a custom one from ``model.config``."""
+    import open_clip
+
+    base = open_clip.get_model_config(model_cfg.name.replace("/", "-"))
+    if base is None and not model_cfg.config:
+        raise UserError(
+            f"model.name: '{model_cfg.name}' is not an open_clip model "
+            "(see open_clip.list_models()); give model.config for a custom architecture"
+        )
+    cfg = copy.deepcopy(base) if base else {}
+    tokenizer_source = None
+    if base is not None and "text_cfg" not in (model_cfg.config or {}):
+        tokenizer_source = model_cfg.name.replace("/", "-")  # the built-in model's own tokenizer
+    preprocess_over: dict = {}
+    checkpoint = _resolve_pretrained(model_cfg, cfg, preprocess_over, load_weights) if model_cfg.pretrained else None
+    return cfg, checkpoint, preprocess_over, tokenizer_source
+
+
 def _resolve_open_clip(model_cfg, load_weights: bool = True) -> tuple[dict, Optional[str], dict, Optional[str]]:
     """-> (architecture cfg, checkpoint path or None, preprocess overrides, tokenizer source).
 
     load_weights=False touches no weight file (a local-dir's open_clip_config.json is read only
     when model.config does not already give the architecture)."""
-    import open_clip
-
     pretrained = model_cfg.pretrained
-    preprocess_over: dict = {}
-    checkpoint: Optional[str] = None
-    tokenizer_source: Optional[str] = None
-
-    if pretrained and pretrained.startswith("local-dir:") and not load_weights and model_cfg.config:
-        cfg = {}
-    elif pretrained and pretrained.startswith("local-dir:"):
-        directory = Path(os.path.expanduser(pretrained[len("local-dir:"):]))
-        if not directory.is_dir():
-            raise UserError(f"model.pretrained: directory not found: {directory}")
-        cfg_path = directory / "open_clip_config.json"
-        if not cfg_path.is_file():
-            raise UserError(f"model.pretrained: {cfg_path} not found (a local-dir: needs open_clip_config.json)")
-        try:
-            raw = json.loads(cfg_path.read_text())
-            cfg = raw["model_cfg"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"{cfg_path}: not a valid open_clip config ({one_line(exc)})") from None
-        preprocess_over = dict(raw.get("preprocess_cfg") or {})
-        found = _open_clip_checkpoint_in_dir(directory)
-        if found is None and load_weights:
-            raise UserError(f"model.pretrained: no weights (*.safetensors, *.bin, *.pth) in {directory}")
-        checkpoint = str(found) if found is not None else None
-        tokenizer_source = "local-dir:" + str(directory)
+    local_dir = bool(pretrained) and pretrained.startswith("local-dir:")
+    if local_dir and not load_weights and model_cfg.config:
+        cfg, checkpoint, preprocess_over, tokenizer_source = {}, None, {}, None
+    elif local_dir:
+        cfg, checkpoint, preprocess_over, tokenizer_source = _resolve_local_dir(pretrained, load_weights)
     else:
-        base = open_clip.get_model_config(model_cfg.name.replace("/", "-"))
-        if base is None and not model_cfg.config:
-            raise UserError(
-                f"model.name: '{model_cfg.name}' is not an open_clip model "
-                "(see open_clip.list_models()); give model.config for a custom architecture"
-            )
-        cfg = copy.deepcopy(base) if base else {}
-        if base is not None and "text_cfg" not in (model_cfg.config or {}):
-            tokenizer_source = model_cfg.name.replace("/", "-")  # the built-in model's own tokenizer
-        if pretrained:
-            path = Path(os.path.expanduser(pretrained))
-            if path.is_file():
-                checkpoint = str(path)
-            elif path.is_dir() and load_weights:
-                raise UserError(
-                    f"model.pretrained: {pretrained} is a directory; use 'local-dir:{pretrained}' for an open_clip "
-                    "model folder (open_clip_config.json + weights) or give the weights file"
-                )
-            else:
-                tag_cfg = open_clip.pretrained.get_pretrained_cfg(model_cfg.name.replace("/", "-"), pretrained)
-                if tag_cfg and not looks_like_path(pretrained) and not path.exists():
-                    if "quick_gelu" in tag_cfg:
-                        cfg["quick_gelu"] = bool(tag_cfg["quick_gelu"])
-                    for key in ("mean", "std", "interpolation", "resize_mode"):
-                        if key in tag_cfg:
-                            preprocess_over[key] = tag_cfg[key]
-                    checkpoint = "tag:" + pretrained
-                elif not load_weights:
-                    checkpoint = None  # rebuilding: the file is not needed
-                else:
-                    raise UserError(f"model.pretrained: file not found: {pretrained}")
+        cfg, checkpoint, preprocess_over, tokenizer_source = _resolve_named(model_cfg, load_weights)
     if model_cfg.config:
         cfg = deep_merge(cfg, model_cfg.config)
     if PREPROCESS_KEY in cfg:
@@ -264,14 +281,11 @@ def _open_clip_tokenizer(cfg: dict, tokenizer_source: Optional[str]):
     return SimpleTokenizer(context_length=context_length, **kwargs)
 
 
-# Over 80 lines on purpose: resolve the architecture, build it, load the weights, then the tokenizer /
-# text encoder and the LoadedBackbone, one step after the other for the one family that has them all.
-def load_open_clip(model_cfg, load_weights: bool) -> LoadedBackbone:
-    cfg, checkpoint, preprocess_over, tokenizer_source = _resolve_open_clip(model_cfg, load_weights)
+def _build_open_clip(model_cfg, cfg: dict, checkpoint: Optional[str], load_weights: bool):
+    """-> (full model or None, vision tower); the full model only when its weights or text tower are needed."""
     needs_full_model = (load_weights and (checkpoint or model_cfg.head_init == "text")) or "multimodal_cfg" in cfg
     if not needs_full_model:
-        visual = _instantiate_open_clip_visual(cfg)
-        model = None
+        model, visual = None, _instantiate_open_clip_visual(cfg)
     else:
         model = _instantiate_open_clip(cfg)
         visual = model.visual
@@ -286,47 +300,45 @@ def load_open_clip(model_cfg, load_weights: bool) -> LoadedBackbone:
         logger.info("open_clip %s: weights loaded from %s", model_cfg.name, checkpoint)
     elif load_weights:
         logger.info("open_clip %s: random initialisation (model.pretrained is null)", model_cfg.name)
+    return model, visual
 
-    if not hasattr(visual, "ln_post") or not hasattr(visual, "transformer"):
-        raise UserError(
-            f"model.name: open_clip model '{model_cfg.name}' has no ViT vision tower (ln_post); "
-            "only open_clip VisionTransformer towers are supported"
-        )
-    feature_dim = int(visual.ln_post.normalized_shape[0])
-    proj = visual.proj.detach().clone() if getattr(visual, "proj", None) is not None else None
 
-    text_encoder = None
-    reason = ""
+def _text_encoder(model, tokenizer, proj: torch.Tensor) -> Callable[..., torch.Tensor]:
+    @torch.no_grad()
+    def text_encoder(prompts: list, batch_size: int = 256) -> torch.Tensor:
+        model.eval()
+        chunks = []
+        tokens = tokenizer(list(prompts))
+        order = torch.argsort((tokens != 0).sum(dim=-1))  # similar lengths share a batch
+        for i in range(0, len(prompts), batch_size):
+            chunks.append(_encode_text(model, tokens[order[i:i + batch_size]]).float())
+        emb = torch.empty(len(prompts), chunks[0].shape[-1])
+        emb[order] = torch.cat(chunks)
+        return proj_map(emb, proj.t())
+
+    return text_encoder
+
+
+def _open_clip_text_encoder(model, proj: Optional[torch.Tensor], cfg: dict, tokenizer_source: Optional[str],
+                            load_weights: bool) -> tuple[Optional[Callable[..., torch.Tensor]], str]:
+    """-> (prompt encoder into the image feature space, or None and the reason why there is none)."""
     if not load_weights:
-        reason = "rebuilding without weights"
-    elif model is None:
-        reason = "head_init is not 'text'"
-    elif proj is None:
-        reason = "the vision tower has no projection"
-    elif not hasattr(model, "encode_text"):
-        reason = "the model has no text tower"
-    else:
-        try:
-            tokenizer = _open_clip_tokenizer(cfg, tokenizer_source)
-        except Exception as exc:
-            tokenizer = None
-            reason = f"cannot load the open_clip tokenizer ({one_line(exc)})"
-        if tokenizer is not None:
-            text_model = model
+        return None, "rebuilding without weights"
+    if model is None:
+        return None, "head_init is not 'text'"
+    if proj is None:
+        return None, "the vision tower has no projection"
+    if not hasattr(model, "encode_text"):
+        return None, "the model has no text tower"
+    try:
+        tokenizer = _open_clip_tokenizer(cfg, tokenizer_source)
+    except Exception as exc:
+        return None, f"cannot load the open_clip tokenizer ({one_line(exc)})"
+    return _text_encoder(model, tokenizer, proj), ""
 
-            @torch.no_grad()
-            def text_encoder(prompts: list, batch_size: int = 256) -> torch.Tensor:
-                text_model.eval()
-                chunks = []
-                tokens = tokenizer(list(prompts))
-                order = torch.argsort((tokens != 0).sum(dim=-1))  # similar lengths share a batch
-                for i in range(0, len(prompts), batch_size):
-                    chunks.append(_encode_text(text_model, tokens[order[i:i + batch_size]]).float())
-                emb = torch.empty(len(prompts), chunks[0].shape[-1])
-                emb[order] = torch.cat(chunks)
-                return proj_map(emb, proj.t())
 
-    visual.proj = None  # features are taken before the projection; it is not part of the classifier
+def _open_clip_preprocess(cfg: dict, visual, preprocess_over: dict) -> tuple[dict, dict]:
+    """-> (test-time preprocessing, architecture cfg that records it)."""
     preprocess = make_preprocess(
         preprocess_over.get("size", visual.image_size),
         preprocess_over.get("mean", OPENAI_CLIP_MEAN),
@@ -338,9 +350,24 @@ def load_open_clip(model_cfg, load_weights: bool) -> LoadedBackbone:
         "size": preprocess["image_size"], "mean": preprocess["mean"], "std": preprocess["std"],
         "interpolation": preprocess["interpolation"],
     }
-    backbone = OpenClipBackbone(visual)
+    return preprocess, resolved
+
+
+def load_open_clip(model_cfg, load_weights: bool) -> LoadedBackbone:
+    cfg, checkpoint, preprocess_over, tokenizer_source = _resolve_open_clip(model_cfg, load_weights)
+    model, visual = _build_open_clip(model_cfg, cfg, checkpoint, load_weights)
+    if not hasattr(visual, "ln_post") or not hasattr(visual, "transformer"):
+        raise UserError(
+            f"model.name: open_clip model '{model_cfg.name}' has no ViT vision tower (ln_post); "
+            "only open_clip VisionTransformer towers are supported"
+        )
+    feature_dim = int(visual.ln_post.normalized_shape[0])
+    proj = visual.proj.detach().clone() if getattr(visual, "proj", None) is not None else None
+    text_encoder, reason = _open_clip_text_encoder(model, proj, cfg, tokenizer_source, load_weights)
+    visual.proj = None  # features are taken before the projection; it is not part of the classifier
+    preprocess, resolved = _open_clip_preprocess(cfg, visual, preprocess_over)
     return LoadedBackbone(
-        module=backbone,
+        module=OpenClipBackbone(visual),
         feature_dim=feature_dim,
         preprocess=preprocess,
         resolved_config=resolved,
@@ -350,7 +377,6 @@ def load_open_clip(model_cfg, load_weights: bool) -> LoadedBackbone:
         mlp_attr="mlp",
         norm_attr="ln_2",
     )
-
 
 
 FAMILIES = {"open_clip": load_open_clip}

@@ -326,7 +326,7 @@ class OneBackward:
         """
         half = self.state.low_precision
         rows = []
-        for p, c, e, m in zip(params, captured, exact, magnitudes):
+        for p, c, e, m in zip(params, captured, exact, magnitudes, strict=True):
             if e is None and c is None:
                 continue
             e = torch.zeros_like(p) if e is None else e
