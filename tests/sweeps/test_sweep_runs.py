@@ -227,7 +227,9 @@ def test_postgres_second_worker_takes_over_a_dead_workers_trial(tmp_path, postgr
 
 
 def test_timeout_stops_the_running_trial_and_the_next_run_continues_it(tmp_path):
-    path = write_sweep(tmp_path, "clock", {"optim.rho": {"type": "categorical", "choices": [0.05]}}, trials=1)
+    # 12 epochs (a few seconds each): the trial cannot finish inside the 15 s budget on any machine
+    path = write_sweep(tmp_path, "clock", {"optim.rho": {"type": "categorical", "choices": [0.05]}}, trials=1,
+                       fixed={"train.epochs": 12})
     started = time.time()
     out = finish(start_worker(path, "--timeout", "15"))
     assert time.time() - started < 15 + 90, out[-2000:]  # start-up + stopping the run, not a whole trial
