@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from ft_focal.integrations.skips import DEFAULT_MAX_BAD_STEPS, SkipGuard
-from ft_focal.optim import ONE_BACKWARD_METHODS, Runtime, SharpnessOptimizer, build_optimizer
+from ft_focal.optim import Runtime, SharpnessOptimizer, build_optimizer
 
 __all__ = ["SharpnessLightningMixin", "build_lightning_optimizer", "sharpness_step"]
 
@@ -66,8 +66,8 @@ def build_lightning_optimizer(module: Any, name: str, class_counts: Sequence[int
 
     ``params``: default every trainable parameter of ``module``. ``cfg``: the keywords of
     ``ft_focal.optim.build_optimizer`` (``base``, ``lr``, ``momentum``, ``rho``, ...;
-    ``one_backward`` defaults to True where exact). The runtime options ``model``, ``backward``,
-    ``scaler`` and ``no_sync`` are set from the module's Trainer.
+    ``one_backward`` defaults to "auto": on where every trainable parameter has a layer rule). The
+    runtime options ``model``, ``backward``, ``scaler`` and ``no_sync`` are set from the module's Trainer.
     """
     if getattr(module, "automatic_optimization", True):
         raise ValueError("ft_focal optimizers need Lightning manual optimization: set "
@@ -75,8 +75,6 @@ def build_lightning_optimizer(module: Any, name: str, class_counts: Sequence[int
     trainer = module.trainer
     refuse_sharded_strategy(trainer.strategy)
     runtime = Runtime.for_lightning(module).keywords()
-    if name in ONE_BACKWARD_METHODS:
-        cfg.setdefault("one_backward", True)
     if params is None:
         params = [p for p in module.parameters() if p.requires_grad]
     return build_optimizer(name, params, class_counts, **{**runtime, **cfg})

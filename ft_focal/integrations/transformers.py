@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from ft_focal.integrations.skips import DEFAULT_MAX_BAD_STEPS, SkipGuard
-from ft_focal.optim import ONE_BACKWARD_METHODS, OPTIMIZERS, Runtime, SharpnessOptimizer, build_optimizer
+from ft_focal.optim import OPTIMIZERS, Runtime, SharpnessOptimizer, build_optimizer
 
 __all__ = ["SharpnessTrainer", "SharpnessTrainerMixin"]
 
@@ -132,8 +132,8 @@ class SharpnessTrainerMixin:
     optim_kwargs: keywords of ``build_optimizer``: ``base`` ("sgd" default, "adamw", "adam"), base
         keywords (``momentum``, ...; ``lr`` / ``weight_decay`` / ``betas`` default to the
         TrainingArguments' ``learning_rate`` / ``weight_decay`` / ``adam_beta1, adam_beta2``),
-        method keywords (``rho``, ``gamma``, ...; ``one_backward`` defaults to True where
-        exact) and runtime options (``sync_perturbation``, ``sharded``).
+        method keywords (``rho``, ``gamma``, ...; ``one_backward`` defaults to "auto":
+        on where every trainable parameter has a layer rule) and runtime options (``sync_perturbation``, ``sharded``).
     class_counts: training-set count per class (``[C]``), for the methods that need it.
     loss_fn: per-sample loss ``loss_fn(logits [B, C], labels [B]) -> [B]``; default cross-entropy.
         Its ``set_epoch(epoch)``, if any, is called before every step (e.g. LDAM-DRW).
@@ -189,8 +189,6 @@ class SharpnessTrainerMixin:
         weight_decay = cfg.pop("weight_decay", self.args.weight_decay)
         if base in ("adam", "adamw"):
             cfg.setdefault("betas", (self.args.adam_beta1, self.args.adam_beta2))
-        if self.sharpness_method in ONE_BACKWARD_METHODS:
-            cfg.setdefault("one_backward", True)
         # model= is the unwrapped module: the one-backward path hooks its layers and normalisation
         # statistics are saved / restored on it.
         runtime = Runtime.for_accelerate(self.accelerator, model, lambda: self.model_wrapped).keywords()

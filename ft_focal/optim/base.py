@@ -150,15 +150,21 @@ class SharpnessOptimizer(torch.optim.Optimizer):
                                backward_applies_scaler=bool(backward_applies_scaler), model=model, no_sync=no_sync,
                                sync_perturbation=bool(sync_perturbation), sharded=bool(sharded))
         self._warned = set()
-        if one_backward and model is None:
+        auto = isinstance(one_backward, str)
+        if auto and one_backward != "auto":
+            raise ValueError(f"one_backward must be True, False or 'auto', got {one_backward!r}")
+        if one_backward is True and model is None:
             raise ValueError("one_backward=True needs model= (the nn.Module, for the layer rules)")
-        self.one_backward = OneBackward(model) if one_backward else None
+        self.one_backward = OneBackward(model) if one_backward and model is not None else None
         self.passes = Passes(self.runtime, type(self).__name__, self.allow_scalar_loss, self.one_backward,
                              self._warn_once)
         self.one_backward_check = bool(one_backward_check)
         if self.one_backward is not None:
             self.one_backward.validated = not self.one_backward_check
-            self._plan_one_backward(self._trainable())   # swap the layers now, before any compile
+            if auto:
+                self._decide_one_backward(self._trainable())
+            if self.one_backward is not None:
+                self._plan_one_backward(self._trainable())   # swap the layers now, before any compile
         self.skipped_steps = 0
         self.last_skipped: bool | torch.Tensor = False   # the last step's: a bool, or a 0-d device flag
         self._base_stepped = False   # the base optimizer has applied an update (its state exists)
@@ -388,6 +394,19 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         for g in self.param_groups:
             for p in g["params"]:
                 p.grad = None
+
+    def _decide_one_backward(self, params) -> None:
+        """one_backward="auto": keep the one-backward path iff every trainable parameter sits in a layer
+        with a rule and none is sharded; otherwise the exact path, said once at INFO (not a warning:
+        nothing was asked for that cannot be given)."""
+        sb = self.one_backward
+        reason = ("FSDP2 shards the parameters" if any(is_sharded(p) for p in params)
+                  else sb.uncovered(params))
+        if reason is not None:
+            logger.info("one_backward='auto': off (%s); the exact path runs (same update, one more backward)",
+                        reason)
+            sb.remove()
+            self.one_backward = self.passes.one_backward = None
 
     def _plan_one_backward(self, params) -> bool:
         sb = self.one_backward

@@ -23,7 +23,9 @@ class FocalSAM(SharpnessOptimizer):
     ``(1 - lam) grad L(w) + lam grad L(w + eps)``. The official code also has an ``adaptive`` (ASAM)
     switch that its released settings do not use; it is not offered here.
 
-    ``one_backward=True`` (needs ``model=``) forms steps 2-3 from ONE backward of the unweighted
+    ``one_backward`` (default ``"auto"``: on when ``model=`` is given and every trainable parameter
+    sits in a covered layer, off otherwise, said once at INFO; ``True`` forces it, ``False`` never)
+    forms steps 2-3 from ONE backward of the unweighted
     mean loss: every covered layer (Linear, LayerNorm, the cosine head, a learnable scale) runs as an
     ``autograd.Function`` whose backward also gives the a-weighted gradient (closed forms, see
     ``one_backward/__init__.py`` and ``one_backward/rules.py``). Same update (to float rounding) at
@@ -35,7 +37,7 @@ class FocalSAM(SharpnessOptimizer):
     method_kwargs = ("rho", "gamma", "lam", "class_counts", "one_backward", "one_backward_check")
 
     def __init__(self, params, base_optimizer_cls, rho=0.05, gamma=0.5, lam=0.8, class_counts=None,
-                 one_backward=False, **kwargs):
+                 one_backward="auto", **kwargs):
         if rho < 0:
             raise ValueError(f"rho must be non-negative, got {rho}")
         counts = class_table(class_counts)

@@ -31,7 +31,7 @@ class ImbSAM(SharpnessOptimizer):
                      "one_backward_check", "skip_empty_groups")
 
     def __init__(self, params, base_optimizer_cls, rho=0.05, class_counts=None, tail_threshold=20,
-                 tail_weight=1.0, one_backward=False, skip_empty_groups=True, **kwargs):
+                 tail_weight=1.0, one_backward="auto", skip_empty_groups=True, **kwargs):
         if rho < 0:
             raise ValueError(f"rho must be non-negative, got {rho}")
         counts = class_table(class_counts)

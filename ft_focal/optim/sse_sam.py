@@ -31,7 +31,7 @@ class SSESAM(SharpnessOptimizer):
                      "one_backward", "one_backward_check", "skip_empty_groups")
 
     def __init__(self, params, base_optimizer_cls, rho_head=0.05, rho_tail=0.1, class_counts=None,
-                 tail_threshold=100, switch_fraction=0.7, one_backward=False, skip_empty_groups=True,
+                 tail_threshold=100, switch_fraction=0.7, one_backward="auto", skip_empty_groups=True,
                  **kwargs):
         if rho_head < 0 or rho_tail < 0:
             raise ValueError(f"rho_head and rho_tail must be non-negative, got {rho_head}, {rho_tail}")

@@ -90,8 +90,9 @@ def method_kwargs(recipe: Recipe) -> dict[str, Any]:
                     ", ".join(f"optim.{key}={method[key]}" for key in dropped))
     method = {key: value for key, value in method.items() if key in taken}
     if cfg.name in ONE_BACKWARD_METHODS:
-        # Exact either way; the one-backward path is cheaper and falls back by itself.
-        method["one_backward"] = True if cfg.one_backward is None else cfg.one_backward
+        # Exact either way; null = "auto": the cheaper one-backward path wherever every trainable
+        # parameter has a layer rule (LoRA, AdaptFormer, heads), the exact path otherwise.
+        method["one_backward"] = "auto" if cfg.one_backward is None else cfg.one_backward
     elif cfg.one_backward:
         logger.info("optim.name=%s does not take optim.one_backward=true (only %s do): ignored",
                     cfg.name, ", ".join(ONE_BACKWARD_METHODS))

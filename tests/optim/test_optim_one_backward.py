@@ -359,7 +359,7 @@ def test_remove_gives_the_layers_back_and_the_optimizer_runs_the_exact_path():
     assert [type(layer) for layer in m] == [type(layer) for layer in plain]
     assert not [k for layer in m for k in vars(layer) if k.startswith("one_backward")]
     assert list(m.state_dict()) == keys
-    ref = METHODS["focal_sam"](plain.parameters(), model=plain)
+    ref = METHODS["focal_sam"](plain.parameters(), one_backward=False, model=plain)
     for model, o in ((m, opt), (plain, ref)):
         for _ in range(2):
             o.step(lambda model=model: F.cross_entropy(model(x), LABELS, reduction="none"), targets=LABELS)
@@ -394,3 +394,38 @@ def test_a_state_dict_with_the_old_key_names_restores_the_one_backward_state():
     assert not fresh.one_backward.validated
     fresh.load_state_dict({"base_optimizer": state["base_optimizer"], "wrapper": old})
     assert fresh.one_backward.validated and fresh.one_backward.disabled == "a reason"
+
+
+def test_auto_is_on_exactly_when_every_trainable_parameter_has_a_rule(caplog):
+    """The default one_backward="auto": on with model= and every trainable parameter in a covered
+    layer; off (one INFO line, exact 2F + 3B) when one is not; off without model= (the README's
+    FocalSAM(params, SGD, ...))."""
+    x = torch.randn(12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+
+    def two_steps(opt, m):
+        for _ in range(2):
+            opt.step(lambda: F.cross_entropy(m(x), LABELS, reduction="none"), targets=LABELS)
+        return opt.last_pass_counts
+
+    m = mlp(0)
+    assert two_steps(METHODS["focal_sam"](m.parameters(), model=m), m) == {"forward": 2, "backward": 2}
+
+    class WithBareScale(nn.Module):   # a parameter outside any layer with a rule
+        def __init__(self):
+            super().__init__()
+            self.net, self.temperature = mlp(0), nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+
+        def forward(self, inputs):
+            return self.net(inputs) * self.temperature
+
+    m = WithBareScale()
+    with caplog.at_level(logging.INFO, logger="ft_focal.optim.base"):
+        opt = METHODS["focal_sam"](m.parameters(), model=m)
+    assert opt.one_backward is None and type(m.net[0]) is nn.Linear
+    assert [r.getMessage() for r in caplog.records if "one_backward='auto': off" in r.getMessage()]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert two_steps(opt, m) == {"forward": 2, "backward": 3}
+
+    m = mlp(0)
+    assert METHODS["focal_sam"](m.parameters()).one_backward is None
+    assert two_steps(METHODS["imbsam"](m.parameters()), m) == {"forward": 2, "backward": 3}

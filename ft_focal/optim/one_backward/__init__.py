@@ -211,14 +211,20 @@ class OneBackward:
         self.disabled = None      # reason, once switched off for good
 
     # ----------------------------------------------------------------- plan / install
-    def plan(self, params) -> str | None:
-        """None if every parameter in ``params`` is covered (installing the rules), else why not."""
+    def uncovered(self, params) -> str | None:
+        """Why a parameter in ``params`` has no layer rule, or None when every one has (then the rules
+        are installed). Unlike ``plan`` it ignores what may change from step to step (train mode)."""
         key = tuple(id(p) for p in params)
         if key != self._key:
             self._key = key
             self._reason = self._install(params)
-        if self._reason is not None:
-            return self._reason
+        return self._reason
+
+    def plan(self, params) -> str | None:
+        """None if every parameter in ``params`` is covered (installing the rules), else why not."""
+        reason = self.uncovered(params)
+        if reason is not None:
+            return reason
         for m in self._batchnorms:   # checked every step: the model may be switched to train()
             if m.training:
                 return f"{type(m).__name__} in training mode mixes the samples of a batch"
