@@ -61,7 +61,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import ft_focal.evaluation.evaluate as evaluate_mod  # noqa: E402
+import ft_focal.training.builders as builders_mod  # noqa: E402
 import ft_focal.training.checkpoint as ckpt_mod  # noqa: E402
+import ft_focal.training.parts as parts_mod  # noqa: E402
+import ft_focal.training.state as state_mod  # noqa: E402
 import ft_focal.training.trainer as train_mod  # noqa: E402
 from ft_focal.config import Recipe, load_recipe  # noqa: E402
 from ft_focal.data import build_datasets  # noqa: E402
@@ -107,7 +110,7 @@ def clocks() -> tuple[float, float]:  # wall, process CPU
 def instrumented() -> Iterator[dict]:
     """Wrap (not replace) toolkit functions by module attribute for one `train` call; restored on exit."""
     probe = {"step": 0.0, "excl": 0.0, "excl_cpu": 0.0, "cpu_open": None, "cpu_close": None}
-    saved = [(train_mod, "build_optimizer_from"), (train_mod, "TrainLog"), (train_mod, "save_best"),
+    saved = [(parts_mod, "build_optimizer_from"), (train_mod, "TrainLog"), (state_mod, "save_best"),
              (ckpt_mod, "save_checkpoint"), (evaluate_mod, "evaluate_split")]  # evaluate: imported by the Trainer
     real = {name: getattr(mod, name) for mod, name in saved}
 
@@ -180,12 +183,12 @@ def bare_run(recipe: Recipe, bundle: Any, method: str, steps: int) -> dict:
     set_seed(recipe.seed)  # as train.py before preprocess_for + build_classifier: same initial weights
     preprocess_for(recipe.model)
     model = build_classifier(recipe.model, recipe.tuning, bundle.num_classes, bundle.classnames)
-    criterion = train_mod.build_loss_from(recipe, list(bundle.class_counts))  # per-sample losses
+    criterion = builders_mod.build_loss_from(recipe, list(bundle.class_counts))  # per-sample losses
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=ocfg.lr, momentum=ocfg.momentum, weight_decay=ocfg.weight_decay,
                           nesterov=ocfg.nesterov)
     # the loop's own schedule function: the LR multipliers must be the same for "the same math"
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, train_mod.lr_lambda(cfg.scheduler, cfg.warmup_steps, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, builders_mod.lr_lambda(cfg.scheduler, cfg.warmup_steps, steps))
     counts = torch.tensor(list(bundle.class_counts), dtype=torch.float32)
     coef = ocfg.lam * (1.0 - counts / counts.sum()) ** ocfg.gamma  # a_c; a_j = coef[y_j]
 

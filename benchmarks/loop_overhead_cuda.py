@@ -84,25 +84,24 @@ def _bare_update(method: str, model: torch.nn.Module, criterion: Any, opt: torch
 
 def step_times(recipe: Any, bundle: Any, method: str, warmup: int, iters: int) -> tuple[float, float]:
     """(toolkit optimizer.step, bare-torch update) median seconds on one batch on the GPU."""
-    from ft_focal.training.trainer import Trainer
+    from ft_focal.training.parts import build_run
 
-    trainer = Trainer(recipe, bundle)
-    trainer.setup()
-    device = trainer.accelerator.device
+    parts = build_run(recipe, bundle)
+    device = parts.accelerator.device
     loader = DataLoader(bundle.train, batch_size=recipe.train.batch_size, collate_fn=bundle.collate_fn)
     images, labels = (t.to(device) for t in next(iter(loader)))
-    trainer.wrapped.train()
-    closure = lambda: trainer.criterion(trainer.wrapped(images).float(), labels)  # noqa: E731
-    toolkit = _timed(lambda: trainer.optimizer.step([closure], targets=[labels]), warmup, iters)
-    model = trainer.model
+    parts.wrapped.train()
+    closure = lambda: parts.loss(parts.wrapped(images).float(), labels)  # noqa: E731
+    toolkit = _timed(lambda: parts.optimizer.step([closure], targets=[labels]), warmup, iters)
+    model = parts.model
     params = [p for p in model.parameters() if p.requires_grad]
     o = recipe.optim
     opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    counts = torch.tensor(trainer.class_counts, dtype=torch.float32, device=device)
+    counts = torch.tensor(parts.class_counts, dtype=torch.float32, device=device)
     coef = (o.lam or 0.8) * (1.0 - counts / counts.sum()) ** (o.gamma or 0.5)
-    bare = _timed(_bare_update(method, model, trainer.criterion, opt, images, labels, o.rho or 0.05, coef),
+    bare = _timed(_bare_update(method, model, parts.loss, opt, images, labels, o.rho or 0.05, coef),
                   warmup, iters)
-    trainer = model = opt = None  # free the GPU memory (the lambdas above are not called again)
+    parts = model = opt = None  # free the GPU memory (the lambdas above are not called again)
     torch.cuda.empty_cache()
     return toolkit, bare
 

@@ -216,7 +216,7 @@ def test_optimizer_and_loss_keys_are_accepted_by_the_registries(path):
 
     from ft_focal.losses import loss_kwargs
     from ft_focal.optim import build_optimizer, optimizer_kwargs
-    from ft_focal.training.trainer import LOSS_KEYS, METHOD_KEYS, build_loss_from
+    from ft_focal.training.builders import LOSS_KEYS, METHOD_KEYS, build_loss_from
 
     recipe = load_recipe(path)
     o = recipe.optim

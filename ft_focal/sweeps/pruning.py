@@ -55,7 +55,7 @@ class PruningReporter:
         return self._trial
 
     def __call__(self, trainer: Any, epoch: int, val: dict) -> None:
-        s, acc = self.settings, trainer.accelerator
+        s, acc = self.settings, trainer.parts.accelerator
         decision = [False, None]
         if acc.is_main_process:
             value = objective_value(val, s["objective"])

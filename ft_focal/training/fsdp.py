@@ -121,7 +121,7 @@ def save_sharded_checkpoint(trainer: Any) -> Path:
     ckpt.save_checkpoint: written into ``step_N.tmp``, manifest last, then renamed by rank 0."""
     import torch.distributed.checkpoint as dcp
 
-    s, acc, rank = trainer.state, trainer.accelerator, trainer.rank
+    s, acc, rank = trainer.state, trainer.parts.accelerator, trainer.rank
     s.bad_images = trainer.bad_images_before + trainer.bad_consumed
     s.train_seconds = round(trainer.log.elapsed(), 3)
     root = trainer.ckpt_root
@@ -132,13 +132,13 @@ def save_sharded_checkpoint(trainer: Any) -> Path:
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    dcp.save(_dcp_state(trainer.model, trainer.optimizer), checkpoint_id=str(tmp))
+    dcp.save(_dcp_state(trainer.parts.model, trainer.parts.optimizer), checkpoint_id=str(tmp))
     rng_file = tmp / f"rng_rank{rank}.pt"
     torch.save(ckpt._plain_rng(ckpt.rng_state()), rng_file)
     ckpt._fsync_file(rng_file)
     if rank == 0:
-        torch.save(trainer.optimizer.state_dict()["wrapper"], tmp / WRAPPER_FILE)
-        torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(trainer.parts.optimizer.state_dict()["wrapper"], tmp / WRAPPER_FILE)
+        torch.save(trainer.parts.schedule.state_dict(), tmp / "scheduler.pt")
         write_json(tmp / "trainer.json", {**dataclasses.asdict(s), "world_size": trainer.world, "fsdp": True})
         best = trainer.out / ckpt_best_name()
         if s.best_sha256 and best.is_file():
@@ -178,7 +178,7 @@ def load_sharded_checkpoint(path: Path, trainer: Any) -> dict:
     path = Path(path)
     if not fsdp_enabled(trainer.recipe):
         raise UserError(f"{path}: a sharded (train.fsdp) checkpoint; resume it with train.fsdp: true")
-    model, opt = trainer.model, trainer.optimizer
+    model, opt = trainer.parts.model, trainer.parts.optimizer
     state = _dcp_state(model, opt)
     dcp.load(state, checkpoint_id=str(path))
     options = StateDictOptions(ignore_frozen_params=True)
@@ -186,7 +186,7 @@ def load_sharded_checkpoint(path: Path, trainer: Any) -> dict:
     set_optimizer_state_dict(model, opt.base_optimizer, state["optim"], options=options)
     wrapper = torch.load(path / WRAPPER_FILE, weights_only=True)
     opt.load_state_dict({"base_optimizer": opt.base_optimizer.state_dict(), "wrapper": wrapper})
-    trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    trainer.parts.schedule.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     restored = json.loads((path / "trainer.json").read_text())
     rng_file = path / f"rng_rank{trainer.rank}.pt"
     if rng_file.is_file() and restored.get("world_size") == trainer.world:
@@ -204,8 +204,8 @@ def load_checkpoint_for(trainer: Any, path: Path) -> dict:
         if not is_sharded_checkpoint(path):
             raise UserError(f"{path}: written without train.fsdp; resume it with train.fsdp: false")
         return load_sharded_checkpoint(path, trainer)
-    return ckpt.load_checkpoint(path, trainer.model, trainer.optimizer, trainer.scheduler, trainer.rank,
-                                trainer.accelerator.scaler)
+    return ckpt.load_checkpoint(path, trainer.parts.model, trainer.parts.optimizer, trainer.parts.schedule, trainer.rank,
+                                trainer.parts.accelerator.scaler)
 
 
 # --------------------------------------------------------------------------- whole weights
@@ -215,10 +215,11 @@ def save_best_for(trainer: Any) -> Any:
     under FSDP2: every rank gathers the shards, rank 0 writes)."""
     from ft_focal.training.state import save_best
 
+    main = trainer.parts.accelerator.is_main_process
     if not fsdp_enabled(trainer.recipe):
-        return save_best(trainer.out, trainer.model) if trainer.accelerator.is_main_process else trainer.state.best_sha256
+        return save_best(trainer.out, trainer.parts.model) if main else trainer.state.best_sha256
     plain = consolidated_copy(trainer)
-    return save_best(trainer.out, plain) if trainer.accelerator.is_main_process else trainer.state.best_sha256
+    return save_best(trainer.out, plain) if main else trainer.state.best_sha256
 
 
 def consolidated_copy(trainer: Any) -> torch.nn.Module:
@@ -226,15 +227,15 @@ def consolidated_copy(trainer: Any) -> torch.nn.Module:
     from ft_focal.models import build_classifier
     from ft_focal.training.sharding import full_state_dict
 
-    full = full_state_dict(trainer.model)
-    recipe, bundle = trainer.recipe, trainer.bundle
+    full = full_state_dict(trainer.parts.model)
+    recipe, bundle = trainer.recipe, trainer.parts.data
     rng = torch.get_rng_state()   # building draws random init values: keep the run's stream
-    arch = getattr(trainer.model, "rebuild_config", None) or recipe.model
+    arch = getattr(trainer.parts.model, "rebuild_config", None) or recipe.model
     plain = build_classifier(arch, recipe.tuning, bundle.num_classes, bundle.classnames, load_weights=False)
     torch.set_rng_state(rng)
     plain.load_state_dict(full)
-    plain.head_init_used = getattr(trainer.model, "head_init_used", recipe.model.head_init)
-    return plain.to(trainer.accelerator.device)
+    plain.head_init_used = getattr(trainer.parts.model, "head_init_used", recipe.model.head_init)
+    return plain.to(trainer.parts.accelerator.device)
 
 
 def consolidate(trainer: Any) -> None:
@@ -242,4 +243,4 @@ def consolidate(trainer: Any) -> None:
     final/ then run as without FSDP)."""
     if fsdp_enabled(trainer.recipe):
         plain = consolidated_copy(trainer)
-        trainer.model = trainer.wrapped = plain.eval()
+        trainer.parts = dataclasses.replace(trainer.parts, model=plain.eval(), wrapped=plain)

@@ -41,48 +41,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader
 
-from ft_focal.config import Recipe, save_recipe
+from ft_focal.config import Recipe
 from ft_focal.errors import UserError
 from ft_focal.sweeps.pruning import validation_hook_from_env
 from ft_focal.training import checkpoint as ckpt
 from ft_focal.training import run_control as runcontrol
-from ft_focal.training.builders import (  # noqa: F401
-    LOSS_KEYS,
-    METHOD_KEYS,
-    build_loss_from,
-    build_optimizer_from,
-    clip_final_gradient,
-    compile_model,
-    lr_lambda,
-    make_accelerator,
-)
-from ft_focal.training.fsdp import (
-    consolidate,
-    fsdp_enabled,
-    load_checkpoint_for,
-    prepare_model,
-    save_best_for,
-    save_sharded_checkpoint,
-)
+from ft_focal.training.fsdp import consolidate, fsdp_enabled, load_checkpoint_for, save_best_for, save_sharded_checkpoint
 from ft_focal.training.log import TrainLog, validation_summary
-from ft_focal.training.malloc import keep_freed_memory
-from ft_focal.training.preflight import check_paths
+from ft_focal.training.parts import RunParts, build_run
 from ft_focal.training.run_control import Preempted, StopSignals, flat_recipe
-from ft_focal.training.sampling import ResumableBatchSampler, SeededDataset, prefetch_to_device, steps_per_epoch
-from ft_focal.training.state import BEST, OPERATIONAL_KEYS, SkipStreak, TrainState, recipe_digest, save_best  # noqa: F401
-from ft_focal.training.zero_shot import is_zero_shot, mark_zero_shot, refuse_checkpoints
+from ft_focal.training.sampling import ResumableBatchSampler, SeededDataset, prefetch_to_device
+from ft_focal.training.state import BEST, OPERATIONAL_KEYS, SkipStreak, TrainState, recipe_digest
+from ft_focal.training.zero_shot import mark_zero_shot, refuse_checkpoints
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "train", "LOSS_KEYS", "METHOD_KEYS", "build_loss_from", "build_optimizer_from",
-           "make_accelerator"]
+__all__ = ["Trainer", "train"]
 
 
 class Trainer:
@@ -92,13 +72,14 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, bundle: Any = None, restart: bool = False,
                  on_validation: Optional[Callable] = None) -> None:
-        self.recipe, self.cfg, self.bundle, self.restart = recipe, recipe.train, bundle, restart
+        self.recipe, self.cfg, self.prebuilt, self.restart = recipe, recipe.train, bundle, restart
         # on_validation(trainer, epoch, val) after each epoch-end validation, on every process; it may stop
         # the run. In a sweep trial: the pruning callback (ft_focal/sweeps/pruning.py), else None.
         self.on_validation = on_validation or validation_hook_from_env()
         self.out = Path(recipe.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.state = TrainState(recipe_sha256=recipe_digest(recipe))
+        self.parts: Optional[RunParts] = None   # built by setup()
         self.signals = StopSignals()
 
     def run(self) -> dict:
@@ -108,8 +89,8 @@ class Trainer:
         self.signals.install()
         try:
             self.epoch_end()  # a run killed between an epoch's last update and its checkpoint
-            while self.state.step < self.total_steps:
-                self.train_epoch(self.state.step // self.n_steps_epoch)
+            while self.state.step < self.parts.total_steps:
+                self.train_epoch(self.state.step // self.parts.steps_per_epoch)
                 self.epoch_end()
         finally:
             self.signals.restore()
@@ -121,71 +102,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        """Accelerator and seeds, then data (+ class counts), model, loss, optimizer, LR schedule."""
-        from accelerate.utils import set_seed
-
-        from ft_focal.data.build import build_datasets
-        from ft_focal.models import build_classifier, preprocess_for
-
-        recipe, cfg = self.recipe, self.cfg
-        # Every missing path the run will read (weights; data unless prebuilt) at once, before anything heavy.
-        check_paths(recipe, data=self.bundle is None)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        if cfg.deterministic:  # before the accelerator touches CUDA: cuBLAS reads this at init
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        acc = self.accelerator = make_accelerator(recipe)
+        """The run's parts (ft_focal/training/parts.py), then the training and validation sets."""
+        self.parts = build_run(self.recipe, self.prebuilt, after_head_init=self._save_initial_state)
+        acc, data = self.parts.accelerator, self.parts.data
         self.rank, self.world = acc.process_index, acc.num_processes
-        if acc.device.type == "cpu":
-            # Reuse each step's freed activation buffers instead of page-faulting them in again
-            # (ft_focal/training/malloc.py: ~50 000 faults per step on a small CLIP otherwise).
-            keep_freed_memory()
-        set_seed(recipe.seed)
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
-        if cfg.batch_size % (self.world * cfg.grad_accum_steps):
-            raise UserError(f"recipe key 'train.batch_size' ({cfg.batch_size}) must be divisible by "
-                            f"processes x grad_accum_steps = {self.world * cfg.grad_accum_steps}")
-        if acc.is_main_process:
-            save_recipe(recipe, self.out / "recipe.yaml")
-
-        # Data. Class counts are those of the TRAINING split: the optimizers and losses need them.
-        self.preprocess = preprocess_for(recipe.model)
-        bundle = self.bundle = self.bundle or build_datasets(recipe.data, self.preprocess, recipe.seed)
-        self.class_counts = list(bundle.class_counts)
-        self.n_steps_epoch = steps_per_epoch(len(bundle.train), cfg.batch_size)
-        if self.n_steps_epoch == 0 and not is_zero_shot(cfg):
-            raise UserError(f"recipe key 'train.batch_size' ({cfg.batch_size}) exceeds the training set "
-                            f"({len(bundle.train)} images)")
-        self.total_steps = cfg.epochs * self.n_steps_epoch if cfg.max_steps is None else cfg.max_steps
-        logger.info("data: %d train / %s val / %d test images, %d classes, %d updates per epoch, %d in all",
-                    len(bundle.train), len(bundle.val) if bundle.val is not None else "no", len(bundle.test),
-                    bundle.num_classes, self.n_steps_epoch, self.total_steps)
-
-        # Model, then loss and optimizer over its trainable parameters.
-        self.model = build_classifier(recipe.model, recipe.tuning, bundle.num_classes, bundle.classnames)
-        self.criterion = build_loss_from(recipe, self.class_counts).to(acc.device)
-        # DDP, or FSDP2 (train.fsdp); the head is initialised (and saved for `ft-focal wise`) before sharding
-        self.wrapped = prepare_model(self.model, recipe, bundle, acc, after_head_init=self._save_initial_state)
-        self.optimizer = build_optimizer_from(recipe, self.model, self.wrapped, self.class_counts, acc)
-        if cfg.compile:   # after the optimizer: its one-backward path swaps layer classes first
-            self.wrapped = compile_model(self.wrapped)
-        if cfg.grad_clip:
-            clip_final_gradient(self.optimizer, self.model, cfg.grad_clip)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg.scheduler, cfg.warmup_steps, self.total_steps))
         # torchvision's training transforms draw from torch's generator only (see SeededDataset)
-        self.train_set = SeededDataset(bundle.train, recipe.seed, generators=("torch",))
-        has_val = bundle.val is not None and recipe.eval.select_split == "val"
-        self.val_set = bundle.eval_dataset("val") if has_val else None
+        self.train_set = SeededDataset(data.train, self.recipe.seed, generators=("torch",))
+        has_val = data.val is not None and self.recipe.eval.select_split == "val"
+        self.val_set = data.eval_dataset("val") if has_val else None
 
     # ------------------------------------------------------------------ resume
-    def _save_initial_state(self, model: torch.nn.Module) -> None:
+    def _save_initial_state(self, model: torch.nn.Module, accelerator: Any) -> None:
         """alpha = 0 of `ft-focal wise` (ft_focal/evaluation/wise.py): the initial head (and backbone
         where it cannot be rebuilt), written once by the main process."""
-        if self.accelerator.is_main_process:
+        if accelerator.is_main_process:
             from ft_focal.evaluation.wise import save_initial_state
 
             save_initial_state(self.out, model, self.recipe)
@@ -198,9 +128,9 @@ class Trainer:
         every process, and the TrainState. Data order and augmentations are functions of
         (seed, epoch, position): nothing to restore.
         """
-        if self.total_steps == 0:
+        if self.parts.total_steps == 0:
             return refuse_checkpoints(self.ckpt_root)
-        acc = self.accelerator
+        acc = self.parts.accelerator
         if self.restart:
             runcontrol.restart_aside(self.out, ("checkpoints", BEST), acc)
         resume_from = ckpt.latest_good(self.ckpt_root)
@@ -214,50 +144,57 @@ class Trainer:
         if acc.is_main_process:  # the best model as of the checkpoint (a later one may predate the crash)
             runcontrol.restore_file(resume_from / BEST, self.out / BEST)
         acc.wait_for_everyone()
-        logger.info("resumed from %s (update %d of %d)", resume_from, self.state.step, self.total_steps)
+        logger.info("resumed from %s (update %d of %d)", resume_from, self.state.step, self.parts.total_steps)
 
     def start_loop(self) -> None:
         """Trackers, the log and the training clock (train_seconds counts from here)."""
-        if self.accelerator.trackers:
-            self.accelerator.init_trackers(self.recipe.name.replace("/", "_"))
+        if self.parts.accelerator.trackers:
+            self.parts.accelerator.init_trackers(self.recipe.name.replace("/", "_"))
         # unreadable files met before a resume (data.skip_bad_images): marked again, so that they are
         # neither logged nor counted twice; a checkpoint without the list only has their number
         known = list(self.state.bad_image_indices or [])
-        if known and hasattr(self.bundle.train, "mark_bad"):
-            self.bundle.train.mark_bad(known)
+        if known and hasattr(self.parts.data.train, "mark_bad"):
+            self.parts.data.train.mark_bad(known)
         self.bad_images_before = max(0, int(self.state.bad_images) - len(known))
-        self.bad_consumed = getattr(self.bundle.train, "bad_count", 0)
+        self.bad_consumed = getattr(self.parts.data.train, "bad_count", 0)
         self.first_update_logged = False
         self.streak = SkipStreak(self.state.bad_streak)
-        self.log = TrainLog(self.out, self.accelerator, self.total_steps, min(self.state.step, self.total_steps),
-                            self.cfg.batch_size, float(self.state.train_seconds), self.n_steps_epoch)
+        p = self.parts
+        self.log = TrainLog(self.out, p.accelerator, p.total_steps, min(self.state.step, p.total_steps),
+                            self.cfg.batch_size, float(self.state.train_seconds), p.steps_per_epoch)
 
     # ------------------------------------------------------------------ the loop
     def train_epoch(self, epoch: int) -> None:
         """The updates of `epoch` from where the run stands, up to the epoch end (or the run's end)."""
-        s, cfg, n = self.state, self.cfg, self.n_steps_epoch
+        s, cfg, n = self.state, self.cfg, self.parts.steps_per_epoch
         self.train_set.set_epoch(epoch)
-        self.criterion.set_epoch(epoch)
-        self.optimizer.set_epoch(epoch, cfg.epochs)
-        last = min(n, self.total_steps - epoch * n)  # no group is loaded past the run's last update
-        self.wrapped.train()
-        for group, bad_count in prefetch_to_device(self._groups(epoch, s.step - epoch * n, last),
-                                                   self.accelerator.device, self._bad_count):
-            self.bad_consumed = bad_count
-            loss, skipped = self._update(group)
-            self.log.add_loss(loss, skipped)
-            log_due = s.step % cfg.log_every_steps == 0 or s.step == self.total_steps
-            # Skips counted on the device are read at log steps and checkpoints, not every update.
-            if not self.streak.on_device or log_due or self._at_epoch_end(s.step) or self._save_due(s.step):
-                self._stop_if_stuck()
-            self._stop_if_signalled(log_due or self._save_due(s.step))
-            if log_due:
-                self.log.write(s.step, (s.step - 1) // n, self.scheduler.get_last_lr()[0], self.optimizer.skipped_steps)
-            self.log.tick()
-            if self._at_epoch_end(s.step):
-                return  # epoch_end evaluates and saves
-            if self._save_due(s.step):
-                self.save()
+        self.parts.loss.set_epoch(epoch)
+        self.parts.optimizer.set_epoch(epoch, cfg.epochs)
+        last = min(n, self.parts.total_steps - epoch * n)  # no group is loaded past the run's last update
+        self.parts.wrapped.train()
+        groups = self._groups(epoch, s.step - epoch * n, last)
+        try:
+            for group, bad_count in prefetch_to_device(groups, self.parts.accelerator.device, self._bad_count):
+                self.bad_consumed = bad_count
+                loss, skipped = self._update(group)
+                self.log.add_loss(loss, skipped)
+                log_due = s.step % cfg.log_every_steps == 0 or s.step == self.parts.total_steps
+                # Skips counted on the device are read at log steps and checkpoints, not every update.
+                if not self.streak.on_device or log_due or self._at_epoch_end(s.step) or self._save_due(s.step):
+                    self._stop_if_stuck()
+                self._stop_if_signalled(log_due or self._save_due(s.step))
+                if log_due:
+                    p = self.parts
+                    self.log.write(s.step, (s.step - 1) // n, p.schedule.get_last_lr()[0], p.optimizer.skipped_steps)
+                self.log.tick()
+                if self._at_epoch_end(s.step):
+                    return  # epoch_end evaluates and saves
+                if self._save_due(s.step):
+                    self.save()
+        finally:
+            # A run stopped mid-epoch (signal, error) ends its DataLoader workers here: they ignore
+            # SIGTERM (run_control.ignore_stop_signals), so the interpreter's exit would wait on them.
+            groups.close()
 
     def _groups(self, epoch: int, first: int, last: int) -> Any:
         """The micro-batches of updates first..last-1 of `epoch`, one list per update."""
@@ -268,13 +205,16 @@ class Trainer:
         # or a resumed run (one more iterator) would continue with other dropout masks.
         loader_rng = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + epoch)
         batches = iter(DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.recipe.data.num_workers,
-                                  collate_fn=self.bundle.collate_fn, worker_init_fn=runcontrol.ignore_stop_signals,
-                                  pin_memory=self.accelerator.device.type == "cuda", generator=loader_rng))
-        for _ in range(first, last):
-            yield [next(batches) for _ in range(cfg.grad_accum_steps)]
+                                  collate_fn=self.parts.data.collate_fn, worker_init_fn=runcontrol.ignore_stop_signals,
+                                  pin_memory=self.parts.accelerator.device.type == "cuda", generator=loader_rng))
+        try:
+            for _ in range(first, last):
+                yield [next(batches) for _ in range(cfg.grad_accum_steps)]
+        finally:
+            del batches   # the iterator's release shuts its workers down (the only way they end)
 
     def _bad_count(self) -> int:
-        return getattr(self.bundle.train, "bad_count", 0)
+        return getattr(self.parts.data.train, "bad_count", 0)
 
     def _update(self, group: list) -> tuple[Optional[torch.Tensor], Any]:
         """One optimizer call and one scheduler step: (the mean loss on the device, whether the
@@ -283,18 +223,18 @@ class Trainer:
         micro = [m for m in group if m is not None]  # None: every image of it was unreadable and skipped
         if not micro:
             s.step += 1
-            self.scheduler.step()
+            self.parts.schedule.step()
             return None, False
-        wrapped, criterion = self.wrapped, self.criterion
+        wrapped, criterion = self.parts.wrapped, self.parts.loss
         closures = [lambda images=images, labels=labels: criterion(wrapped(images).float(), labels)
                     for images, labels in micro]
-        loss = self.optimizer.step(closures, targets=[labels for _, labels in micro])
-        self.scheduler.step()
+        loss = self.parts.optimizer.step(closures, targets=[labels for _, labels in micro])
+        self.parts.schedule.step()
         s.step += 1
         if not self.first_update_logged:
             self.first_update_logged = True
-            logger.info("first update: %s runs %s", self.recipe.optim.name, self.optimizer.describe_last_passes())
-        skipped = self.optimizer.last_skipped
+            logger.info("first update: %s runs %s", self.recipe.optim.name, self.parts.optimizer.describe_last_passes())
+        skipped = self.parts.optimizer.last_skipped
         self.streak.add(skipped)
         return loss, skipped
 
@@ -313,17 +253,17 @@ class Trainer:
     def _stop_if_signalled(self, agreed_point: bool) -> None:
         """After an update: when SIGTERM / SIGUSR1 arrived, write a checkpoint and raise Preempted
         (with several processes: checked at `agreed_point`s only, see StopSignals.agreed)."""
-        received = self.signals.agreed(self.accelerator, agreed_point)
+        received = self.signals.agreed(self.parts.accelerator, agreed_point)
         if received is not None:
             self.save()
-            raise Preempted(f"stopped by {received} at update {self.state.step} of {self.total_steps}: a checkpoint "
+            raise Preempted(f"stopped by {received} at update {self.state.step} of {self.parts.total_steps}: a checkpoint "
                             f"is written in {self.ckpt_root}; run the same command again to continue from it")
 
     def _at_epoch_end(self, step: int) -> bool:
-        return step > 0 and (step % self.n_steps_epoch == 0 or step >= self.total_steps)
+        return step > 0 and (step % self.parts.steps_per_epoch == 0 or step >= self.parts.total_steps)
 
     def _save_due(self, step: int) -> bool:
-        return step % self.cfg.save_every_steps == 0 or step == self.total_steps
+        return step % self.cfg.save_every_steps == 0 or step == self.parts.total_steps
 
     # ------------------------------------------------------------------ epoch end
     def epoch_end(self) -> None:
@@ -332,9 +272,9 @@ class Trainer:
         s = self.state
         if not self._at_epoch_end(s.step) or s.epoch_end_step == s.step:
             return
-        epoch = (s.step - 1) // self.n_steps_epoch
+        epoch = (s.step - 1) // self.parts.steps_per_epoch
         s.epoch_end_step = s.step
-        due = (epoch + 1) % self.cfg.eval_every_epochs == 0 or s.step >= self.total_steps
+        due = (epoch + 1) % self.cfg.eval_every_epochs == 0 or s.step >= self.parts.total_steps
         evaluated = self.val_set is not None and due
         if evaluated:
             self._validate(epoch)
@@ -344,9 +284,9 @@ class Trainer:
     def _validate(self, epoch: int) -> None:
         from ft_focal.evaluation.evaluate import evaluate_split
 
-        s, recipe, acc = self.state, self.recipe, self.accelerator
-        val = evaluate_split(self.model, self.val_set, self.class_counts, recipe.eval, self.cfg.eval_batch_size,
-                             acc, recipe.data.num_workers, self.bundle.collate_fn)
+        s, recipe, acc = self.state, self.recipe, self.parts.accelerator
+        val = evaluate_split(self.parts.model, self.val_set, self.parts.class_counts, recipe.eval, self.cfg.eval_batch_size,
+                             acc, recipe.data.num_workers, self.parts.data.collate_fn)
         score = val[recipe.eval.select_metric]
         s.history.append({"epoch": epoch, "step": s.step, "val": validation_summary(val)})
         self.log.write_validation(s.step, epoch, validation_summary(val))
@@ -362,13 +302,13 @@ class Trainer:
         if fsdp_enabled(self.recipe):
             save_sharded_checkpoint(self)
             return
-        s, acc = self.state, self.accelerator
-        bad_files = self.bundle.train.bad_indices() if hasattr(self.bundle.train, "bad_indices") else []
+        s, acc = self.state, self.parts.accelerator
+        bad_files = self.parts.data.train.bad_indices() if hasattr(self.parts.data.train, "bad_indices") else []
         s.bad_images, s.bad_image_indices = self.bad_images_before + len(bad_files), bad_files
         s.train_seconds = round(self.log.elapsed(), 3)
         best = self.out / BEST
         files = {BEST: best} if self.rank == 0 and s.best_sha256 and best.is_file() else None
-        ckpt.save_checkpoint(self.ckpt_root, s.step, self.model, self.optimizer, self.scheduler,
+        ckpt.save_checkpoint(self.ckpt_root, s.step, self.parts.model, self.parts.optimizer, self.parts.schedule,
                              {**dataclasses.asdict(s), "recipe": flat_recipe(self.recipe)}, rank=self.rank, world_size=self.world,
                              barrier=acc.wait_for_everyone, keep=self.cfg.keep_checkpoints, scaler=acc.scaler,
                              files=files)
@@ -378,7 +318,7 @@ class Trainer:
         """Best weights on validation (else the last ones), then the val / test evaluation."""
         from ft_focal.evaluation.evaluate import evaluate_split
 
-        s, recipe, cfg, bundle = self.state, self.recipe, self.cfg, self.bundle
+        s, recipe, cfg, bundle = self.state, self.recipe, self.cfg, self.parts.data
         train_seconds = self.log.elapsed()
         skipped_train_images = self.bad_images_before + self._bad_count()
         if skipped_train_images:
@@ -390,35 +330,35 @@ class Trainer:
             from safetensors.torch import load_file
 
             if best_file.is_file() and s.best_sha256 in (None, ckpt.sha256(best_file)):
-                ckpt.load_trainable_state(self.model, load_file(str(best_file)))
+                ckpt.load_trainable_state(self.parts.model, load_file(str(best_file)))
                 selected = f"best on val ({recipe.eval.select_metric}) at epoch {s.best_epoch + 1}"
             else:
                 logger.warning("%s is missing or not the best model this run recorded (epoch %s); reporting the "
                                "last weights instead", best_file, s.best_epoch + 1)
-        opt = self.optimizer
+        opt = self.parts.optimizer
         results = {"recipe": recipe.name, "world_size": self.world, "selected": selected,
-                   "class_counts": self.class_counts, "skipped_images": {"train": skipped_train_images},
+                   "class_counts": self.parts.class_counts, "skipped_images": {"train": skipped_train_images},
                    "optimizer": recipe.optim.name, "updates": s.step, "train_seconds": round(train_seconds, 2),
                    "skipped_steps": opt.skipped_steps, "pass_counts": dict(opt.pass_counts), "history": s.history}
         for split in dict.fromkeys(["val", recipe.eval.test_split]):
             dataset = bundle.eval_dataset(split, five_crop=recipe.eval.five_crop and split != "val")
             if dataset is not None:
-                results[split] = evaluate_split(self.model, dataset, self.class_counts, recipe.eval,
-                                                cfg.eval_batch_size, self.accelerator, recipe.data.num_workers,
+                results[split] = evaluate_split(self.parts.model, dataset, self.parts.class_counts, recipe.eval,
+                                                cfg.eval_batch_size, self.parts.accelerator, recipe.data.num_workers,
                                                 bundle.collate_fn)
                 results["skipped_images"][split] = getattr(dataset, "bad_count", 0)
         results["test"] = results.get(recipe.eval.test_split)
-        results["head_init"] = getattr(self.model, "head_init_used", recipe.model.head_init)
-        return mark_zero_shot(results, results["head_init"]) if self.total_steps == 0 else results
+        results["head_init"] = getattr(self.parts.model, "head_init_used", recipe.model.head_init)
+        return mark_zero_shot(results, results["head_init"]) if self.parts.total_steps == 0 else results
 
     def write_artifacts(self, results: dict) -> None:
         """final/, metrics.json, report.md, then the optional push (ft_focal/artifacts/saved.py)."""
         from ft_focal.artifacts.saved import write_run_artifacts
 
-        write_run_artifacts(self.out, results, self.model, self.recipe, self.bundle, self.class_counts,
-                            self.preprocess, self.accelerator)
+        write_run_artifacts(self.out, results, self.parts.model, self.recipe, self.parts.data, self.parts.class_counts,
+                            self.parts.preprocess, self.parts.accelerator)
         hub = self.recipe.hub
-        if hub.push and self.accelerator.is_main_process:
+        if hub.push and self.parts.accelerator.is_main_process:
             from ft_focal.artifacts.hub import push_run
 
             push_run(self.out, hub.repo_id, private=hub.private, revision=hub.revision)

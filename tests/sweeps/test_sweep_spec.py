@@ -199,7 +199,8 @@ def test_a_run_reports_each_validation_and_stops_when_pruned(tmp_path, monkeypat
                                               "pruner": {"name": "median", "startup_trials": 1, "warmup_epochs": 0}}))
     hook = validation_hook_from_env()
     closed = []
-    trainer = types.SimpleNamespace(accelerator=_Acc(), out=tmp_path / "run", state=types.SimpleNamespace(step=17),
+    trainer = types.SimpleNamespace(parts=types.SimpleNamespace(accelerator=_Acc()), out=tmp_path / "run",
+                                    state=types.SimpleNamespace(step=17),
                                     log=types.SimpleNamespace(close=lambda: closed.append(1)))
     trainer.out.mkdir()
     hook(trainer, 0, {"overall": 0.85})  # above the median at epoch 0: goes on

@@ -96,8 +96,8 @@ class Reference:
     """Gradients of weighted per-sample losses at explicit weights (functional_call; no optimizer code)."""
 
     def __init__(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor):
-        self.model, self.x, self.y = trainer.model, x, y
-        self.counts, self.tau = trainer.class_counts, trainer.recipe.loss.tau
+        self.model, self.x, self.y = trainer.parts.model, x, y
+        self.counts, self.tau = trainer.parts.class_counts, trainer.recipe.loss.tau
         self.w = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def losses(self, w: dict) -> torch.Tensor:
@@ -130,7 +130,7 @@ def _ascent(ref: Reference, weights: torch.Tensor, rho: float) -> dict:
 def method_gradient(trainer: Trainer, ref: Reference) -> dict:
     """The gradient the recipe's method applies, from docs/algorithms.md and the recipe's values."""
     o, y = trainer.recipe.optim, ref.y
-    counts = torch.tensor(trainer.class_counts, dtype=torch.float32)
+    counts = torch.tensor(trainer.parts.class_counts, dtype=torch.float32)
     one = torch.ones(len(y))
     if o.name == "erm":
         return ref.grad(ref.w, one)
@@ -153,7 +153,7 @@ def method_gradient(trainer: Trainer, ref: Reference) -> dict:
             m = (y == c).float()
             g = ref.grad(ref.w, m)
             gn = _norm(g)
-            rho_c = o.rho * math.sqrt(wn / (2 * gn)) * k ** -0.25 * max(trainer.class_counts[c] - 1, 1) ** -0.25
+            rho_c = o.rho * math.sqrt(wn / (2 * gn)) * k ** -0.25 * max(trainer.parts.class_counts[c] - 1, 1) ** -0.25
             eps = {key: math.sqrt(k) * rho_c * v / gn for key, v in g.items()}
             total = _plus(total, ref.grad(_plus(ref.w, eps), m), o.flat_ratio)
         return total
@@ -172,7 +172,7 @@ def tiny_batch(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
     size = int(preprocess_for(trainer.recipe.model).get("image_size", 224))
     g = torch.Generator().manual_seed(7)
     x = torch.randn(TINY_BATCH, 3, size, size, generator=g)
-    labels = [c for c in BATCH_CLASSES if c < len(trainer.class_counts)]
+    labels = [c for c in BATCH_CLASSES if c < len(trainer.parts.class_counts)]
     y = torch.tensor([labels[i % len(labels)] for i in range(TINY_BATCH)])
     return x, y
 
@@ -183,7 +183,7 @@ def tiny_batch(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("path", RECIPES, ids=ids(RECIPES))
 def test_one_update_equals_the_hand_computed_step(path):
     trainer = built(path.relative_to(ROOT / "recipes").as_posix())
-    recipe, model, opt = trainer.recipe, trainer.model, trainer.optimizer
+    recipe, model, opt = trainer.recipe, trainer.parts.model, trainer.parts.optimizer
     model.train()
     opt.set_epoch(0, recipe.train.epochs)
     x, y = tiny_batch(trainer)
@@ -191,12 +191,12 @@ def test_one_update_equals_the_hand_computed_step(path):
     g = method_gradient(trainer, ref)
     o = recipe.optim
     assert o.base == "sgd" and not o.nesterov, "hand computation written for SGD without Nesterov"
-    lr0 = o.lr * lr_factor(recipe.train.scheduler, recipe.train.warmup_steps, trainer.total_steps, 0)
+    lr0 = o.lr * lr_factor(recipe.train.scheduler, recipe.train.warmup_steps, trainer.parts.total_steps, 0)
     # first SGD update with momentum: buffer = g + wd w, w' = w - lr buffer
     expected = {k: ref.w[k] - lr0 * (g[k] + o.weight_decay * ref.w[k]) for k in ref.w}
     params = dict(model.named_parameters())
     try:
-        opt.step(lambda: trainer.criterion(model(x).float(), y), targets=y)
+        opt.step(lambda: trainer.parts.loss(model(x).float(), y), targets=y)
         # the whole update vector against the hand-computed one (float32 weights: a per-tensor
         # comparison of tiny steps on weights near 1 would measure rounding, not the method). The
         # tolerance is float32's: the cosine head's gradient is a small difference of large terms when
@@ -216,9 +216,9 @@ def test_one_update_equals_the_hand_computed_step(path):
 def test_learning_rate_follows_the_recipe_schedule(path):
     trainer = built(path.relative_to(ROOT / "recipes").as_posix())
     cfg = trainer.recipe.train
-    assert trainer.total_steps == cfg.epochs * (len(trainer.bundle.train) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, trainer.scheduler.lr_lambdas[0])
-    total, warmup = trainer.total_steps, cfg.warmup_steps
+    assert trainer.parts.total_steps == cfg.epochs * (len(trainer.parts.data.train) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(trainer.parts.optimizer, trainer.parts.schedule.lr_lambdas[0])
+    total, warmup = trainer.parts.total_steps, cfg.warmup_steps
     probes = sorted({0, max(warmup - 1, 0), warmup, total - 1})
     seen = {}
     for step in range(total):
@@ -228,8 +228,8 @@ def test_learning_rate_follows_the_recipe_schedule(path):
     for step in probes:
         expected = trainer.recipe.optim.lr * lr_factor(cfg.scheduler, warmup, total, step)
         assert seen[step] == pytest.approx(expected, rel=1e-9, abs=1e-12), step
-    trainer.scheduler.last_epoch = 0
-    for group in trainer.optimizer.param_groups:   # back to update 0 for the other tests
+    trainer.parts.schedule.last_epoch = 0
+    for group in trainer.parts.optimizer.param_groups:   # back to update 0 for the other tests
         group["lr"] = trainer.recipe.optim.lr * lr_factor(cfg.scheduler, warmup, total, 0)
 
 
@@ -237,17 +237,17 @@ def test_learning_rate_follows_the_recipe_schedule(path):
 def test_loss_on_a_fixed_batch_equals_the_hand_computed_loss(path):
     trainer = built(path.relative_to(ROOT / "recipes").as_posix())
     g = torch.Generator().manual_seed(3)
-    logits = 5 * torch.randn(9, len(trainer.class_counts), generator=g)
-    y = torch.tensor([c % len(trainer.class_counts) for c in (0, 1, 2, 3, 4, 8, 9, 11, 12)])
+    logits = 5 * torch.randn(9, len(trainer.parts.class_counts), generator=g)
+    y = torch.tensor([c % len(trainer.parts.class_counts) for c in (0, 1, 2, 3, 4, 8, 9, 11, 12)])
     assert trainer.recipe.loss.name == "la", "hand computation written for logit adjustment"
-    got = trainer.criterion(logits, y)
-    torch.testing.assert_close(got, la_losses(logits, y, trainer.class_counts, trainer.recipe.loss.tau))
+    got = trainer.parts.loss(logits, y)
+    torch.testing.assert_close(got, la_losses(logits, y, trainer.parts.class_counts, trainer.recipe.loss.tau))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=ids(RECIPES))
 def test_tuning_method_is_on_the_real_modules(path):
     trainer = built(path.relative_to(ROOT / "recipes").as_posix())
-    tuning, model = trainer.recipe.tuning, trainer.model
+    tuning, model = trainer.recipe.tuning, trainer.parts.model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     head = {n for n in trainable if n.startswith("head.")}
     assert bool(head) == tuning.train_head
@@ -255,7 +255,7 @@ def test_tuning_method_is_on_the_real_modules(path):
         assert trainable == {n for n, _ in model.named_parameters()}
     elif tuning.method == "adaptformer":
         # docs/algorithms.md: bottleneck 2^max(0, floor(log2(C / 24))) unless the recipe sets it
-        C = len(trainer.class_counts)
+        C = len(trainer.parts.class_counts)
         bottleneck = tuning.adapter_bottleneck or 2 ** max(0, math.floor(math.log2(C / 24)))
         adapters = [m for m in model.modules() if isinstance(m, AdaptFormerMLP)]
         assert adapters
@@ -282,7 +282,7 @@ def test_tuning_method_is_on_the_real_modules(path):
 @pytest.mark.parametrize("path", RECIPES, ids=ids(RECIPES))
 def test_head_scale_and_init(path):
     trainer = built(path.relative_to(ROOT / "recipes").as_posix())
-    model, mcfg = trainer.model, trainer.recipe.model
+    model, mcfg = trainer.parts.model, trainer.recipe.model
     assert mcfg.head == "cosine"
     model.eval()
     x, _ = tiny_batch(trainer)
@@ -294,7 +294,7 @@ def test_head_scale_and_init(path):
     assert model.head_init_used == mcfg.head_init
     if mcfg.head_init == "class_mean":
         # row c points along the mean unit feature of class c's training images (test transform)
-        train = trainer.bundle.eval_dataset("train")
+        train = trainer.parts.data.eval_dataset("train")
         sums = torch.zeros_like(w)
         with torch.no_grad():
             for i in range(len(train)):
@@ -311,19 +311,19 @@ def test_shot_groups_batch_and_accumulation(path):
     from ft_focal.evaluation.evaluate import evaluate_split
 
     trainer = built(path.relative_to(ROOT / "recipes").as_posix())
-    recipe, counts = trainer.recipe, trainer.class_counts
+    recipe, counts = trainer.recipe, trainer.parts.class_counts
     ev = recipe.eval
     # one image of each edge class, through the evaluation the run uses (its eval config)
     classes = list(range(min(len(counts), len(EDGE_COUNTS))))
     x, _ = tiny_batch(trainer)
     images = [(x[i % len(x)], c) for i, c in enumerate(classes)]
-    r = evaluate_split(trainer.model, images, counts, ev, 16)
+    r = evaluate_split(trainer.parts.model, images, counts, ev, 16)
     shown = [counts[c] for c in classes]
     expected = {"many": sum(n > ev.many_threshold for n in shown), "few": sum(n < ev.few_threshold for n in shown)}
     expected["medium"] = len(shown) - expected["many"] - expected["few"]
     assert {k: r["group_num_classes"].get(k, 0) for k in expected} == expected
     # Another test's Trainer resets Accelerate's process-wide state; the loader needs the device only.
-    trainer.accelerator = types.SimpleNamespace(device=torch.device("cpu"))
+    trainer.parts = dataclasses.replace(trainer.parts, accelerator=types.SimpleNamespace(device=torch.device("cpu")))
     group = next(trainer._groups(0, 0, 1))
     accum = recipe.train.grad_accum_steps or 1
     assert len(group) == accum

@@ -309,10 +309,10 @@ def _tiny_synthetic(out: Path, **train) -> dict:
 
 
 def _poison(monkeypatch, bad_updates):
-    import ft_focal.training.trainer as train_module
+    import ft_focal.training.parts as parts_module
 
-    original = train_module.build_loss_from
-    monkeypatch.setattr(train_module, "build_loss_from",
+    original = parts_module.build_loss_from
+    monkeypatch.setattr(parts_module, "build_loss_from",
                         lambda recipe, counts: _PoisonedLoss(original(recipe, counts), bad_updates))
 
 

@@ -113,11 +113,11 @@ def test_following_the_non_finite_stop_advice_finishes_the_run(tmp_path, monkeyp
     """A learning rate that blows up (here: the loss turns NaN whenever the optimizer's ACTUAL
     learning rate is above 0.1) stops the run; the line's advice, followed as printed, finishes it.
     (Resuming with a lower optim.lr does not: the checkpoint restores the old one.)"""
-    import ft_focal.training.trainer as train_module
+    import ft_focal.training.parts as parts_module
     from ft_focal.commands.train import main
 
     optimizers = []
-    build_optimizer, build_loss = train_module.build_optimizer_from, train_module.build_loss_from
+    build_optimizer, build_loss = parts_module.build_optimizer_from, parts_module.build_loss_from
 
     def recording_optimizer(*args, **kwargs):
         optimizers.append(build_optimizer(*args, **kwargs))
@@ -134,8 +134,8 @@ def test_following_the_non_finite_stop_advice_finishes_the_run(tmp_path, monkeyp
         inner.__class__ = Exploding
         return inner
 
-    monkeypatch.setattr(train_module, "build_optimizer_from", recording_optimizer)
-    monkeypatch.setattr(train_module, "build_loss_from", exploding_loss)
+    monkeypatch.setattr(parts_module, "build_optimizer_from", recording_optimizer)
+    monkeypatch.setattr(parts_module, "build_loss_from", exploding_loss)
     out = tmp_path / "run"
     raw = _tiny_synthetic(out, max_bad_steps=3)
     raw["optim"]["lr"] = 0.5

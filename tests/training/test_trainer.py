@@ -107,10 +107,11 @@ class _CountReads(torch.utils._python_dispatch.TorchDispatchMode):
 def test_loop_reads_no_device_value_between_log_steps(tmp_path, monkeypatch):
     """Between two optimizer steps the loop reads nothing from the device, except once at a log step
     (the summed loss). The optimizer's own reads are not the loop's and are not counted here."""
+    import ft_focal.training.parts as parts_mod
     import ft_focal.training.trainer as train_mod
 
     counter, starts, ends = _CountReads(), [], []
-    real_build = train_mod.build_optimizer_from
+    real_build = parts_mod.build_optimizer_from
 
     def build(*args, **kwargs):
         opt = real_build(*args, **kwargs)
@@ -127,7 +128,7 @@ def test_loop_reads_no_device_value_between_log_steps(tmp_path, monkeypatch):
         opt.step = types.MethodType(step, opt)  # LambdaLR re-wraps a bound method
         return opt
 
-    monkeypatch.setattr(train_mod, "build_optimizer_from", build)
+    monkeypatch.setattr(parts_mod, "build_optimizer_from", build)
     recipe = _tiny(tmp_path / "run", max_steps=7, log_every_steps=3)
     with counter:
         train_mod.train(recipe)
@@ -197,7 +198,7 @@ def test_yaml_no_is_accepted_for_mixed_precision(tmp_path):
                                           ("sam", "optim.gamma=1.0, optim.lam=0.8"),
                                           ("imbsam", "optim.gamma=1.0, optim.lam=0.8")])
 def test_switching_the_method_drops_keys_it_does_not_take(name, dropped, caplog):
-    from ft_focal.training.trainer import build_optimizer_from
+    from ft_focal.training.builders import build_optimizer_from
 
     recipe = load_recipe(DEMO, [f"optim.name={name}"])
     model = torch.nn.Sequential(torch.nn.Linear(4, 10))
@@ -211,7 +212,7 @@ def test_switching_the_method_drops_keys_it_does_not_take(name, dropped, caplog)
 
 
 def test_precision_conflict_with_accelerate_launch_warns(monkeypatch, caplog, tmp_path):
-    from ft_focal.training.trainer import make_accelerator
+    from ft_focal.training.builders import make_accelerator
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     with caplog.at_level(logging.WARNING, logger="ft_focal"):
@@ -220,7 +221,7 @@ def test_precision_conflict_with_accelerate_launch_warns(monkeypatch, caplog, tm
 
 
 def test_trackers_only_through_log_with(tmp_path):
-    from ft_focal.training.trainer import make_accelerator
+    from ft_focal.training.builders import make_accelerator
 
     assert not make_accelerator(_tiny(tmp_path)).trackers
     with pytest.raises(UserError, match="unknown tracker 'tensorbord'"):
@@ -305,3 +306,31 @@ def test_save_checkpoint_takes_keywords_after_the_state(tmp_path):
 def test_log_with_accepts_one_name():
     assert load_recipe(DEMO, ["train.log_with=tensorboard"]).train.log_with == ["tensorboard"]
     assert load_recipe(DEMO, ["train.log_with=[wandb, trackio]"]).train.log_with == ["wandb", "trackio"]
+
+
+def test_a_run_stopped_mid_epoch_leaves_no_dataloader_worker_behind(tmp_path, monkeypatch):
+    """DataLoader workers ignore SIGTERM (SLURM signals every process of a job step; the main process
+    stops at its next safe point), so only the loop can end them. A run stopped mid-epoch by an error
+    must do so at once: its traceback keeps the loop's frames alive, and the interpreter's exit would
+    otherwise wait for the workers forever."""
+    import multiprocessing
+
+    import ft_focal.training.trainer as train_mod
+
+    recipe = _tiny(tmp_path / "run", max_steps=6)
+    recipe.data.num_workers = 1
+    real_update, calls = train_mod.Trainer._update, []
+
+    def update(self, group):
+        calls.append(group)
+        if len(calls) == 2:
+            raise RuntimeError("stopped mid-epoch")
+        return real_update(self, group)
+
+    before = set(multiprocessing.active_children())
+    monkeypatch.setattr(train_mod.Trainer, "_update", update)
+    with pytest.raises(RuntimeError, match="stopped mid-epoch") as stopped:
+        train_mod.train(recipe)
+    assert stopped.tb is not None   # the frames are still referenced here, as in any caller's handler
+    left = [p for p in multiprocessing.active_children() if p not in before and p.is_alive()]
+    assert not left, left
