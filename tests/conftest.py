@@ -33,6 +33,19 @@ def _fresh_accelerate_state():
     GradientState._reset_state()
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """A child process a test left alive would make the interpreter's exit wait forever (a DataLoader
+    worker ignores SIGTERM, the signal multiprocessing's exit handler sends): name each one, end it."""
+    import multiprocessing
+    import sys
+
+    for child in multiprocessing.active_children():
+        if child.is_alive():
+            print(f"\nconftest: a test left process {child.name} (pid {child.pid}) alive; killing it", file=sys.stderr)
+            child.kill()
+            child.join(5)
+
+
 def _free_port() -> int:
     import socket
 

@@ -73,20 +73,26 @@ def predict(
     model.eval()
     logits_parts, label_parts = [], []
     autocast = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
-    with autocast:
-        for images, labels in loader:
-            if images is None:  # the whole batch was unreadable
-                logits_parts.append(None)
+    batches_left = iter(loader)
+    try:
+        with autocast:
+            for images, labels in batches_left:
+                if images is None:  # the whole batch was unreadable
+                    logits_parts.append(None)
+                    label_parts.append(labels)
+                    continue
+                images = images.to(device, non_blocking=True)
+                if images.dim() == 5:  # [B, K, 3, H, W]: average over the K crops
+                    b, k = images.shape[:2]
+                    out = model(images.flatten(0, 1)).float().view(b, k, -1).mean(1)
+                else:
+                    out = model(images).float()
+                logits_parts.append(out.cpu())
                 label_parts.append(labels)
-                continue
-            images = images.to(device, non_blocking=True)
-            if images.dim() == 5:  # [B, K, 3, H, W]: average over the K crops
-                b, k = images.shape[:2]
-                out = model(images.flatten(0, 1)).float().view(b, k, -1).mean(1)
-            else:
-                out = model(images).float()
-            logits_parts.append(out.cpu())
-            label_parts.append(labels)
+    finally:
+        # Workers ignore SIGTERM: released here, an error's traceback cannot keep them (and the
+        # interpreter's exit, which waits for them) alive.
+        del batches_left
     model.train(was_training)
     num_classes = _num_outputs(model, [p for p in logits_parts if p is not None])
     logits_parts = [torch.zeros(len(lab), num_classes) if p is None else p
