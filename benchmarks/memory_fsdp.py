@@ -107,7 +107,7 @@ def _worker(rank: int, port: int, out: str) -> None:
                 _instrument(record)
                 params = [p for p in model.parameters() if p.requires_grad]
                 opt = FocalSAM(params, torch.optim.SGD, lr=0.01, momentum=0.9, class_counts=[10] * NUM_CLASSES,
-                               model=wrapped, no_sync=no_sync)
+                               model=wrapped, no_sync=no_sync, one_backward=False)
                 g = torch.Generator().manual_seed(rank)
                 x = torch.randn(BATCH, 3, 64, 64, generator=g)
                 y = torch.randint(0, NUM_CLASSES, (BATCH,), generator=g)

@@ -22,7 +22,8 @@ LABELS = (0, 0, 2, 1, 1, 3, 0, 3, 0, 1, 2, 0)   # both halves hold tail samples
 FOCAL = dict(rho=0.1, gamma=1.5, lam=0.8, class_counts=COUNTS)
 
 SCENARIOS = {   # name -> (optimizer factory(params, model, no_sync), uses no_sync)
-    "focal_sync": lambda ps, m, ns: FocalSAM(ps, torch.optim.SGD, **FOCAL, model=m, no_sync=ns, **SGD),
+    "focal_sync": lambda ps, m, ns: FocalSAM(ps, torch.optim.SGD, **FOCAL, model=m, no_sync=ns, one_backward=False,
+                                             **SGD),
     "focal_sb_sync": lambda ps, m, ns: FocalSAM(ps, torch.optim.SGD, **FOCAL, model=m, no_sync=ns,
                                                 one_backward=True, **SGD),
     "sam_ddp": lambda ps, m, ns: SAM(ps, torch.optim.SGD, rho=0.1, model=m, **SGD),
@@ -31,7 +32,7 @@ SCENARIOS = {   # name -> (optimizer factory(params, model, no_sync), uses no_sy
     "ccsam_sync": lambda ps, m, ns: CCSAM(ps, torch.optim.SGD, class_counts=COUNTS, rho=0.02, model=m,
                                           no_sync=ns, **SGD),
     "focal_local": lambda ps, m, ns: FocalSAM(ps, torch.optim.SGD, **FOCAL, model=m, no_sync=ns,
-                                              sync_perturbation=False, **SGD),
+                                              sync_perturbation=False, one_backward=False, **SGD),
 }
 USES_NO_SYNC = {"focal_sync", "focal_sb_sync", "ccsam_sync", "focal_local"}
 STEPS = 2

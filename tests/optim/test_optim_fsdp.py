@@ -30,16 +30,17 @@ ONE_SIDED = (0, 2, 1, 3, 0, 1, 0, 1)      # the second rank has no tail sample
 FSDP_LORA_TARGETS = ["c_fc", "c_proj"]    # peft's LoRA on nn.MultiheadAttention is refused under FSDP2
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 
+# the exact paths on both sides (the one-backward path is tested apart: FSDP2 switches it off)
 METHODS = {
     "erm": lambda ps, m: ERM(ps, torch.optim.SGD, model=m, **SGD),
     "sam": lambda ps, m: SAM(ps, torch.optim.SGD, rho=0.05, model=m, **SGD),
     "asam": lambda ps, m: SAM(ps, torch.optim.SGD, rho=0.5, adaptive=True, eta=0.01, model=m, **SGD),
     "focal_sam": lambda ps, m: FocalSAM(ps, torch.optim.SGD, rho=0.05, gamma=1.5, lam=0.8,
-                                        class_counts=COUNTS, model=m, **SGD),
+                                        class_counts=COUNTS, model=m, one_backward=False, **SGD),
     "imbsam": lambda ps, m: ImbSAM(ps, torch.optim.SGD, rho=0.05, class_counts=COUNTS, tail_weight=2.0,
-                                   model=m, **SGD),
+                                   model=m, one_backward=False, **SGD),
     "sse_sam": lambda ps, m: SSESAM(ps, torch.optim.SGD, rho_head=0.05, rho_tail=0.1, class_counts=COUNTS,
-                                    tail_threshold=20, model=m, **SGD),
+                                    tail_threshold=20, model=m, one_backward=False, **SGD),
     "ccsam": lambda ps, m: CCSAM(ps, torch.optim.SGD, class_counts=COUNTS, rho=0.05, model=m, **SGD),
 }
 # name -> (method, tuning, labels, micro-batches per rank)

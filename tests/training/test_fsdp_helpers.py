@@ -35,7 +35,7 @@ def test_activation_checkpointing_gives_the_same_focal_sam_step_and_keeps_parame
             assert checkpoint_blocks(model) == 2
             assert [n for n, _ in model.named_parameters()] == names
         opt = FocalSAM(model.parameters(), torch.optim.SGD, rho=0.05, class_counts=COUNTS, lr=0.1, momentum=0.9,
-                       model=model)
+                       model=model, one_backward=False)
         for _ in range(2):
             opt.step(lambda model=model: F.cross_entropy(model(x), y, reduction="none"), targets=y)
         results.append({n: p.detach().clone() for n, p in model.named_parameters()})
