@@ -116,11 +116,12 @@ RENAMED_KEYWORDS = {"single_backward": "one_backward", "single_backward_check": 
 
 def _renamed_keywords(kwargs: dict, one_backward, one_backward_check) -> tuple:
     """(one_backward, one_backward_check), taking the old keyword names out of ``kwargs``."""
-    found = {new: kwargs.pop(old) for old, new in RENAMED_KEYWORDS.items() if old in kwargs}
-    for new in found:
-        old = next(o for o, n in RENAMED_KEYWORDS.items() if n == new)
-        warnings.warn(f"the optimizer keyword {old}= is now {new}=", DeprecationWarning, stacklevel=4)
-    return found.get("one_backward", one_backward), found.get("one_backward_check", one_backward_check)
+    values = {"one_backward": one_backward, "one_backward_check": one_backward_check}
+    for old, new in RENAMED_KEYWORDS.items():
+        if old in kwargs:
+            warnings.warn(f"the optimizer keyword {old}= is now {new}=", DeprecationWarning, stacklevel=4)
+            values[new] = kwargs.pop(old)
+    return values["one_backward"], values["one_backward_check"]
 
 
 def class_table(class_counts):
