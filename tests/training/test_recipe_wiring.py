@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch.func import functional_call
 
 from ft_focal.config import load_recipe
@@ -61,9 +62,27 @@ def _counts(num_classes: int) -> list[int]:
     return list(edge) + [FILL] * (num_classes - len(edge))
 
 
-@functools.lru_cache(maxsize=None)
 def built(rel: str) -> Trainer:
     """The run's parts, built by Trainer.setup as the dry run does (synthetic data, tiny backbone)."""
+    trainer = _build(rel)
+    # The conftest resets Accelerate's process-global state after every test; the cached Trainer's
+    # Accelerator reads it (accelerator.backward), so a fresh Accelerator sets it up again.
+    Accelerator(cpu=True)
+    return trainer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_builds():
+    """Each session of this module builds its runs anew: the tests step the optimizers, so a run cached
+    by an earlier pytest.main in the same process (mutation testing runs it many times) would start
+    from a later state."""
+    _build.cache_clear()
+    yield
+    _build.cache_clear()
+
+
+@functools.lru_cache(maxsize=None)
+def _build(rel: str) -> Trainer:
     path = ROOT / "recipes" / rel
     recipe = load_recipe(str(path))
     out = tempfile.mkdtemp(prefix="wiring_")
