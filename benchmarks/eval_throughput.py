@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ft_focal.data.corrupt import render_corruptions  # noqa: E402
-from ft_focal.data.imagenet_c import ImageNetCDataset, scan_imagenet_c, wnid_mapping  # noqa: E402
-from ft_focal.evaluation import build_eval_transform, evaluate_corruptions  # noqa: E402
+from ft_focal.data.corrupt import render_corruptions  # noqa: E402 (after the sys.path entry it needs)
+from ft_focal.data.imagenet_c import ImageNetCDataset, scan_imagenet_c, wnid_mapping  # noqa: E402 (after the sys.path entry it needs)
+from ft_focal.evaluation import build_eval_transform, evaluate_corruptions  # noqa: E402 (after the sys.path entry it needs)
 
 CORRUPTIONS = ["gaussian_noise", "shot_noise", "defocus_blur", "motion_blur", "snow", "fog",
                "contrast", "elastic_transform", "pixelate", "jpeg_compression"]

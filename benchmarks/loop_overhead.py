@@ -41,37 +41,37 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import gc  # noqa: E402
-import logging  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import types  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable, Iterator, Optional  # noqa: E402
+import argparse  # noqa: E402 (after the environment it reads is set)
+import contextlib  # noqa: E402 (after the environment it reads is set)
+import gc  # noqa: E402 (after the environment it reads is set)
+import logging  # noqa: E402 (after the environment it reads is set)
+import shutil  # noqa: E402 (after the environment it reads is set)
+import statistics  # noqa: E402 (after the environment it reads is set)
+import sys  # noqa: E402 (after the environment it reads is set)
+import tempfile  # noqa: E402 (after the environment it reads is set)
+import time  # noqa: E402 (after the environment it reads is set)
+import types  # noqa: E402 (after the environment it reads is set)
+from pathlib import Path  # noqa: E402 (after the environment it reads is set)
+from typing import Any, Callable, Iterator, Optional  # noqa: E402 (after the environment it reads is set)
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+import torch  # noqa: E402 (after the environment it reads is set)
+from torch.utils.data import DataLoader  # noqa: E402 (after the environment it reads is set)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import ft_focal.evaluation.evaluate as evaluate_mod  # noqa: E402
-import ft_focal.training.builders as builders_mod  # noqa: E402
-import ft_focal.training.checkpoint as ckpt_mod  # noqa: E402
-import ft_focal.training.parts as parts_mod  # noqa: E402
-import ft_focal.training.state as state_mod  # noqa: E402
-import ft_focal.training.trainer as train_mod  # noqa: E402
-from ft_focal.config import Recipe, load_recipe  # noqa: E402
-from ft_focal.data import build_datasets  # noqa: E402
-from ft_focal.models import build_classifier, preprocess_for  # noqa: E402
+import ft_focal.evaluation.evaluate as evaluate_mod  # noqa: E402 (after the sys.path entry it needs)
+import ft_focal.training.builders as builders_mod  # noqa: E402 (after the sys.path entry it needs)
+import ft_focal.training.checkpoint as ckpt_mod  # noqa: E402 (after the sys.path entry it needs)
+import ft_focal.training.parts as parts_mod  # noqa: E402 (after the sys.path entry it needs)
+import ft_focal.training.state as state_mod  # noqa: E402 (after the sys.path entry it needs)
+import ft_focal.training.trainer as train_mod  # noqa: E402 (after the sys.path entry it needs)
+from ft_focal.config import Recipe, load_recipe  # noqa: E402 (after the sys.path entry it needs)
+from ft_focal.data import build_datasets  # noqa: E402 (after the sys.path entry it needs)
+from ft_focal.models import build_classifier, preprocess_for  # noqa: E402 (after the sys.path entry it needs)
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import loop_overhead_cuda  # noqa: E402
+import loop_overhead_cuda  # noqa: E402 (after the sys.path entry it needs)
 
 RECIPE = ROOT / "recipes" / "demo" / "digits_lt_focal_sam.yaml"
 VIT_RECIPE = ROOT / "recipes" / "imagenet_lt" / "clip_vit_b16_adaptformer_focal_sam.yaml"
@@ -253,7 +253,7 @@ def med(runs: list[dict], key: str) -> float:
 
 
 def print_tables(results: dict[str, dict[str, list[dict]]]) -> None:
-    ms = lambda s: f"{1000 * s:.1f}"  # noqa: E731
+    ms = lambda s: f"{1000 * s:.1f}"  # noqa: E731 (a one-line closure reads better than a def here)
     head = (f"{'optimizer':<10} {'toolkit ms':>10} {'bare ms':>8} {'ratio':>6}  {'per-repeat ratios':<20}"
             f"{'CPU ratio':>9} {'excl s':>7}  {'passes':<7} {'default ms (passes)':>20}")
     print("\nPer-step time, median over repeats; ratio = toolkit / bare\n" + head + "\n" + "-" * len(head))

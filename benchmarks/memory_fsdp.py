@@ -63,9 +63,9 @@ def _local_bytes(t) -> int:
 
 def _instrument(record: dict):
     """Record the SAM backup and the held split gradient inside the optimizer's step."""
-    from ft_focal.optim import _passes, base, numerics
+    from ft_focal.optim import _numerics, _step
 
-    restore, split = numerics.restore_, _passes.Passes.split
+    restore, split = _numerics.restore_, _step.Passes.split
 
     def restore_(params, backup):
         record["backup"] = max(record.get("backup", 0), sum(_local_bytes(b) for b in backup.values()))
@@ -76,8 +76,8 @@ def _instrument(record: dict):
         record["split"] = sum(_local_bytes(g) for g in out[0])
         return out
 
-    numerics.restore_ = base.nm.restore_ = restore_
-    _passes.Passes.split = _split_pass
+    _numerics.restore_ = _step.nm.restore_ = restore_
+    _step.Passes.split = _split_pass
 
 
 def _worker(rank: int, port: int, out: str) -> None:

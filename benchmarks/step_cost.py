@@ -43,16 +43,16 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import torch  # noqa: E402 (after the environment it reads is set)
+import torch.nn.functional as F  # noqa: E402 (after the environment it reads is set)
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402 (after the environment it reads is set)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from ft_focal.config import ModelConfig, TuningConfig  # noqa: E402
-from ft_focal.models import build_classifier  # noqa: E402
-from ft_focal.optim import ERM, SAM, FocalSAM, ImbSAM  # noqa: E402
-from ft_focal.training.builders import compile_model  # noqa: E402
-from ft_focal.training.malloc import keep_freed_memory  # noqa: E402
+from ft_focal.config import ModelConfig, TuningConfig  # noqa: E402 (after the sys.path entry it needs)
+from ft_focal.models import build_classifier  # noqa: E402 (after the sys.path entry it needs)
+from ft_focal.optim import ERM, SAM, FocalSAM, ImbSAM  # noqa: E402 (after the sys.path entry it needs)
+from ft_focal.training.builders import compile_model  # noqa: E402 (after the sys.path entry it needs)
+from ft_focal.training.malloc import keep_freed_memory  # noqa: E402 (after the sys.path entry it needs)
 
 COUNTS = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]   # CIFAR-10-LT, imbalance factor 100
 SGD = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)

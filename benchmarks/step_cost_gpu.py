@@ -31,18 +31,18 @@ from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch  # noqa: E402 (after the environment it reads is set)
 import torch._functorch.config  # noqa: E402,F401 (donated_buffer)
-import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import torch.nn.functional as F  # noqa: E402 (after the environment it reads is set)
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402 (after the environment it reads is set)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_cost import peak_step_memory  # noqa: E402
+from step_cost import peak_step_memory  # noqa: E402 (after the sys.path entry it needs)
 
-from ft_focal.config import ModelConfig, TuningConfig  # noqa: E402
-from ft_focal.models import build_classifier, tiny_model_config  # noqa: E402
-from ft_focal.optim import ERM, SAM, FocalSAM  # noqa: E402
+from ft_focal.config import ModelConfig, TuningConfig  # noqa: E402 (after the sys.path entry it needs)
+from ft_focal.models import build_classifier, tiny_model_config  # noqa: E402 (after the sys.path entry it needs)
+from ft_focal.optim import ERM, SAM, FocalSAM  # noqa: E402 (after the sys.path entry it needs)
 
 FOCAL = dict(rho=0.05, gamma=0.5, lam=0.8)
 SGD = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)

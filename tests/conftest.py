@@ -14,11 +14,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Tests use tiny models: one intra-op thread is as fast as two and does not thrash when the
 # two cores are shared (pytest plus a DataLoader worker or a second process).
-import torch  # noqa: E402
+import torch  # noqa: E402 (after the environment it reads is set)
 
 torch.set_num_threads(1)
 
-import pytest  # noqa: E402
+import pytest  # noqa: E402 (after the setup line above)
 
 
 @pytest.fixture(autouse=True)

@@ -149,7 +149,7 @@ class OptimConfig:
     Method keys that the chosen optimizer does not take are ignored only if left at null.
     fused: the base optimizer's fused kernel (torch's ``fused=True``). null = on CUDA only. Fused,
         a non-finite update is skipped by the kernel itself, so a steady-state update reads nothing
-        on the host and the GPU never waits for the loop (ft_focal/optim/base.py).
+        on the host and the GPU never waits for the loop (ft_focal/optim/_step.py).
     """
 
     name: str = "focal_sam"
@@ -258,7 +258,7 @@ SECTIONS: dict[str, type] = {
 }
 
 CHOICES = {
-    "model.family": ("open_clip", "hf_clip", "hf_vit", "timm"),
+    "model.family": ("open_clip", "hf_clip", "hf_vit", "timm"),   # = models.backbones.loaders() (a test pins it)
     "model.head": ("cosine", "linear"),
     "model.head_init": ("text", "class_mean", "random"),
     "tuning.method": ("full", "lora", "adaptformer", "head"),

@@ -8,9 +8,10 @@ Every optimizer wraps a base optimizer and is driven by one call per training st
         return criterion(model(x), y)    # per-sample losses [B] (reduction='none')
     loss = opt.step(closure, targets=y)  # all passes, one base step; mean loss at w (detached)
 
-See ``base.py`` for the options every method shares (backward=, scaler=, model=, no_sync=,
-sync_perturbation=, sharded=, micro-batch lists), ``registry.py`` for the methods (names, recipe
-keys, citations) and docs/algorithms.md for the update rules.
+A method's file (focal_sam.py ...) holds its passes; ``_step.py`` the step around them (closure
+contract, micro-batch lists); ``_wrapping.py`` the options every method shares (backward=, scaler=,
+model=, no_sync=, sync_perturbation=, sharded=); ``registry.py`` the methods (names, recipe keys,
+citations); docs/algorithms.md the update rules.
 Cost per step (``opt.last_pass_counts``): ERM 1F+1B, SAM/ASAM 2F+2B, ImbSAM 2F+3B, Focal-SAM 2F+3B,
 Focal-SAM / ImbSAM with ``one_backward=True`` 2F+2B, SSE-SAM 3F+4B (2F+3B after the switch),
 CC-SAM (1+K_b)F + 2K_b B for K_b classes in the batch.
@@ -19,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from ._passes import Runtime
-from .base import COMMON_KWARGS, RENAMED_KEYWORDS, SharpnessOptimizer
+from ._runtime import Runtime
+from ._step import SharpnessOptimizer
+from ._wrapping import COMMON_KWARGS, RENAMED_KEYWORDS
 from .ccsam import CCSAM
 from .erm import ERM
 from .focal_sam import FocalSAM

@@ -6,10 +6,10 @@ import math
 import torch
 import torch.distributed as dist
 
-from . import numerics as nm
-from ._passes import Passes, Weighting
-from .base import SharpnessOptimizer, StepState, class_table
-from .numerics import add
+from . import _numerics as nm
+from ._numerics import add
+from ._step import Passes, SharpnessOptimizer, StepState, Weighting
+from ._wrapping import class_table
 
 
 class CCSAM(SharpnessOptimizer):

@@ -1,8 +1,7 @@
 """ERM: the plain base optimizer behind the common ``step(closure, targets)`` call (1F + 1B)."""
 from __future__ import annotations
 
-from ._passes import Passes
-from .base import SharpnessOptimizer, StepState
+from ._step import Passes, SharpnessOptimizer, StepState
 
 
 class ERM(SharpnessOptimizer):

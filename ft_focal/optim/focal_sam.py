@@ -1,9 +1,9 @@
 """Focal-SAM (Li et al., ICML 2025) - cost 2F + 3B (official), 2F + 2B with ``one_backward``."""
 from __future__ import annotations
 
-from ._passes import Passes
-from .base import SharpnessOptimizer, StepState, class_table
-from .numerics import add
+from ._numerics import add
+from ._step import Passes, SharpnessOptimizer, StepState
+from ._wrapping import class_table
 
 
 class FocalSAM(SharpnessOptimizer):

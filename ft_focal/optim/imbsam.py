@@ -1,9 +1,9 @@
 """ImbSAM (Zhou et al., ICCV 2023) - cost 2F + 3B (official), 2F + 2B with ``one_backward``."""
 from __future__ import annotations
 
-from ._passes import Passes
-from .base import SharpnessOptimizer, StepState, class_table
-from .numerics import add, sum_optional
+from ._numerics import add, sum_optional
+from ._step import Passes, SharpnessOptimizer, StepState
+from ._wrapping import class_table
 
 
 class ImbSAM(SharpnessOptimizer):

@@ -15,7 +15,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .base import SharpnessOptimizer
+from ._step import SharpnessOptimizer
 from .ccsam import CCSAM
 from .erm import ERM
 from .focal_sam import FocalSAM

@@ -1,8 +1,7 @@
 """SAM (Foret et al., ICLR 2021) and ASAM (Kwon et al., ICML 2021) - cost 2F + 2B."""
 from __future__ import annotations
 
-from ._passes import Passes
-from .base import SharpnessOptimizer, StepState
+from ._step import Passes, SharpnessOptimizer, StepState
 
 
 class SAM(SharpnessOptimizer):

@@ -1,11 +1,11 @@
 """SSE-SAM (Lyu et al., AAAI 2025): stage-wise head / tail sharpness-aware minimisation."""
 from __future__ import annotations
 
-from . import numerics as nm
-from ._passes import Passes
-from .base import SharpnessOptimizer, StepState, class_table
+from . import _numerics as nm
+from ._numerics import add
+from ._step import Passes, SharpnessOptimizer, StepState
+from ._wrapping import class_table
 from .imbsam import split_head_tail
-from .numerics import add
 
 
 class SSESAM(SharpnessOptimizer):

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 L = pytest.importorskip("lightning")
 
-from ft_focal.integrations.lightning import SharpnessLightningMixin  # noqa: E402
-from ft_focal.optim import build_optimizer  # noqa: E402
+from ft_focal.integrations.lightning import SharpnessLightningMixin  # noqa: E402 (after the importorskip above)
+from ft_focal.optim import build_optimizer  # noqa: E402 (after the importorskip above)
 
 COUNTS = [30, 10, 3]
 KW = {"lr": 0.05, "momentum": 0.9, "rho": 0.05, "gamma": 0.5, "lam": 0.8}

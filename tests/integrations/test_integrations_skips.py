@@ -12,11 +12,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 pytest.importorskip("transformers")
-from test_integrations_transformers import COUNTS, METHODS, ImageSet, make_args, tiny_vit  # noqa: E402
+from test_integrations_transformers import COUNTS, METHODS, ImageSet, make_args, tiny_vit  # noqa: E402 (after the importorskip above)
 
-from ft_focal.config import TrainConfig  # noqa: E402
-from ft_focal.integrations.skips import NonFiniteUpdates  # noqa: E402
-from ft_focal.integrations.transformers import SharpnessTrainer  # noqa: E402
+from ft_focal.config import TrainConfig  # noqa: E402 (after the importorskip above)
+from ft_focal.integrations.skips import NonFiniteUpdates  # noqa: E402 (after the importorskip above)
+from ft_focal.integrations.transformers import SharpnessTrainer  # noqa: E402 (after the importorskip above)
 
 
 def _poisoned(n: int, bad: list[int]) -> ImageSet:

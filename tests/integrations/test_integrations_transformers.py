@@ -14,11 +14,11 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import TrainingArguments, ViTConfig, ViTForImageClassification  # noqa: E402
+from transformers import TrainingArguments, ViTConfig, ViTForImageClassification  # noqa: E402 (after the importorskip above)
 
-from ft_focal.integrations.transformers import SharpnessTrainer, _AppliedStep  # noqa: E402
-from ft_focal.losses import build_loss  # noqa: E402
-from ft_focal.optim import build_optimizer  # noqa: E402
+from ft_focal.integrations.transformers import SharpnessTrainer, _AppliedStep  # noqa: E402 (after the importorskip above)
+from ft_focal.losses import build_loss  # noqa: E402 (after the importorskip above)
+from ft_focal.optim import build_optimizer  # noqa: E402 (after the importorskip above)
 
 COUNTS = [40, 20, 8, 2]   # class counts: 2 head, 2 tail classes for the long-tail methods
 METHODS = {

@@ -545,3 +545,12 @@ def test_lora_attention_on_activations_equals_merged_weights(batch_first, with_m
     torch.testing.assert_close(fast, merged, rtol=1e-10, atol=1e-12)
     grads = torch.autograd.grad(fast.pow(2).sum(), [p for p in holder.parameters() if p.requires_grad])
     assert all(float(g.abs().sum()) > 0 for g in grads)  # every adapter tensor is on the activation path
+
+
+def test_the_recipe_accepts_exactly_the_families_the_backbones_package_finds():
+    """config validates model.family when the recipe is read (before any data is loaded), so it keeps
+    its own list: the library's base cannot import models (models imports config). This pins the two."""
+    from ft_focal.config import CHOICES
+    from ft_focal.models.backbones import loaders
+
+    assert set(CHOICES["model.family"]) == set(loaders())

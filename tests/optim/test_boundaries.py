@@ -16,11 +16,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_optim_reference import RefSGD, batch, max_diff, mlp, ref_imbsam, ref_run, ref_ssesam, run, weights  # noqa: E402
+from test_optim_reference import RefSGD, batch, max_diff, mlp, ref_imbsam, ref_run, ref_ssesam, run, weights  # noqa: E402 (after the sys.path entry it needs)
 
-from ft_focal.config import EvalConfig  # noqa: E402
-from ft_focal.metrics import BENCHMARK_CORRUPTIONS, load_alexnet_errors, shot_groups  # noqa: E402
-from ft_focal.optim import SAM, SSESAM, ImbSAM  # noqa: E402
+from ft_focal.config import EvalConfig  # noqa: E402 (after the sys.path entry it needs)
+from ft_focal.metrics import BENCHMARK_CORRUPTIONS, load_alexnet_errors, shot_groups  # noqa: E402 (after the sys.path entry it needs)
+from ft_focal.optim import SAM, SSESAM, ImbSAM  # noqa: E402 (after the sys.path entry it needs)
 
 # class 0 sits ON the threshold (head), class 1 one below (tail); labels of batch(): 0 0 0 1 1 2 3 3 0 1 2 0
 COUNTS_AT_20 = [20, 19, 300, 50]

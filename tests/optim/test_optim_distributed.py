@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_optim_reference import RefSGD, axpy, batch, max_diff, mlp, ref_focal, scal, weights  # noqa: E402
+from test_optim_reference import RefSGD, axpy, batch, max_diff, mlp, ref_focal, scal, weights  # noqa: E402 (after the sys.path entry it needs)
 
-from ft_focal.optim import CCSAM, SAM, FocalSAM, ImbSAM  # noqa: E402
-from ft_focal.optim.numerics import global_norm  # noqa: E402
+from ft_focal.optim import CCSAM, SAM, FocalSAM, ImbSAM  # noqa: E402 (after the sys.path entry it needs)
+from ft_focal.optim._numerics import global_norm  # noqa: E402 (after the sys.path entry it needs)
 
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 COUNTS = [100, 30, 8, 3]

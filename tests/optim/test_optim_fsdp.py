@@ -110,7 +110,7 @@ def _worker(rank, port, out):
     try:
         res = {name: _sharded_run(rank, *spec) for name, spec in SCENARIOS.items()}
         lines = _Lines()
-        logging.getLogger("ft_focal.optim.base").addHandler(lines)
+        logging.getLogger("ft_focal.optim").addHandler(lines)
         res["one_backward"] = _sharded_run(rank, "focal_sam", "lora", LABELS, 1, one_backward=True)
         res["one_backward"]["log"] = list(lines.lines)
         res["bf16"] = _sharded_run(rank, "focal_sam", "full", LABELS, 1, dtype=torch.float32,

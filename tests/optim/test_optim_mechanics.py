@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_optim_reference import batch, closure_for, max_diff, mlp, run, weights  # noqa: E402
+from test_optim_reference import batch, closure_for, max_diff, mlp, run, weights  # noqa: E402 (after the sys.path entry it needs)
 
-from ft_focal.optim import CCSAM, ERM, OPTIMIZERS, SAM, SSESAM, FocalSAM, ImbSAM, build_optimizer, optimizer_kwargs  # noqa: E402
+from ft_focal.optim import CCSAM, ERM, OPTIMIZERS, SAM, SSESAM, FocalSAM, ImbSAM, build_optimizer, optimizer_kwargs  # noqa: E402 (after the sys.path entry it needs)
 
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 COUNTS = [100, 30, 8, 3]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_optim_reference import (  # noqa: E402
+from test_optim_reference import (  # noqa: E402 (after the sys.path entry it needs)
     RefSGD,
     axpy,
     batch,
@@ -26,7 +26,7 @@ from test_optim_reference import (  # noqa: E402
     weights,
 )
 
-from ft_focal.optim import CCSAM, ERM, SAM, SSESAM, FocalSAM, ImbSAM  # noqa: E402
+from ft_focal.optim import CCSAM, ERM, SAM, SSESAM, FocalSAM, ImbSAM  # noqa: E402 (after the sys.path entry it needs)
 
 TOL = 1e-8
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -132,9 +132,9 @@ def test_ccsam(scope, flat):
                      classifier_params=list(m[2].parameters()), flat_ratio=flat, **SGD)
 
     if scope == "network":
-        gfn = lambda m, w, x, y: ref_ccsam_network(m, w, x, y, counts, rho, flat)  # noqa: E731
+        gfn = lambda m, w, x, y: ref_ccsam_network(m, w, x, y, counts, rho, flat)  # noqa: E731 (a one-line closure reads better than a def here)
     else:
-        gfn = lambda m, w, x, y: ref_ccsam_classifier(m, w, x, y, counts, rho, flat, head)  # noqa: E731
+        gfn = lambda m, w, x, y: ref_ccsam_classifier(m, w, x, y, counts, rho, flat, head)  # noqa: E731 (a one-line closure reads better than a def here)
     opt = check(make, gfn)
     k = 4   # classes in the batch
     assert opt.last_pass_counts == {"forward": 1 + k, "backward": (k if scope == "network" else k + 1) + k}

@@ -9,9 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_optim_reference import max_diff, mlp, weights  # noqa: E402
+from test_optim_reference import max_diff, mlp, weights  # noqa: E402 (after the sys.path entry it needs)
 
-from ft_focal.optim import SSESAM, FocalSAM, ImbSAM  # noqa: E402
+from ft_focal.optim import SSESAM, FocalSAM, ImbSAM  # noqa: E402 (after the sys.path entry it needs)
 
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 COUNTS = [100, 30, 8, 3]
@@ -85,7 +85,7 @@ def test_pass_counts_focal():
     x = torch.randn(12, 5, dtype=torch.float64)
     m = mlp(0)
     opt = METHODS["focal_sam"](m.parameters(), one_backward=True, model=m)
-    cl = lambda: F.cross_entropy(m(x), LABELS, reduction="none")  # noqa: E731
+    cl = lambda: F.cross_entropy(m(x), LABELS, reduction="none")  # noqa: E731 (a one-line closure reads better than a def here)
     opt.step(cl, targets=LABELS)
     assert opt.last_pass_counts == {"forward": 2, "backward": 3}   # first step: checked against the exact path
     opt.step(cl, targets=LABELS)
@@ -419,7 +419,7 @@ def test_auto_is_on_exactly_when_every_trainable_parameter_has_a_rule(caplog):
             return self.net(inputs) * self.temperature
 
     m = WithBareScale()
-    with caplog.at_level(logging.INFO, logger="ft_focal.optim.base"):
+    with caplog.at_level(logging.INFO, logger="ft_focal.optim"):
         opt = METHODS["focal_sam"](m.parameters(), model=m)
     assert opt.one_backward is None and type(m.net[0]) is nn.Linear
     assert [r.getMessage() for r in caplog.records if "one_backward='auto': off" in r.getMessage()]

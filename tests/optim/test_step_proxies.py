@@ -7,12 +7,12 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-from step_cost import peak_step_memory  # noqa: E402
-from step_cost_gpu import OpCounter, graph_breaks, make_optimizers  # noqa: E402
+from step_cost import peak_step_memory  # noqa: E402 (after the sys.path entry it needs)
+from step_cost_gpu import OpCounter, graph_breaks, make_optimizers  # noqa: E402 (after the sys.path entry it needs)
 
-from ft_focal.config import ModelConfig, TuningConfig  # noqa: E402
-from ft_focal.models import build_classifier, tiny_model_config  # noqa: E402
-from ft_focal.optim import SSESAM, ImbSAM  # noqa: E402
+from ft_focal.config import ModelConfig, TuningConfig  # noqa: E402 (after the sys.path entry it needs)
+from ft_focal.models import build_classifier, tiny_model_config  # noqa: E402 (after the sys.path entry it needs)
+from ft_focal.optim import SSESAM, ImbSAM  # noqa: E402 (after the sys.path entry it needs)
 
 COUNTS = [100, 50, 20, 10, 5, 2]
 

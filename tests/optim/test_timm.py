@@ -18,7 +18,7 @@ from ft_focal.models import AdaptFormerMLP, build_classifier, default_lora_targe
 from ft_focal.models.classifier import tiny_variant
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_one_backward_models import COUNTS, assert_one_backward_matches_exact  # noqa: E402
+from test_one_backward_models import COUNTS, assert_one_backward_matches_exact  # noqa: E402 (after the sys.path entry it needs)
 
 C = 5
 TINY = tiny_model_config("timm")["config"]

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_resume import ENV, _command_two_processes, _run_to_end, assert_bitwise_equal, final_weights, raw_recipe  # noqa: E402
+from test_resume import ENV, _command_two_processes, _run_to_end, assert_bitwise_equal, final_weights, raw_recipe  # noqa: E402 (after the sys.path entry it needs)
 
 SBATCH = Path(__file__).resolve().parents[2] / "examples" / "slurm" / "train_multinode.sbatch"
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_resume import (  # noqa: E402
+from test_resume import (  # noqa: E402 (after the sys.path entry it needs)
     ENV,
     _command,
     _run_to_end,

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_resume import (  # noqa: E402
+from test_resume import (  # noqa: E402 (after the sys.path entry it needs)
     ENV,
     KILL_POINTS,
     _command_two_processes,
@@ -31,7 +31,7 @@ from test_resume import (  # noqa: E402
     steps_on_disk,
 )
 
-from ft_focal.training import checkpoint as ckpt  # noqa: E402
+from ft_focal.training import checkpoint as ckpt  # noqa: E402 (after the sys.path entry it needs)
 
 
 def _recipe(tmp_path: Path, fsdp: bool, **train) -> Path:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .._sharding import is_sharded
 from . import rules
 
 
@@ -219,6 +220,31 @@ class OneBackward:
             self._key = key
             self._reason = self._install(params)
         return self._reason
+
+    def auto_off_reason(self, params) -> str | None:
+        """For ``one_backward="auto"``: why the exact path runs instead (a sharded parameter, or one
+        without a layer rule), or None when the strategy can stay."""
+        if any(is_sharded(p) for p in params):
+            return "FSDP2 shards the parameters"
+        return self.uncovered(params)
+
+    def use_this_step(self, params, warn_once) -> bool:
+        """Whether this step splits with one backward; when not, why is said once (``warn_once(key,
+        msg, *args)``). Sharded parameters switch the strategy off for good."""
+        if self.disabled is not None:
+            return False
+        if any(is_sharded(p) for p in params):
+            self.disabled = ("FSDP2 shards the parameters: the layer rules would see the gathered weights and "
+                             "their part gradients would bypass FSDP's reduce-scatter")
+            warn_once("sb-fsdp", "one_backward switched off: %s; using the exact two-backward path "
+                      "(same update, one more backward)", self.disabled)
+            return False
+        reason = self.plan(params)
+        if reason is not None:
+            warn_once("sb:" + reason, "one_backward: %s; using the exact two-backward path "
+                      "for this step (same update, one more backward)", reason)
+            return False
+        return True
 
     def plan(self, params) -> str | None:
         """None if every parameter in ``params`` is covered (installing the rules), else why not."""
