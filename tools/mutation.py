@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 MODULES = {   # name -> (paths to mutate, tests that exercise them)
     "metrics": (["ft_focal/metrics.py"], ["tests/test_metrics.py", "tests/optim/test_boundaries.py",
                                           "tests/data/test_imagenet_c.py"]),
-    "losses": (["ft_focal/losses.py"], ["tests/test_losses.py", "tests/training/test_recipe_wiring.py"]),
+    "losses": (["ft_focal/losses.py"], ["tests/test_losses.py", "tests/test_loss_defaults.py",
+                                        "tests/training/test_recipe_wiring.py"]),
     "optim": (["ft_focal/optim/"], ["tests/optim/test_optim_methods.py", "tests/optim/test_optim_mechanics.py",
                                     "tests/optim/test_optim_one_backward.py", "tests/optim/test_boundaries.py",
                                     "tests/optim/test_registry.py"]),
