@@ -37,3 +37,14 @@ def test_loop_overhead_compares_both_loops():
     out = _run("benchmarks/loop_overhead.py", "--quick", "--optimizers", "sam", "--steps", "17")
     line = next(line for line in out.splitlines() if line.startswith("sam "))
     assert "2F+2B" in line and float(line.split()[3]) > 0   # toolkit / bare ratio
+
+
+@pytest.mark.slow
+def test_fsdp_step_compares_ddp_and_fsdp2_on_the_exact_path():
+    out = _run("benchmarks/fsdp_step.py", "--smoke", "--batch", "4", "--rounds", "2")
+    rows = [line for line in out.splitlines() if line.startswith("| full ") or line.startswith("| lora ")]
+    assert [r.split(" | ")[:2] for r in rows] == [["| full", "ddp"], ["| full", "fsdp2"], ["| lora", "ddp"],
+                                                   ["| lora", "fsdp2"]]
+    # both modes run Focal-SAM's exact path (FSDP2 turns the one-backward path off): same passes
+    assert all(r.rstrip(" |").endswith("2F + 3B") for r in rows)
+    assert all(r.split(" | ")[3] == "1.00x" for r in rows if " ddp " in r)
