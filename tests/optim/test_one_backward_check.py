@@ -121,7 +121,7 @@ def _zeroed(backward, slots):
     return staticmethod(wrong)
 
 
-def _wrong_batch_dim(module, x, n):
+def _wrong_batch_dim(module, binding, x, n):
     """The token dimension instead of the batch one where both have size n ([B, T, D] with T == B)."""
     candidates = [d for d in range(max(x.dim() - 1, 1)) if x.shape[d] == n]
     return candidates[-1] if candidates else None

@@ -347,14 +347,19 @@ def test_two_optimizers_on_one_model_each_split_their_own_steps():
 
 
 def test_remove_gives_the_layers_back_and_the_optimizer_runs_the_exact_path():
-    """OneBackward.remove(): every covered module has its own class again and none of the strategy's
-    attributes; the state_dict is unchanged, and the next steps equal those of an optimizer that
-    never had the one-backward path."""
+    """The strategy's state reaches each covered module through a class of the module's own, never
+    through the module; OneBackward.remove(): every covered module has its own class again; the
+    state_dict is unchanged, and the next steps equal those of an optimizer that never had the
+    one-backward path."""
     x = torch.randn(12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     m, plain = mlp(0), mlp(0)
     keys = list(m.state_dict())
     opt = METHODS["focal_sam"](m.parameters(), one_backward=True, model=m)
     assert type(m[0]) is not nn.Linear and isinstance(m[0], nn.Linear)   # swapped at construction
+    covered = [layer for layer in m if type(layer).__dict__.get("one_backward_binding") is not None]
+    assert len(covered) >= 2 and len({type(layer) for layer in covered}) == len(covered)   # a class per module
+    assert all(type(layer).one_backward_binding.state is opt.one_backward.state for layer in covered)
+    assert not [k for layer in m for k in vars(layer) if k.startswith("one_backward")]   # nothing on the module
     opt.one_backward.remove()
     assert [type(layer) for layer in m] == [type(layer) for layer in plain]
     assert not [k for layer in m for k in vars(layer) if k.startswith("one_backward")]

@@ -8,8 +8,9 @@ One backward of the total ``sum_j t_j l_j / B`` gives ``G_total``; the part weig
 which every covered layer forms inside the same backward from its input and its output gradient
 delta (one_backward/rules.py); ``G_rest = G_total - G_part``. ``OneBackward`` is the strategy
 the optimizer owns: ``plan`` decides whether every trainable parameter is covered, ``install`` gives
-each covering module a rule-aware forward (its class is swapped for a subclass: state_dict keys and
-behaviour outside the armed forward are unchanged), ``armed`` sets the per-sample ratio for one
+each covering module a rule-aware forward (its class is swapped for a subclass of its own that holds
+the module's ``Binding``, which the strategy owns; nothing is set on the module itself, state_dict keys
+and behaviour outside the armed forward are unchanged, and ``remove()`` gives the class back), ``armed`` sets the per-sample ratio for one
 forward, ``collect`` returns the part gradients after the backward.
 
 Covered (rules): ``nn.Linear`` (LoRA A / B, adapter down / up, linear heads), ``nn.LayerNorm`` and
@@ -37,6 +38,7 @@ the armed and the plain forward are two graphs of the same compiled model.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -77,37 +79,51 @@ class ArmedState:
         return w
 
 
-def _batch_dim(module, x, n):
+@dataclass(eq=False)
+class Binding:
+    """What one covered module's rule-aware forward reads. The strategy owns it; the module reaches it
+    through the class the strategy gave it (``type(module).one_backward_binding``), so nothing is set
+    on the module itself and ``remove()`` (the original class back) takes it all away."""
+    state: ArmedState
+    twins: tuple             # per covered parameter: its twin leaf (same storage), or None
+    mags: tuple              # per covered parameter: its magnitude twin (first-step check), or None
+    upcast: bool = False     # open_clip's LayerNormFp32: the rule runs in float32
+    cast_back: bool = False  # open_clip's LayerNorm classes return the input's dtype
+    batch_dim: int | None = None   # the batch dimension of this layer's input, once found
+
+
+def _batch_dim(module, binding, x, n):
     cands = [d for d in range(max(x.dim() - 1, 1)) if x.shape[d] == n]
-    seen = getattr(module, "one_backward_batch_dim", None)
+    seen = binding.batch_dim
     if len(cands) == 1 and seen in (None, cands[0]):
         if seen is None:
-            module.one_backward_batch_dim = cands[0]
+            binding.batch_dim = cands[0]
         return cands[0]
     if len(cands) > 1 and seen in cands:
         return seen
     if not torch.compiler.is_compiling():
-        module.one_backward_state.problems[module] = (
+        binding.state.problems[module] = (
             f"cannot find the batch dimension (size {n}) of {tuple(x.shape)} at a {type(module).__name__} layer")
     return None
 
 
 def _armed(module, x):
-    """(state, batch dim) when the module should split this call, else None."""
-    st = module.one_backward_state
+    """(binding, state, batch dim) when the module should split this call, else None."""
+    b = module.one_backward_binding
+    st = b.state
     if st.ratios is None:
         return None
-    d = _batch_dim(module, x, st.n)
-    return None if d is None else (st, d)
+    d = _batch_dim(module, b, x, st.n)
+    return None if d is None else (b, st, d)
 
 
 def _linear_forward(self, x):
     armed = _armed(self, x)
     if armed is None:
         return F.linear(x, self.weight, self.bias)
-    st, d = armed
-    tw, tb = self.one_backward_twins
-    mw, mb = self.one_backward_mags if st.check else (None, None)
+    b, st, d = armed
+    tw, tb = b.twins
+    mw, mb = b.mags if st.check else (None, None)
     dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     if dt in (torch.float16, torch.bfloat16):
         st.low_precision = True
@@ -118,22 +134,21 @@ def _layer_norm_forward(self, x):
     armed = _armed(self, x)
     if armed is None:
         return self.one_backward_plain_forward(x)
-    st, d = armed
-    tw, tb = self.one_backward_twins
-    mw, mb = self.one_backward_mags if st.check else (None, None)
-    upcast = getattr(self, "one_backward_upcast", False)
-    dt = torch.float32 if upcast or torch.is_autocast_enabled(x.device.type) else x.dtype
-    out = rules.layer_norm(x, self.weight, self.bias, tw, tb, st.pair(dt, x.dim(), d), self.eps, upcast, mw, mb)
-    return out.to(x.dtype) if getattr(self, "one_backward_cast_back", False) else out
+    b, st, d = armed
+    tw, tb = b.twins
+    mw, mb = b.mags if st.check else (None, None)
+    dt = torch.float32 if b.upcast or torch.is_autocast_enabled(x.device.type) else x.dtype
+    out = rules.layer_norm(x, self.weight, self.bias, tw, tb, st.pair(dt, x.dim(), d), self.eps, b.upcast, mw, mb)
+    return out.to(x.dtype) if b.cast_back else out
 
 
 def _cosine_forward(self, features):
     armed = _armed(self, features)
     if armed is None:
         return self.one_backward_plain_forward(features)
-    st, d = armed
-    (tw,) = self.one_backward_twins
-    (mw,) = self.one_backward_mags if st.check else (None,)
+    b, st, d = armed
+    (tw,) = b.twins
+    (mw,) = b.mags if st.check else (None,)
     dt = torch.promote_types(features.dtype, self.weight.dtype)   # as CosineHead: no autocast
     with torch.autocast(features.device.type, enabled=False):
         fn, wn = F.normalize(features.to(dt), dim=-1), F.normalize(self.weight.to(dt), dim=-1)
@@ -147,9 +162,9 @@ def _scale_forward(self, x):
     armed = _armed(self, u)
     if armed is None:
         return self.scale * u
-    st, d = armed
-    (ts,) = self.one_backward_twins
-    (ms,) = self.one_backward_mags if st.check else (None,)
+    b, st, d = armed
+    (ts,) = b.twins
+    (ms,) = b.mags if st.check else (None,)
     return rules.scale(self.scale, u, ts, st.ratio(torch.promote_types(self.scale.dtype, u.dtype)), d, ms)
 
 
@@ -171,29 +186,24 @@ def rule_of(module: nn.Module):
     return None
 
 
-#: What the strategy sets on a covered module instance (remove() takes each away again).
-_MODULE_ATTRIBUTES = ("one_backward_state", "one_backward_twins", "one_backward_mags", "one_backward_batch_dim",
-                      "one_backward_upcast", "one_backward_cast_back")
-
 _FORWARDS = {"linear": _linear_forward, "layer_norm": _layer_norm_forward, "cosine": _cosine_forward,
              "scale": _scale_forward}
-_SUBCLASSES = {}
 
 
-def _swap_class(module, rule):
+def _swap_class(module, rule, binding: Binding) -> None:
+    """Give ``module`` a class of its own: its class with the rule's forward and ``binding`` (one class
+    per module, so that the binding lives on no shared class and on no instance)."""
     cls = type(module)
-    if getattr(cls, "one_backward_base", None) is not None:
-        return
-    sub = _SUBCLASSES.get(cls)
-    if sub is None:
-        sub = _SUBCLASSES[cls] = type(cls.__name__, (cls,), {
-            "forward": _FORWARDS[rule], "one_backward_base": cls, "one_backward_plain_forward": cls.forward,
-            "__module__": __name__, "__qualname__": f"OneBackward{cls.__name__}"})
-    module.__class__ = sub
+    base = getattr(cls, "one_backward_base", cls)
     if rule == "layer_norm":
-        key = (cls.__module__, cls.__name__)
-        module.one_backward_upcast = _OPEN_CLIP_NORMS.get(key, False)
-        module.one_backward_cast_back = key in _OPEN_CLIP_NORMS
+        key = (base.__module__, base.__name__)
+        binding.upcast, binding.cast_back = _OPEN_CLIP_NORMS.get(key, False), key in _OPEN_CLIP_NORMS
+    if base is not cls:   # another strategy swapped it: take it over
+        cls.one_backward_binding = binding
+        return
+    module.__class__ = type(cls.__name__, (cls,), {
+        "forward": _FORWARDS[rule], "one_backward_base": cls, "one_backward_plain_forward": cls.forward,
+        "one_backward_binding": binding, "__module__": __name__, "__qualname__": f"OneBackward{cls.__name__}"})
 
 
 class OneBackward:
@@ -206,7 +216,7 @@ class OneBackward:
         self._reason = None
         self._twins = {}          # id(param) -> twin leaf sharing its storage
         self._mags = {}           # id(param) -> magnitude twin (first-step check; same storage)
-        self._bound = []          # (covered module, its twins)
+        self._bound = []          # (covered module, its Binding)
         self._batchnorms = []     # the model's BatchNorm layers (found at install)
         self.validated = False    # the first step matched the exact path
         self.disabled = None      # reason, once switched off for good
@@ -286,16 +296,17 @@ class OneBackward:
                     mag = self._mags[id(p)] = p.detach().requires_grad_()
                 twins.append(t)
                 mags.append(mag)
-            _swap_class(m, rule)
-            self._bound.append((m, tuple(twins), tuple(mags)))
+            binding = Binding(self.state, tuple(twins), tuple(mags))
+            _swap_class(m, rule, binding)
+            self._bound.append((m, binding))
         self._bind()
         return None
 
     def _bind(self):
         """Point the covered modules at this strategy (another optimizer of the same model may
         have taken them over since)."""
-        for m, twins, mags in self._bound:
-            m.one_backward_state, m.one_backward_twins, m.one_backward_mags = self.state, twins, mags
+        for m, binding in self._bound:
+            type(m).one_backward_binding = binding
 
     # ----------------------------------------------------------------- one forward / backward
     @contextlib.contextmanager
@@ -303,7 +314,7 @@ class OneBackward:
         """The covered layers split the next forward: ``ratio[j]`` = part_j / total_j ([n]);
         ``check``: the rules also fill the magnitude twins (``magnitudes``, for ``compare``)."""
         st = self.state
-        if self._bound and self._bound[0][0].one_backward_state is not st:
+        if self._bound and type(self._bound[0][0]).one_backward_binding is not self._bound[0][1]:
             self._bind()
         st.ratios, st.pairs = {None: ratio, ratio.dtype: ratio}, {}
         st.n, st.problems, st.low_precision, st.check = n, {}, False, check
@@ -388,15 +399,13 @@ class OneBackward:
             t.grad = None
 
     def remove(self) -> None:
-        """Give the covered modules back their own classes and drop every attribute the strategy set
-        on them; the strategy is switched off for good (the optimizer then runs the exact path).
-        The model's parameters, buffers and state_dict are untouched: only the forward changes back."""
-        for m, _, _ in self._bound:
+        """Give the covered modules back their own classes (and with them the bindings); the strategy
+        is switched off for good (the optimizer then runs the exact path). The model's parameters,
+        buffers and state_dict are untouched: only the forward changes back."""
+        for m, _ in self._bound:
             base = getattr(type(m), "one_backward_base", None)
             if base is not None:
                 m.__class__ = base
-            for name in _MODULE_ATTRIBUTES:
-                m.__dict__.pop(name, None)
         self.reset()
         self._bound, self._twins, self._mags, self._key = [], {}, {}, None
         self.disabled = "removed (OneBackward.remove)"
