@@ -1,6 +1,6 @@
 """Each loss's published defaults, its keywords reaching it by name, and its input checks, each against
 a hand computation (numpy) or the exact one-line message. Sources of the defaults: the docstrings of
-ft_focal/losses.py and docs/algorithms.md ("Losses"): LDAM max_m = 0.5, s = 30 and DRW from epoch 160
+ft_focal/losses/long_tail.py and docs/algorithms.md ("Losses"): LDAM max_m = 0.5, s = 30 and DRW from epoch 160
 (Cao et al. 2019); class-balanced beta = 0.9999 (Cui et al. 2019); logit adjustment tau = 1 (Menon et
 al. 2021); VS gamma = 0.05, tau = 0.75; focal gamma = 2 (Lin et al. 2017)."""
 

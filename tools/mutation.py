@@ -1,6 +1,6 @@
 """Mutation testing (mutmut 3) of the numerical core, one module at a time. Not in CI: too slow.
 
-    python tools/mutation.py metrics            # ft_focal/metrics.py against its tests
+    python tools/mutation.py metrics            # ft_focal/metrics/ against its tests
     python tools/mutation.py losses optim checkpoint builders
     python tools/mutation.py --list             # the modules and the tests each one runs
 
@@ -28,9 +28,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = {   # name -> (paths to mutate, tests that exercise them)
-    "metrics": (["ft_focal/metrics.py"], ["tests/test_metrics.py", "tests/optim/test_boundaries.py",
+    "metrics": (["ft_focal/metrics/"], ["tests/test_metrics.py", "tests/optim/test_boundaries.py",
                                           "tests/data/test_imagenet_c.py"]),
-    "losses": (["ft_focal/losses.py"], ["tests/test_losses.py", "tests/test_loss_defaults.py",
+    "losses": (["ft_focal/losses/"], ["tests/test_losses.py", "tests/test_loss_defaults.py",
                                         "tests/training/test_recipe_wiring.py"]),
     "optim": (["ft_focal/optim/"], ["tests/optim/test_optim_methods.py", "tests/optim/test_optim_mechanics.py",
                                     "tests/optim/test_optim_one_backward.py", "tests/optim/test_boundaries.py",

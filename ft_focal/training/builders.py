@@ -21,7 +21,7 @@ from ft_focal.optim import ONE_BACKWARD_METHODS, RECIPE_KEYS, build_optimizer, m
 logger = logging.getLogger(__name__)
 
 # Optimizer-specific recipe keys, passed to the optimizer only when set (not null): the method
-# registry (ft_focal/optim/registry.py). Loss keys: the loss registry (ft_focal/losses.py).
+# registry (ft_focal/optim/registry.py). Loss keys: the loss registry (ft_focal/losses/__init__.py).
 METHOD_KEYS = RECIPE_KEYS
 LOSS_KEYS = {name: tuple(key for key, _ in info.recipe_keys) for name, info in LOSSES.items() if info.alias_of is None}
 

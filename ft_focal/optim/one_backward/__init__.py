@@ -9,9 +9,10 @@ which every covered layer forms inside the same backward from its input and its 
 delta (one_backward/rules.py); ``G_rest = G_total - G_part``. ``OneBackward`` is the strategy
 the optimizer owns: ``plan`` decides whether every trainable parameter is covered, ``install`` gives
 each covering module a rule-aware forward (its class is swapped for a subclass of its own that holds
-the module's ``Binding``, which the strategy owns; nothing is set on the module itself, state_dict keys
-and behaviour outside the armed forward are unchanged, and ``remove()`` gives the class back), ``armed`` sets the per-sample ratio for one
-forward, ``collect`` returns the part gradients after the backward.
+the module's ``Binding``, which the strategy owns; nothing is set on the module itself, state_dict
+keys and behaviour outside the armed forward are unchanged, and ``remove()`` gives the class back),
+``armed`` sets the per-sample ratio for one forward, ``collect`` returns the part gradients after the
+backward.
 
 Covered (rules): ``nn.Linear`` (LoRA A / B, adapter down / up, linear heads), ``nn.LayerNorm`` and
 open_clip's LayerNorm classes, and modules that declare ``one_backward_rule``: ``"cosine"`` (a
