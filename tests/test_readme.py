@@ -448,7 +448,7 @@ def test_readme_python_snippet(block, workspace, monkeypatch):
 
 
 def test_files_the_readmes_cite_exist():
-    """`docs/algorithms.md`, `tests/optim/test_timm.py`, ...: a cited repository file exists (a README once
+    """`docs/algorithms.md`, `tests/models/test_timm.py`, ...: a cited repository file exists (a README once
     cited ALGORITHMS.md, which is not in the repository)."""
     import re
 

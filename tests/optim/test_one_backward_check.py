@@ -26,7 +26,8 @@ from ft_focal.optim import one_backward as sb
 from ft_focal.optim.one_backward import rules
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_one_backward_models import COUNTS, adapters_away_from_zero_  # noqa: E402 (after the sys.path entry it needs)
+from test_one_backward import MODEL_COUNTS as COUNTS  # noqa: E402 (after the sys.path entry it needs)
+from test_one_backward import adapters_away_from_zero_
 
 TIMM = ["vit_base_patch16_clip_224.openai", "vit_base_patch16_224.augreg_in21k", "vit_base_patch14_dinov2",
         "eva02_base_patch14_224.mim_in22k", "vit_base_patch16_siglip_224"]   # the timm recipes' architectures

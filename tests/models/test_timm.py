@@ -17,8 +17,9 @@ from ft_focal.errors import UserError
 from ft_focal.models import AdaptFormerMLP, build_classifier, default_lora_targets, preprocess_for, tiny_model_config
 from ft_focal.models.classifier import tiny_variant
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_one_backward_models import COUNTS, assert_one_backward_matches_exact  # noqa: E402 (after the sys.path entry it needs)
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "optim"))
+from test_one_backward import MODEL_COUNTS as COUNTS  # noqa: E402 (after the sys.path entry it needs)
+from test_one_backward import assert_one_backward_matches_exact  # noqa: E402 (after the sys.path entry it needs)
 
 C = 5
 TINY = tiny_model_config("timm")["config"]
