@@ -32,13 +32,12 @@ MODULES = {   # name -> (paths to mutate, tests that exercise them)
                                           "tests/data/test_imagenet_c.py"]),
     "losses": (["ft_focal/losses/"], ["tests/test_losses.py", "tests/test_loss_defaults.py",
                                         "tests/training/test_recipe_wiring.py"]),
-    "optim": (["ft_focal/optim/"], ["tests/optim/test_optim_methods.py", "tests/optim/test_optim_mechanics.py",
-                                    "tests/optim/test_one_backward.py", "tests/optim/test_boundaries.py",
-                                    "tests/optim/test_registry.py"]),
+    # every in-process test of optim/ (mutmut cannot attribute code that spawned processes run: the
+    # DDP / FSDP2 tests kill distributed mutants, but per-function selection never picks them)
+    "optim": (["ft_focal/optim/"], ["tests/optim/"]),
     # the exact step of Focal-SAM alone (a reader's path: docs/design.md), a shorter run than "optim"
     "optim_step": (["ft_focal/optim/_step.py", "ft_focal/optim/_numerics.py", "ft_focal/optim/focal_sam.py"],
-                   ["tests/optim/test_optim_methods.py", "tests/optim/test_optim_mechanics.py",
-                    "tests/optim/test_boundaries.py"]),
+                   ["tests/optim/"]),
     "checkpoint": (["ft_focal/training/checkpoint.py"], ["tests/training/test_checkpoint.py", "tests/training/test_resume.py"]),
     "builders": (["ft_focal/training/builders.py"], ["tests/training/test_recipe_wiring.py", "tests/training/test_trainer.py"]),
 }

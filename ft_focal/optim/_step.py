@@ -278,12 +278,11 @@ class Passes:
         st.passes["backward"] += sum(used)
         return self.finish(st, bufs)
 
-    def split(self, st: StepState, rest: list, part: list, total: list | None = None) -> list:
-        """Gradients ``[G_rest, G_part]`` of two weightings of the same forward at w."""
+    def split(self, st: StepState, rest: list, part: list, total: list) -> list:
+        """Gradients ``[G_rest, G_part]`` of two weightings of the same forward at w; ``total`` is their
+        sum per micro-batch (the one backward's weighting; the method knows it in closed form)."""
         if not st.one_backward:
             return self.grad(st, [rest, part])
-        if total is None:
-            total = [nm.sum_optional(r, p) for r, p in zip(rest, part, strict=True)]
         return split_in_one_backward(self, st, rest, part, total)
 
     def sync_perturbation(self, st: StepState, grads: list) -> list:
