@@ -38,7 +38,9 @@ MODULES = {   # name -> (paths to mutate, tests that exercise them)
     # the exact step of Focal-SAM alone (a reader's path: docs/design.md), a shorter run than "optim"
     "optim_step": (["ft_focal/optim/_step.py", "ft_focal/optim/_numerics.py", "ft_focal/optim/focal_sam.py"],
                    ["tests/optim/"]),
-    "checkpoint": (["ft_focal/training/checkpoint.py"], ["tests/training/test_checkpoint.py", "tests/training/test_resume.py"]),
+    "checkpoint": (["ft_focal/training/checkpoint.py"], ["tests/training/test_checkpoint.py",
+                                                         "tests/training/test_checkpoint_contract.py",
+                                                         "tests/training/test_resume.py"]),
     "builders": (["ft_focal/training/builders.py"], ["tests/training/test_recipe_wiring.py", "tests/training/test_trainer.py"]),
 }
 
