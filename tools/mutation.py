@@ -48,13 +48,13 @@ MODULES = {   # name -> (paths to mutate, tests that exercise them)
 def run_module(name: str, keep: bool) -> dict:
     paths, tests = MODULES[name]
     scratch = Path(tempfile.mkdtemp(prefix=f"mutation_{name}_"))
-    for part in ("ft_focal", "tests", "recipes", "eval"):
+    for part in ("ft_focal", "tests", "recipes", "eval", "benchmarks"):
         shutil.copytree(REPO / part, scratch / part, ignore=shutil.ignore_patterns("__pycache__"))
     config = (REPO / "pyproject.toml").read_text()
     config += ("\n[tool.mutmut]\n"
                f"source_paths = {paths!r}\n"
                # the rest of the package too: mutmut's copy must not import the installed one
-               "also_copy = ['ft_focal/', 'recipes/', 'eval/']\n"
+               "also_copy = ['ft_focal/', 'recipes/', 'eval/', 'benchmarks/']\n"
                f"pytest_add_cli_args_test_selection = {tests!r}\n"
                "pytest_add_cli_args = ['-p', 'no:cacheprovider', '-x']\n").replace("'", '"')
     (scratch / "pyproject.toml").write_text(config)
