@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, os.path.dirname(__file__))
 from test_optim_reference import RefSGD, axpy, batch, max_diff, mlp, ref_focal, scal, weights  # noqa: E402 (after the sys.path entry it needs)
 
-from ft_focal.optim import CCSAM, SAM, FocalSAM, ImbSAM  # noqa: E402 (after the sys.path entry it needs)
+from ft_focal.optim import CCSAM, ERM, SAM, FocalSAM, ImbSAM  # noqa: E402 (after the sys.path entry it needs)
 from ft_focal.optim._numerics import global_norm  # noqa: E402 (after the sys.path entry it needs)
 
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -55,6 +55,17 @@ def _worker(rank, world, port, out):
             for _ in range(STEPS):
                 opt.step(lambda ddp=ddp: F.cross_entropy(ddp(xr), yr, reduction="none"), targets=yr)
             res[name] = weights(model)
+        # a non-finite loss on rank 1 only: under no_sync the final gradient is averaged after each
+        # rank checked its own, so only the all-reduced flag makes rank 0 skip the step too
+        model = mlp(0)
+        ddp = DDP(model)
+        start = weights(model)
+        opt = ERM(ddp.parameters(), torch.optim.SGD, model=ddp, no_sync=ddp.no_sync, **SGD)
+        bad = xr.clone()
+        if rank == 1:
+            bad[0, 0] = float("nan")
+        opt.step(lambda: F.cross_entropy(ddp(bad), yr, reduction="none"), targets=yr)
+        res["one_rank_nonfinite"] = (opt.skipped_steps, max_diff(model, start))
         # sharded global norm: sqrt(all_reduce(sum of local squares))
         res["sharded_norm"] = float(global_norm([torch.full((3,), rank + 1.0, dtype=torch.float64)],
                                                 torch.device("cpu"), sharded_world=world))
@@ -104,3 +115,7 @@ def test_local_perturbation_m_sharpness(two_process_results):
 
 def test_sharded_norm(two_process_results):
     assert two_process_results[0]["sharded_norm"] == pytest.approx((3 * (1 + 4)) ** 0.5, abs=1e-12)
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(two_process_results):
+    assert [r["one_rank_nonfinite"] for r in two_process_results] == [(1, 0.0), (1, 0.0)]
