@@ -41,7 +41,8 @@ MODULES = {   # name -> (paths to mutate, tests that exercise them)
     "checkpoint": (["ft_focal/training/checkpoint.py"], ["tests/training/test_checkpoint.py",
                                                          "tests/training/test_checkpoint_contract.py",
                                                          "tests/training/test_resume.py"]),
-    "builders": (["ft_focal/training/builders.py"], ["tests/training/test_recipe_wiring.py", "tests/training/test_trainer.py"]),
+    "builders": (["ft_focal/training/builders.py"], ["tests/training/test_builders.py", "tests/training/test_recipe_wiring.py",
+                                                     "tests/training/test_trainer.py"]),
 }
 
 
