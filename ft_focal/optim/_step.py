@@ -201,9 +201,6 @@ class SharpnessOptimizer(WrappingOptimizer):
         pending = self._skipped_on_device
         self._skipped_on_device = skip if pending is None else pending + skip
 
-    def _trainable(self) -> list:
-        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-
     def _zero_param_grads(self) -> None:
         for g in self.param_groups:
             for p in g["params"]:

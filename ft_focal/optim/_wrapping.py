@@ -119,7 +119,7 @@ class WrappingOptimizer(torch.optim.Optimizer):
             return None
         strategy = OneBackward(model)
         strategy.validated = not check
-        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        params = self._trainable()
         reason = strategy.auto_off_reason(params) if auto else None
         if reason is not None:
             logger.info("one_backward='auto': off (%s); the exact path runs (same update, one more backward)",
@@ -128,6 +128,9 @@ class WrappingOptimizer(torch.optim.Optimizer):
             return None
         strategy.use_this_step(params, self._warn_once)
         return strategy
+
+    def _trainable(self) -> list:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
     # ------------------------------------------------------------------ torch.optim plumbing
     def _link(self):
