@@ -32,21 +32,31 @@ MODULES = {   # name -> (paths to mutate, tests that exercise them)
                                           "tests/data/test_imagenet_c.py"]),
     "losses": (["ft_focal/losses/"], ["tests/test_losses.py", "tests/test_loss_defaults.py",
                                         "tests/training/test_recipe_wiring.py"]),
-    # every in-process test of optim/ (mutmut cannot attribute code that spawned processes run: the
-    # DDP / FSDP2 tests kill distributed mutants, but per-function selection never picks them)
-    "optim": (["ft_focal/optim/"], ["tests/optim/"]),
-    # the exact step of Focal-SAM alone (a reader's path: docs/design.md), a shorter run than "optim"
+    # optim/ in three groups, each about an hour of one core; "optim" below runs all three. The DDP and
+    # FSDP2 tests are not listed: mutmut traces its test selection in-process, and code that only
+    # spawned processes run is never attributed to them (docs/design.md, "Mutation testing")
     "optim_step": (["ft_focal/optim/_step.py", "ft_focal/optim/_numerics.py", "ft_focal/optim/focal_sam.py"],
-                   ["tests/optim/"]),
+                   ["tests/optim/test_optim_methods.py", "tests/optim/test_optim_mechanics.py",
+                    "tests/optim/test_boundaries.py", "tests/optim/test_step_contract.py"]),
+    "optim_methods": (["ft_focal/optim/sam.py", "ft_focal/optim/erm.py", "ft_focal/optim/imbsam.py",
+                       "ft_focal/optim/ccsam.py", "ft_focal/optim/sse_sam.py", "ft_focal/optim/registry.py",
+                       "ft_focal/optim/_wrapping.py", "ft_focal/optim/_runtime.py"],
+                      ["tests/optim/test_optim_methods.py", "tests/optim/test_optim_mechanics.py",
+                       "tests/optim/test_boundaries.py", "tests/optim/test_step_contract.py",
+                       "tests/optim/test_optim_reference.py", "tests/optim/test_registry.py"]),
+    "one_backward": (["ft_focal/optim/one_backward/"],
+                     ["tests/optim/test_one_backward.py", "tests/optim/test_one_backward_check.py",
+                      "tests/optim/test_step_proxies.py"]),
     "checkpoint": (["ft_focal/training/checkpoint.py"], ["tests/training/test_checkpoint.py",
                                                          "tests/training/test_checkpoint_contract.py",
                                                          "tests/training/test_resume.py"]),
     "builders": (["ft_focal/training/builders.py"], ["tests/training/test_builders.py", "tests/training/test_recipe_wiring.py",
                                                      "tests/training/test_trainer.py"]),
 }
+GROUPS = {"optim": ["optim_step", "optim_methods", "one_backward"]}
 
 
-def run_module(name: str, keep: bool) -> dict:
+def run_module(name: str, keep: bool, children: int) -> dict:
     paths, tests = MODULES[name]
     scratch = Path(tempfile.mkdtemp(prefix=f"mutation_{name}_"))
     for part in ("ft_focal", "tests", "recipes", "eval", "benchmarks"):
@@ -61,7 +71,7 @@ def run_module(name: str, keep: bool) -> dict:
     (scratch / "pyproject.toml").write_text(config)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env.pop("PYTHONPATH", None)   # mutmut puts its mutants/ copy first itself
-    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "1"], cwd=scratch, env=env)
+    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=scratch, env=env)
     out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=scratch, env=env,
                          capture_output=True, text=True).stdout
     counts: dict = {}
@@ -86,19 +96,23 @@ def run_module(name: str, keep: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("modules", nargs="*", help=f"any of {', '.join(MODULES)}")
+    parser.add_argument("modules", nargs="*", help=f"any of {', '.join([*MODULES, *GROUPS])}")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy (to `mutmut show` survivors)")
+    parser.add_argument("--children", type=int, default=os.cpu_count() or 1,
+                        help="mutants run at once (default: one per CPU core)")
     args = parser.parse_args()
     if args.list or not args.modules:
         for name, (paths, tests) in MODULES.items():
             print(f"{name}: {' '.join(paths)}  <- {' '.join(tests)}")
+        for name, members in GROUPS.items():
+            print(f"{name}: {' '.join(members)}")
         return
-    unknown = [m for m in args.modules if m not in MODULES]
+    unknown = [m for m in args.modules if m not in MODULES and m not in GROUPS]
     if unknown:
-        raise SystemExit(f"unknown module(s) {unknown}; valid: {', '.join(MODULES)}")
-    for name in args.modules:
-        run_module(name, args.keep)
+        raise SystemExit(f"unknown module(s) {unknown}; valid: {', '.join([*MODULES, *GROUPS])}")
+    for name in [member for m in args.modules for member in GROUPS.get(m, [m])]:
+        run_module(name, args.keep, args.children)
 
 
 if __name__ == "__main__":
