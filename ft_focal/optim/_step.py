@@ -56,7 +56,7 @@ class StepState:
     world: int                     # processes
     manual_sync: bool              # passes run under no_sync; the optimizer averages gradients
     can_skip: bool                 # a pass may skip a micro-batch (False under plain DDP)
-    one_backward: bool             # the one-backward strategy is active this step
+    one_backward: Any              # the one-backward strategy (one_backward/) if it runs this step, else None
     norm_world: int                # > 1: norms sum their squares over the ranks of norm_group
     norm_group: object             # process group of the shards (None: the default group)
     inv_scale: dict                # device -> 1 / loss scale (float32 0-d)
@@ -75,8 +75,7 @@ class SharpnessOptimizer(WrappingOptimizer):
 
     def __init__(self, params, base_optimizer_cls, **kwargs):
         super().__init__(params, base_optimizer_cls, **kwargs)
-        self.passes = Passes(self.runtime, type(self).__name__, self.allow_scalar_loss, self.one_backward,
-                             self._warn_once)
+        self.passes = Passes(self.runtime, type(self).__name__, self.allow_scalar_loss, self._warn_once)
         self._labels_checked = False
         self._tables = {}
 
@@ -129,7 +128,8 @@ class SharpnessOptimizer(WrappingOptimizer):
         self._zero_param_grads()
         world, group, sharded, manual = self._gradient_layout(params)
         device = params[0].device if params else torch.device("cpu")
-        one_backward = self.one_backward is not None and self.one_backward.use_this_step(params, self._warn_once)
+        strategy = self.one_backward
+        one_backward = strategy if strategy is not None and strategy.use_this_step(params, self._warn_once) else None
         st = StepState(micro_batches=list(zip(closures, targets, strict=True)), sizes=sizes,
                        batch_size=float(sum(sizes)) if None not in sizes else None, params=params,
                        weights=local_weights(params), device=device, world=world, manual_sync=manual,
@@ -143,7 +143,7 @@ class SharpnessOptimizer(WrappingOptimizer):
             if not self.runtime.sync_perturbation:
                 raise ValueError("sync_perturbation=False needs no_sync= (a no_sync context factory) "
                                  "and unsharded gradients (sharded=False)")
-            if self.multi_backward and not st.one_backward and \
+            if self.multi_backward and st.one_backward is None and \
                     isinstance(self.runtime.model, torch.nn.parallel.DistributedDataParallel):
                 raise ValueError(f"{type(self).__name__} back-propagates one forward more than once, which "
                                  "DDP forbids: pass no_sync=lambda: accelerator.no_sync(model)")
@@ -242,10 +242,9 @@ class Passes:
     ``perturb_sam(st, g, rho)``: w <- w + rho g / ||g|| (``step`` restores w afterwards).
     """
 
-    def __init__(self, runtime: Runtime, method: str, allow_scalar_loss: bool, one_backward: Any,
-                 warn_once: Callable) -> None:
+    def __init__(self, runtime: Runtime, method: str, allow_scalar_loss: bool, warn_once: Callable) -> None:
         self.runtime, self.method, self.allow_scalar_loss = runtime, method, allow_scalar_loss
-        self.one_backward, self.warn_once = one_backward, warn_once
+        self.warn_once = warn_once
 
     def grad(self, st: StepState, weightings: list, perturbed: bool = False) -> list:
         """One pass: a forward per micro-batch at the current weights, one backward per weighting.
@@ -278,7 +277,7 @@ class Passes:
     def split(self, st: StepState, rest: list, part: list, total: list) -> list:
         """Gradients ``[G_rest, G_part]`` of two weightings of the same forward at w; ``total`` is their
         sum per micro-batch (the one backward's weighting; the method knows it in closed form)."""
-        if not st.one_backward:
+        if st.one_backward is None:
             return self.grad(st, [rest, part])
         return split_in_one_backward(self, st, rest, part, total)
 

@@ -47,7 +47,7 @@ class FocalSAM(SharpnessOptimizer):
 
     def _compute(self, st: StepState, passes: Passes) -> list:
         a = [self.per_sample(st, self.coefficients, i) for i in range(len(st.micro_batches))]
-        rest = [None] * len(a) if st.one_backward else [1.0 - ai for ai in a]   # implied by total
+        rest = [None] * len(a) if st.one_backward is not None else [1.0 - ai for ai in a]   # implied by total
         g1, g2 = passes.split(st, rest, a, total=[1.0] * len(a))
         g2 = passes.sync_perturbation(st, g2)
         passes.perturb_sam(st, g2, self.rho)

@@ -18,7 +18,7 @@ def split_in_one_backward(passes, st, rest: list, part: list, total: list) -> li
     """[G_rest, G_part] for the step ``st`` (_step.py's ``StepState``); ``passes``: its ``Passes``.
 
     ``rest`` / ``part`` / ``total``: per micro-batch, None / a float / a per-sample tensor [B_i]."""
-    sb = passes.one_backward
+    sb = st.one_backward
     n_par = len(st.params)
     g_total, g_part = [None] * n_par, [None] * n_par
     backwards = 1
