@@ -1,5 +1,6 @@
 """The step's contract (ft_focal/optim/_step.py): the methods' default hyperparameters, the 0-d loss
-path of ERM / SAM, the label range at its edge, and every one-line message a wrong call gets, word for
+path of ERM / SAM and their per-sample losses without labels, the label range at its edge, the fp16
+unscale fallback, a resumed GradScaler's growth, and every one-line message a wrong call gets, word for
 word. Defaults: Focal-SAM rho = 0.05, gamma = 0.5, lam = 0.8 (docs/algorithms.md; Li et al. 2025)."""
 import os
 import sys
@@ -117,3 +118,87 @@ def test_one_erm_step_leaves_the_applied_gradient_and_no_check_backward():
     assert opt.last_check_backwards == 0 and opt.describe_last_passes() == \
         "1F + 1B (forward / backward passes over the batch)"
     assert all(p.grad is not None for p in m.parameters())
+
+
+def test_sam_without_targets_takes_per_sample_losses_and_counts_their_samples():
+    """ERM / SAM need no labels: the batch size is the closure's number of losses."""
+    x, y = batch()
+    m = mlp(0)
+    w = weights(m)
+    loss = SAM(m.parameters(), torch.optim.SGD, rho=0.05, lr=0.1).step(
+        lambda: F.cross_entropy(m(x), y, reduction="none"))
+    assert max_diff(m, ref_run(m, w, x, y, lambda v: ref_sam(m, v, x, y, 0.05), RefSGD(0.1))) < 1e-12
+    assert abs(float(loss) - float(F.cross_entropy(mlp(0)(x), y))) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_without_the_fused_unscale_kernel_the_fallback_unscales_and_flags_the_same(monkeypatch, dtype):
+    """Devices or dtypes that lack torch._amp_foreach_non_finite_check_and_unscale_ take the
+    foreach fallback in _numerics.unscale_and_check: same gradients, same verdict."""
+    from ft_focal.optim import _numerics as nm
+
+    def grads(bad):
+        out = [torch.arange(6, dtype=dtype).reshape(2, 3) - 2.5, None, torch.full((4,), 3.0, dtype=dtype)]
+        if bad:
+            out[2][1] = float("inf")
+        return out
+
+    def unscale(bad, inv_scale):
+        g, found = grads(bad), {}
+        nm.unscale_and_check(g, found, inv_scale)
+        return g, float(nm.any_found(found, torch.device("cpu"), 1))
+
+    for bad in (False, True):
+        for inv in ({torch.device("cpu"): torch.tensor(0.25)}, {}):   # {}: no scaler, factor 1
+            fused = unscale(bad, dict(inv))
+            with monkeypatch.context() as patch:
+                patch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_",
+                              lambda *a: (_ for _ in ()).throw(NotImplementedError("no kernel")))
+                fallback = unscale(bad, dict(inv))
+            assert fused[1] == fallback[1] == float(bad)
+            assert fused[0][1] is None and fallback[0][1] is None
+            for a, b in zip(fused[0][::2], fallback[0][::2], strict=True):
+                assert torch.equal(a, b) and a.dtype == dtype
+            factor = 0.25 if inv else 1.0
+            assert torch.equal(fallback[0][0], (torch.arange(6, dtype=dtype).reshape(2, 3) - 2.5) * factor)
+
+
+def test_a_donated_buffer_error_names_the_setting_and_other_errors_pass_unchanged():
+    """torch.compile's donated buffers forbid a second backward of one graph (builders.compile_model
+    turns them off); anyone compiling themselves gets told which setting."""
+    x, y = batch()
+    m = mlp(0)
+
+    def failing(message):
+        def backward(loss, **kwargs):
+            raise RuntimeError(message)
+        return FocalSAM(m.parameters(), torch.optim.SGD, class_counts=COUNTS, lr=0.1, backward=backward)
+
+    with pytest.raises(RuntimeError, match=r"^FocalSAM back-propagates one forward twice, which a model compiled "
+                                           r"with torch.compile forbids unless torch._functorch.config."
+                                           r"donated_buffer = False is set before compiling$"):
+        run(failing("This backward function was compiled with non-empty donated buffer ..."), m, x, y)
+    with pytest.raises(RuntimeError, match=r"^something else$"):
+        run(failing("something else"), m, x, y)
+
+
+def test_a_resumed_grad_scaler_grows_on_the_schedule_it_had():
+    """The growth tracker (good steps since the last change of scale) is saved with the optimizer and
+    restored into the scaler at the next step: growth_interval 2, one good step before the save, so
+    the first good step after the load doubles the scale."""
+    x, y = batch()
+    x = x.float()
+
+    def fresh():
+        m = mlp(0).float()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)
+        return m, scaler, SAM(m.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, scaler=scaler)
+
+    m, scaler, opt = fresh()
+    run(opt, m, x, y)
+    state = opt.state_dict()
+    assert state["wrapper"]["growth_tracker"] == 1 and scaler.get_scale() == 2.0 ** 10
+    m2, scaler2, opt2 = fresh()   # same scale, its tracker at 0: only the optimizer's state knows it is 1
+    opt2.load_state_dict(state)
+    run(opt2, m2, x, y)
+    assert scaler2.get_scale() == 2.0 ** 11
