@@ -180,9 +180,9 @@ def test_keys_the_method_does_not_take_are_dropped_with_one_line_naming_them(cap
     recipe = _with_optim(name="sam", rho=0.07, gamma=1.5, lam=0.4, one_backward=True)
     with caplog.at_level(logging.INFO, logger="ft_focal.training.builders"):
         assert method_kwargs(recipe) == {"rho": 0.07}
-    assert "optim.name=sam does not take optim.gamma=1.5, optim.lam=0.4: ignored" in caplog.text
-    assert ("optim.name=sam does not take optim.one_backward=true (only imbsam, focal_sam, sse_sam do): ignored"
-            in caplog.text)
+    assert caplog.messages == [
+        "optim.name=sam does not take optim.gamma=1.5, optim.lam=0.4: ignored",
+        "optim.name=sam does not take optim.one_backward=true (only imbsam, focal_sam, sse_sam do): ignored"]
 
 
 def test_ccsam_in_classifier_scope_perturbs_the_heads_parameters():
@@ -247,3 +247,52 @@ def test_the_accelerator_gets_the_recipes_precision_and_project_dir_and_says_whe
     assert accelerator.project_configuration.logging_dir == str(tmp_path / "run" / "logs")
     assert ("accelerate launch asked for mixed precision 'bf16' but the recipe's train.mixed_precision is 'no': "
             "the recipe wins (override it with train.mixed_precision=bf16)") in caplog.text
+
+
+def test_the_trackers_the_recipe_names_reach_the_accelerator_and_none_means_none(tmp_path, monkeypatch):
+    """No tracker package is a dependency, so the Accelerator is replaced by a recorder here."""
+    import accelerate.tracking as tracking
+
+    import ft_focal.training.accelerator as accelerator_module
+
+    monkeypatch.setattr(tracking, "get_available_trackers", lambda: ["tensorboard"])
+    calls = []
+    monkeypatch.setattr(accelerator_module, "make_accelerator", lambda **kwargs: calls.append(kwargs))
+    base = dataclasses.replace(_recipe(), output_dir=str(tmp_path))
+    for log_with in (["tensorboard", "tensorboard"], [], None):
+        make_accelerator(dataclasses.replace(base, train=dataclasses.replace(base.train, log_with=log_with)))
+    assert [call["log_with"] for call in calls] == [["tensorboard"], None, None]
+
+
+def test_the_optimizer_back_propagates_through_the_accelerator_and_its_fp16_scaler():
+    """Under fp16 accelerator.backward scales the loss itself and the optimizer unscales with the
+    accelerator's GradScaler: the update equals the unscaled one, and the scaler's growth counts the
+    step. Without a scaler every backward still goes through accelerator.backward."""
+    x, y = _batch()
+    x = x.float()
+    reference = _Net().float()
+    build_optimizer_from(_with_optim(name="sam", rho=0.05), reference, reference, [40, 30, 20], _cpu_accelerator())\
+        .step(lambda: F.cross_entropy(reference(x), y, reduction="none"), targets=y)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1)
+    calls = []
+
+    def scaled_backward(loss, **kwargs):
+        calls.append(loss)
+        scaler.scale(loss).backward(**kwargs)
+
+    model = _Net().float()
+    optimizer = build_optimizer_from(_with_optim(name="sam", rho=0.05), model, model, [40, 30, 20],
+                                     _cpu_accelerator(scaler=scaler, backward=scaled_backward))
+    optimizer.step(lambda: F.cross_entropy(model(x), y, reduction="none"), targets=y)
+    assert len(calls) == 2   # SAM: two backwards, both through the accelerator
+    for got, want in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert scaler.get_scale() == 2.0 ** 13   # one good step, growth_interval 1
+
+    plain_calls = []
+    model = _Net().float()
+    plain = _cpu_accelerator(backward=lambda loss, **kwargs: plain_calls.append(loss) or loss.backward(**kwargs))
+    build_optimizer_from(_with_optim(name="sam", rho=0.05), model, model, [40, 30, 20], plain)\
+        .step(lambda: F.cross_entropy(model(x), y, reduction="none"), targets=y)
+    assert len(plain_calls) == 2
