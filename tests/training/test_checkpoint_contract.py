@@ -1,7 +1,7 @@
 """The checkpoint's contract, word for word (ft_focal/training/checkpoint.py): safe loading of every
 pickled file, what `verify` says about each kind of damage, the names a refused load lists, the
-defaults of `save_checkpoint`, a second checkpoint of the same step, and the warnings of a load that
-lacks a part."""
+defaults of `save_checkpoint`, a second checkpoint of the same step, the warnings of a load that
+lacks a part, a killed save's leftovers, copies where hard links fail, and the order of checkpoints."""
 
 import json
 import logging
@@ -111,3 +111,47 @@ def test_a_load_without_scaler_or_rng_state_says_so_in_one_warning_each(tmp_path
     assert [r.getMessage() for r in caplog.records] == [
         f"{path} has no GradScaler state (saved without fp16?); the loss scale starts afresh",
         f"{path} has no RNG state for process 1 (different world size?)"]
+
+
+def test_a_temporary_directory_left_by_a_killed_save_is_replaced(tmp_path):
+    model, opt, sched = make()
+    stale = tmp_path / "step_00000003.tmp"
+    stale.mkdir()
+    (stale / "half_written.pt").write_bytes(b"\0" * 8)
+    path = ckpt.save_checkpoint(tmp_path, 3, model, opt, sched, {"step": 3})
+    assert not stale.exists() and not (path / "half_written.pt").exists()
+    assert ckpt.verify(path) is None
+
+
+def test_where_hard_links_fail_the_extra_files_are_copied(tmp_path, monkeypatch):
+    """Another filesystem, or one without hard links (FAT, some network mounts): copy instead."""
+    model, opt, sched = make()
+    best = tmp_path / "best_model.safetensors"
+    best.write_bytes(b"best weights")
+
+    def no_link(source, target):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    path = ckpt.save_checkpoint(tmp_path / "c", 1, model, opt, sched, {"step": 1},
+                                files={"best_model.safetensors": best})
+    copied = path / "best_model.safetensors"
+    assert copied.read_bytes() == b"best weights" and copied.stat().st_ino != best.stat().st_ino
+    assert ckpt.verify(path) is None
+
+
+def test_checkpoints_are_ordered_by_step_then_serial_not_by_name(tmp_path):
+    for name in ("step_100000000", "step_99999999", "step_00000002.10", "step_00000002.2", "step_00000002",
+                 "step_00000002.tmp", "notes"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path)] == [
+        "step_00000002", "step_00000002.2", "step_00000002.10", "step_99999999", "step_100000000"]
+
+
+def test_the_unusable_report_notes_intact_weights_only_when_the_manifest_says_so(tmp_path, caplog):
+    path = _saved(tmp_path)
+    (path / ckpt.MANIFEST).write_text("{not json")
+    assert ckpt.unusable_report(tmp_path) == [f"{path}: MANIFEST.json is unreadable"]
+    with caplog.at_level(logging.WARNING, logger=ckpt.logger.name):
+        assert ckpt.latest_good(tmp_path) is None
+    assert caplog.messages == [f"checkpoint {path} is unusable (MANIFEST.json is unreadable); trying the previous one"]
