@@ -110,3 +110,23 @@ def test_ccsam_refuses_a_classifier_outside_the_optimizers_parameters():
                 classifier_params=list(other[-1].parameters()), lr=0.1)
     with pytest.raises(ValueError, match=r"^none of classifier_params is a trainable parameter of this optimizer$"):
         run(opt, m, x, y)
+
+
+@pytest.mark.parametrize("counts, accepted", [
+    ([5, 0, 2], True),        # a class without training images is still a class (its accuracy is 0)
+    ((7,), True),
+    (torch.tensor([3, 1]), True),
+    ([], False),
+    (None, False),
+    ([[1, 2], [3, 4]], False),
+    ([4, -1], False),
+])
+def test_class_counts_are_a_non_empty_list_of_non_negative_counts(counts, accepted):
+    def make():
+        return CCSAM(mlp(0).parameters(), torch.optim.SGD, class_counts=counts, lr=0.1)
+    if accepted:
+        assert make().counts.tolist() == [float(c) for c in torch.as_tensor(counts).tolist()]
+    else:
+        with pytest.raises(ValueError, match=r"^class_counts must be a non-empty sequence of non-negative "
+                                             r"training-set counts$"):
+            make()
