@@ -202,3 +202,5 @@ def test_a_resumed_grad_scaler_grows_on_the_schedule_it_had():
     opt2.load_state_dict(state)
     run(opt2, m2, x, y)
     assert scaler2.get_scale() == 2.0 ** 11
+    run(opt2, m2, x, y)   # restored once: the tracker counts afresh from the growth (1 of 2 good steps)
+    assert scaler2.get_scale() == 2.0 ** 11 and opt2.state_dict()["wrapper"]["growth_tracker"] == 1
