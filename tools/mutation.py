@@ -45,7 +45,8 @@ MODULES = {   # name -> (paths to mutate, tests that exercise them)
                        "ft_focal/optim/_wrapping.py", "ft_focal/optim/_runtime.py"],
                       ["tests/optim/test_optim_methods.py", "tests/optim/test_optim_mechanics.py",
                        "tests/optim/test_boundaries.py", "tests/optim/test_step_contract.py",
-                       "tests/optim/test_optim_reference.py", "tests/optim/test_registry.py"]),
+                       "tests/optim/test_optim_reference.py", "tests/optim/test_registry.py",
+                       "tests/optim/test_wrapper_state.py", "tests/optim/test_method_contract.py"]),
     # mutmut wraps every function in a trampoline, which torch.compile breaks the graph on: the
     # graph-break count test cannot pass on a mutated copy, so it is left out
     "one_backward": (["ft_focal/optim/one_backward/"],
@@ -69,11 +70,7 @@ def _mutmut(scratch: Path, *args: str, capture: bool = False) -> str:
     return done.stdout or ""
 
 
-def run_module(name: str, keep: bool, children: int) -> dict:
-    paths, tests = MODULES[name]
-    scratch = Path(tempfile.mkdtemp(prefix=f"mutation_{name}_"))
-    for part in ("ft_focal", "tests", "recipes", "eval", "benchmarks"):
-        shutil.copytree(REPO / part, scratch / part, ignore=shutil.ignore_patterns("__pycache__"))
+def _write_config(scratch: Path, paths: list[str], tests: list[str]) -> None:
     config = (REPO / "pyproject.toml").read_text()
     config += ("\n[tool.mutmut]\n"
                f"source_paths = {paths!r}\n"
@@ -81,7 +78,17 @@ def run_module(name: str, keep: bool, children: int) -> dict:
                "also_copy = ['ft_focal/', 'recipes/', 'eval/', 'benchmarks/']\n"
                f"pytest_add_cli_args_test_selection = {tests!r}\n"
                "pytest_add_cli_args = ['-p', 'no:cacheprovider', '-x']\n").replace("'", '"')
-    (scratch / "pyproject.toml").write_text(config)
+    for target in (scratch, scratch / "mutants"):
+        if target.is_dir():
+            (target / "pyproject.toml").write_text(config)
+
+
+def run_module(name: str, keep: bool, children: int) -> dict:
+    paths, tests = MODULES[name]
+    scratch = Path(tempfile.mkdtemp(prefix=f"mutation_{name}_"))
+    for part in ("ft_focal", "tests", "recipes", "eval", "benchmarks"):
+        shutil.copytree(REPO / part, scratch / part, ignore=shutil.ignore_patterns("__pycache__"))
+    _write_config(scratch, paths, tests)
     _mutmut(scratch, "run", "--max-children", str(children))
     counts = report(name, scratch)
     if not keep:
@@ -94,6 +101,7 @@ def recheck_survivors(name: str, scratch: Path, children: int) -> dict:
     mutants again (minutes, not the whole module). The mutants are those of the code as it was then."""
     for target in (scratch / "tests", scratch / "mutants" / "tests"):
         shutil.copytree(REPO / "tests", target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    _write_config(scratch, *MODULES[name])   # today's test selection, new test files included
     survivors = _statuses(scratch).get("survived", [])
     if survivors:
         _mutmut(scratch, "run", "--max-children", str(children), *survivors)
