@@ -48,6 +48,7 @@ def test_the_common_options_default_to_averaged_unsharded_and_a_checked_one_back
     (dict(one_backward="sometimes"), r"^one_backward must be True, False or 'auto', got 'sometimes'$"),
 ])
 def test_a_wrong_construction_is_one_line(kwargs, message):
+    kwargs = dict(kwargs)   # the parameter's dict outlives this run (pytest.main called again in one process)
     m = mlp(0)
     base = kwargs.pop("base", torch.optim.SGD)
     kwargs.setdefault("model", m)
