@@ -182,7 +182,7 @@ def test_grad_scaler_overflow_skips_and_backs_off():
     assert sd["wrapper"]["growth_tracker"] == 0
 
 
-@pytest.mark.parametrize("name", ["sam", "focal_sam", "sse_sam", "ccsam"])
+@pytest.mark.parametrize("name", ["sam", "focal_sam", "sse_sam", "ccsam", "ccsam_cls"])
 def test_batchnorm_stats_only_from_first_forward(name):
     model, (x, y) = mlp(bn=True), batch()
     probe = copy.deepcopy(model)
