@@ -117,37 +117,33 @@ def _batch():
     return torch.randn(9, 5, generator=g, dtype=torch.float64), torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2])
 
 
+def _assert_built_erm_is_torchs(recipe, torch_optimizer, updates):
+    """`updates` steps of the ERM the recipe builds equal `torch_optimizer(params)` on a copy."""
+    model, x, y = _Net(), *_batch()
+    reference = copy.deepcopy(model)
+    optimizer = build_optimizer_from(recipe, model, model, [40, 30, 20], _cpu_accelerator())
+    plain = torch_optimizer(reference.parameters())
+    for _ in range(updates):
+        optimizer.step(lambda: F.cross_entropy(model(x), y, reduction="none"), targets=y)
+        plain.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        plain.step()
+    for got, want in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_sgd_momentum_nesterov_weight_decay_and_lr_reach_the_base_optimizer(nesterov):
     """ERM over SGD is torch's SGD: three updates equal torch.optim.SGD with the recipe's values.
     Momentum and Nesterov only show from the second update on."""
     recipe = _with_optim(name="erm", base="sgd", lr=0.3, momentum=0.7, nesterov=nesterov, weight_decay=0.05)
-    model, x, y = _Net(), *_batch()
-    reference = copy.deepcopy(model)
-    optimizer = build_optimizer_from(recipe, model, model, [40, 30, 20], _cpu_accelerator())
-    sgd = torch.optim.SGD(reference.parameters(), lr=0.3, momentum=0.7, nesterov=nesterov, weight_decay=0.05)
-    for _ in range(3):
-        optimizer.step(lambda: F.cross_entropy(model(x), y, reduction="none"), targets=y)
-        sgd.zero_grad()
-        F.cross_entropy(reference(x), y).backward()
-        sgd.step()
-    for got, want in zip(model.parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    _assert_built_erm_is_torchs(
+        recipe, lambda ps: torch.optim.SGD(ps, lr=0.3, momentum=0.7, nesterov=nesterov, weight_decay=0.05), 3)
 
 
 def test_adamw_gets_no_sgd_keys_and_its_update_is_torchs():
     recipe = _with_optim(name="erm", base="adamw", lr=0.01, weight_decay=0.1, momentum=0.9, nesterov=True)
-    model, x, y = _Net(), *_batch()
-    reference = copy.deepcopy(model)
-    optimizer = build_optimizer_from(recipe, model, model, [40, 30, 20], _cpu_accelerator())
-    adamw = torch.optim.AdamW(reference.parameters(), lr=0.01, weight_decay=0.1)
-    for _ in range(2):
-        optimizer.step(lambda: F.cross_entropy(model(x), y, reduction="none"), targets=y)
-        adamw.zero_grad()
-        F.cross_entropy(reference(x), y).backward()
-        adamw.step()
-    for got, want in zip(model.parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    _assert_built_erm_is_torchs(recipe, lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1), 2)
 
 
 @pytest.mark.parametrize(("fused", "device", "expected"), [
