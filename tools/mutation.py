@@ -34,7 +34,7 @@ MODULES = {   # name -> (paths to mutate, tests that exercise them)
                                           "tests/data/test_imagenet_c.py"]),
     "losses": (["ft_focal/losses/"], ["tests/test_losses.py", "tests/test_loss_defaults.py",
                                         "tests/training/test_recipe_wiring.py"]),
-    # optim/ in three groups, each about an hour of one core; "optim" below runs all three. The DDP and
+    # optim/ in three groups (run times: docs/design.md); "optim" below runs all three. The DDP and
     # FSDP2 tests are not listed: mutmut traces its test selection in-process, and code that only
     # spawned processes run is never attributed to them (docs/design.md, "Mutation testing")
     "optim_step": (["ft_focal/optim/_step.py", "ft_focal/optim/_numerics.py", "ft_focal/optim/focal_sam.py"],
